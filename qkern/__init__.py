@@ -1,0 +1,29 @@
+"""qkern: quantised and LoRA weights that behave like ordinary JAX arrays.
+
+    import qkern
+    y = qkern.quaxify(model_apply)(params_with_values, x)
+
+See docs/ for the guides. Everything not re-exported here is private.
+"""
+
+from ._core import (
+    AmbiguousRuleError,
+    ArrayLike,
+    ArrayValue,
+    Value,
+    quaxify,
+    register,
+    static_field,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Value",
+    "ArrayValue",
+    "ArrayLike",
+    "static_field",
+    "register",
+    "quaxify",
+    "AmbiguousRuleError",
+]

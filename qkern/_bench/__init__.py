@@ -1,0 +1,1 @@
+"""Measurements behind `qkern bench` and bench/ (never asserted in tests)."""

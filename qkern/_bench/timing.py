@@ -1,0 +1,29 @@
+"""Timing helpers: warm-up, device synchronisation, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 2,
+                min_seconds: float = 0.0) -> float:
+    """Median wall time of `fn()` in seconds, blocking on its outputs each call."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0

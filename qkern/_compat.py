@@ -1,0 +1,123 @@
+"""The one place that touches JAX internals or papers over JAX version differences.
+
+Supported: jax 0.10.x and 0.11.x. Everything here is either a public `jax.extend` name or
+an internal protocol (custom_vjp's flattened fwd/bwd calling conventions) that has moved
+between releases; keep such knowledge here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import jax
+import jax.core
+import numpy as np
+import jax.extend.core as _ext_core
+from jax.extend.core import primitives as _prims
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+Primitive = _ext_core.Primitive
+TraceTag = _ext_core.TraceTag
+ClosedJaxpr = _ext_core.ClosedJaxpr
+Jaxpr = _ext_core.Jaxpr
+jaxpr_as_fun = _ext_core.jaxpr_as_fun
+take_current_trace = _ext_core.take_current_trace
+set_current_trace = _ext_core.set_current_trace
+Trace = jax.core.Trace
+Tracer = jax.core.Tracer
+eval_jaxpr = jax.core.eval_jaxpr
+ShapedArray = jax.core.ShapedArray
+
+jit_p = _prims.jit_p
+cond_p = _prims.cond_p
+while_p = _prims.while_p
+scan_p = _prims.scan_p
+remat_p = _prims.remat_p
+custom_jvp_call_p = _prims.custom_jvp_call_p
+custom_vjp_call_p = _prims.custom_vjp_call_p
+
+from jax._src import ad_util as _ad_util  # noqa: E402
+from jax._src import core as _core  # noqa: E402
+
+
+def jaxprs_in_params(params: dict) -> bool:
+    """Whether a primitive's params hold a jaxpr (it is a higher-order primitive)."""
+    for v in params.values():
+        vs = v if isinstance(v, (tuple, list)) else (v,)
+        if any(isinstance(x, (ClosedJaxpr, Jaxpr)) for x in vs):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def no_leaks(trace: Any):
+    """Invalidate `trace` on exit; under `jax.checking_leaks()` report tracers that escaped."""
+    ensure = getattr(_core, "ensure_no_leaks", None)
+    if ensure is None:
+        yield
+        trace.invalidate()
+        return
+    with ensure(trace):
+        del trace
+        yield
+
+
+def is_symbolic_zero(x: Any) -> bool:
+    return type(x) in (_ad_util.Zero, _ad_util.SymbolicZero)
+
+
+def instantiate(x: Any, like_aval: Any = None) -> Any:
+    """A symbolic zero (internal `Zero` or `SymbolicZero`) made into a real zero array."""
+    if not is_symbolic_zero(x):
+        return x
+    aval = x.aval if like_aval is None else like_aval
+    if aval.dtype == jax.dtypes.float0:
+        return np.zeros(aval.shape, jax.dtypes.float0)
+    return jax.numpy.zeros(aval.shape, aval.dtype)
+
+
+def call_custom_vjp_fwd(fwd, out_trees: Callable, primals: list) -> tuple[list, list]:
+    """Run custom_vjp's flattened fwd as JAX's own JVP does; return (residuals, outputs).
+
+    jax 0.10/0.11 protocol: fwd takes (primal, perturbed) pairs interleaved, returns the
+    residuals that are not forwarded inputs followed by the primal outputs; `out_trees()`
+    then gives (out_tree, res_tree, input_forwards) where input_forwards[i] is the index of
+    the input that residual i is, or None.
+    """
+    flat = []
+    for p in primals:
+        flat += [p, True]
+    res_and_out = fwd.call_wrapped(*flat)
+    _, res_tree, input_fwds = out_trees()
+    num_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
+    res_out, outs = list(res_and_out[:num_res_out]), list(res_and_out[num_res_out:])
+    it = iter(res_out)
+    res = [next(it) if f is None else primals[f] for f in input_fwds]
+    return res, outs
+
+
+def call_custom_vjp_bwd(bwd, res: list, cts: list, in_avals: list) -> list:
+    """Run custom_vjp's flattened bwd; symbolic-zero cotangents come back as zeros."""
+    cts_in = bwd.call_wrapped(*res, *cts)
+    return [instantiate(c, a) for c, a in zip(cts_in, in_avals)]
+
+
+def call_custom_jvp(jvp, primals: list, tangents: list) -> tuple[list, list]:
+    """Run custom_jvp's flattened jvp (primals then tangents in, outputs then tangents out)."""
+    outs = jvp.call_wrapped(*primals, *tangents)
+    n = len(outs) // 2
+    outs_p, outs_t = list(outs[:n]), list(outs[n:])
+    outs_t = [instantiate(t, jax.typeof(p)) if is_symbolic_zero(t) else t
+              for p, t in zip(outs_p, outs_t)]
+    return outs_p, outs_t
+
+
+def bind_custom_jvp(primitive, fun, jvp, args, symbolic_zeros):
+    return primitive.bind(*args, subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+
+
+def bind_custom_vjp(primitive, fun, fwd, bwd, args, out_trees, symbolic_zeros):
+    return primitive.bind(*args, subfuns=(fun, fwd, bwd), out_trees=out_trees,
+                          symbolic_zeros=symbolic_zeros)

@@ -1,0 +1,276 @@
+"""Multiple dispatch of JAX primitives on the types of their arguments.
+
+Written here, without a dispatch library: a rule is a function whose positional parameters
+are annotated with `Value` subclasses, unions of them, `qkern.ArrayLike` or `object`. For a
+call, the rules whose annotations match the argument types compete; the most specific wins,
+`precedence` breaks ties, and a tie that remains is an error naming both rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from .. import _compat
+from ._values import ArrayLike, Value
+
+__all__ = ["register", "dispatch", "materialise_checked", "AmbiguousRuleError"]
+
+
+class AmbiguousRuleError(TypeError):
+    """Two registered rules match a call equally well and have the same precedence."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Rule:
+    fn: Callable
+    positional: tuple[tuple[type, ...], ...]  # one tuple of accepted classes per parameter
+    varargs: tuple[type, ...] | None
+    precedence: int
+
+    def expand(self, n: int) -> tuple[tuple[type, ...], ...] | None:
+        if len(self.positional) == n:
+            return self.positional
+        if self.varargs is not None and n > len(self.positional):
+            return self.positional + (self.varargs,) * (n - len(self.positional))
+        return None
+
+    def describe(self) -> str:
+        fn = self.fn
+        code = getattr(fn, "__code__", None)
+        where = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+        sig = ", ".join(_describe_classes(c) for c in self.positional)
+        if self.varargs is not None:
+            sig += (", " if sig else "") + "*" + _describe_classes(self.varargs)
+        return f"{getattr(fn, '__qualname__', fn)}({sig}){where}"
+
+
+def _describe_classes(classes: tuple[type, ...]) -> str:
+    names = [c.__name__ if c not in (ArrayLike,) else "ArrayLike" for c in classes]
+    return " | ".join(names)
+
+
+_rules: dict[Any, list[_Rule]] = {}
+_cache: dict[tuple[Any, tuple[type, ...]], _Rule | None] = {}
+
+_PLAIN_ARRAY_ANNOTATIONS = (jax.Array, np.ndarray)
+
+
+def _annotation_classes(annotation: Any, where: str) -> tuple[type, ...]:
+    if annotation is typing.Any or annotation is object:
+        return (object,)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        out: list[type] = []
+        for arg in typing.get_args(annotation):
+            out.extend(_annotation_classes(arg, where))
+        return tuple(dict.fromkeys(out))
+    if annotation is ArrayLike or annotation in _PLAIN_ARRAY_ANNOTATIONS:
+        return (ArrayLike,)
+    if isinstance(annotation, type) and issubclass(annotation, Value):
+        return (annotation,)
+    raise TypeError(
+        f"qkern.register: {where} is annotated {annotation!r}; dispatch annotations must be "
+        "Value subclasses, qkern.ArrayLike, object, or a Union of these."
+    )
+
+
+def _parse_rule(fn: Callable, precedence: int) -> _Rule:
+    if not callable(fn):
+        raise TypeError(f"qkern.register expects a function, got {fn!r}.")
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"qkern.register: cannot read the signature of {name}: {e}") from None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as e:  # unresolvable string annotations
+        raise TypeError(f"qkern.register: cannot resolve the annotations of {name}: {e}") from None
+
+    positional: list[tuple[type, ...]] = []
+    varargs = None
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if p.name not in hints:
+                raise TypeError(
+                    f"qkern.register: parameter {p.name!r} of {name} has no annotation; "
+                    "annotate every operand with a Value subclass or qkern.ArrayLike."
+                )
+            positional.append(_annotation_classes(hints[p.name], f"parameter {p.name!r} of {name}"))
+        elif p.kind is p.VAR_POSITIONAL:
+            if p.name not in hints:
+                raise TypeError(
+                    f"qkern.register: *{p.name} of {name} has no annotation; annotate it "
+                    "(for example `*args: qkern.ArrayLike | MyArray`)."
+                )
+            varargs = _annotation_classes(hints[p.name], f"*{p.name} of {name}")
+        elif p.kind is p.KEYWORD_ONLY:
+            ann = hints.get(p.name)
+            if ann is not None and _looks_like_operand(ann):
+                raise TypeError(
+                    f"qkern.register: {name} declares the operand {p.name!r} keyword-only. "
+                    "Operands are always passed positionally; keyword arguments receive the "
+                    "primitive's parameters. Make it a positional parameter."
+                )
+    if not positional and varargs is None:
+        raise TypeError(
+            f"qkern.register: {name} has no positional parameters to dispatch on; "
+            "declare the primitive's operands as annotated positional parameters."
+        )
+    return _Rule(fn, tuple(positional), varargs, int(precedence))
+
+
+def _looks_like_operand(annotation: Any) -> bool:
+    try:
+        return any(c is ArrayLike or (c is not object and issubclass(c, Value))
+                   for c in _annotation_classes(annotation, ""))
+    except TypeError:
+        return False
+
+
+def register(primitive: Any, *, precedence: int = 0) -> Callable[[Callable], Callable]:
+    """Register a dispatch rule for a JAX primitive, as a decorator.
+
+        @qkern.register(jax.lax.mul_p)
+        def _(x: Scaled, y: qkern.ArrayLike):
+            return Scaled(x.data * y, x.scale)
+
+    Positional parameters receive the primitive's operands, keyword parameters its params.
+    The most specific matching rule is used; among equally specific rules the higher
+    `precedence` wins. The rule runs outside the quaxify trace, so it may call `jax.jit`,
+    `pallas_call`, custom-derivative functions or another `quaxify`.
+    """
+    if not isinstance(primitive, _compat.Primitive):
+        raise TypeError(
+            f"qkern.register expects a JAX primitive such as jax.lax.mul_p, got {primitive!r} "
+            f"of type {type(primitive).__name__}."
+        )
+
+    def decorator(fn: Callable) -> Callable:
+        rule = _parse_rule(fn, precedence)
+        _rules.setdefault(primitive, []).append(rule)
+        _cache.clear()
+        return fn
+
+    return decorator
+
+
+def _class_matches(t: type, c: type) -> bool:
+    if c is object:
+        return True
+    if t is ArrayLike or c is ArrayLike:
+        return t is c
+    return issubclass(t, c)
+
+
+def _covered(c1: type, classes: tuple[type, ...]) -> bool:
+    return any(_class_matches(c1, c2) for c2 in classes)
+
+
+def _at_least_as_specific(a: tuple, b: tuple) -> bool:
+    # `a` accepts no more than `b` in every position.
+    return all(all(_covered(c, cb) for c in ca) for ca, cb in zip(a, b))
+
+
+def resolve(primitive: Any, arg_types: tuple[type, ...]) -> _Rule | None:
+    key = (primitive, arg_types)
+    try:
+        return _cache[key]
+    except KeyError:
+        pass
+    matches = []
+    for rule in _rules.get(primitive, ()):
+        sig = rule.expand(len(arg_types))
+        if sig is not None and all(
+            any(_class_matches(t, c) for c in cs) for t, cs in zip(arg_types, sig)
+        ):
+            matches.append((rule, sig))
+    best = None
+    if matches:
+        maximal = [
+            (r, s) for r, s in matches
+            if not any(_at_least_as_specific(s2, s) and not _at_least_as_specific(s, s2)
+                       for _, s2 in matches)
+        ]
+        top = max(r.precedence for r, _ in maximal)
+        winners = [r for r, _ in maximal if r.precedence == top]
+        if len(winners) > 1:
+            names = "\n  ".join(r.describe() for r in winners)
+            shown = ", ".join(_describe_classes((t,)) for t in arg_types)
+            raise AmbiguousRuleError(
+                f"Ambiguous rules for {primitive} with arguments ({shown}); these match "
+                f"equally well:\n  {names}\nRegister a more specific rule, or give one of "
+                "them a higher `precedence=`."
+            )
+        best = winners[0]
+    _cache[key] = best
+    return best
+
+
+def arg_types(values) -> tuple[type, ...]:
+    return tuple(type(v) if isinstance(v, Value) else ArrayLike for v in values)
+
+
+def has_rule(primitive: Any) -> bool:
+    return primitive in _rules
+
+
+def materialise_checked(value: Value) -> Any:
+    """`value.materialise()`, checked against `value.aval()`.
+
+    A disagreement would otherwise surface as a confusing shape error deep inside JAX.
+    Errors raised by `materialise` itself propagate unchanged.
+    """
+    out = value.materialise()
+    aval = value.aval()
+    want_shape, want_dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    got_shape, got_dtype = np.shape(out), getattr(out, "dtype", None)
+    if got_dtype is None:
+        got_dtype = np.result_type(out)
+    if want_shape is not None and (tuple(got_shape) != tuple(want_shape)
+                                   or np.dtype(got_dtype) != np.dtype(want_dtype)):
+        raise TypeError(
+            f"{type(value).__name__}.aval() is {want_dtype}{list(want_shape)} but its "
+            f"materialise() returned {np.dtype(got_dtype)}{list(got_shape)}; they must agree."
+        )
+    return out
+
+
+def _overridden_default(value: Value):
+    fn = type(value).default
+    return None if fn is Value.default else fn
+
+
+def dispatch(primitive: Any, values: list, params: dict) -> Any:
+    """Apply the rule for these argument types, or the `default` rules (see Value.default)."""
+    rule = resolve(primitive, arg_types(values))
+    if rule is not None:
+        return rule.fn(*values, **params)
+    return apply_default(primitive, values, params)
+
+
+def apply_default(primitive: Any, values: list, params: dict) -> Any:
+    defaults: dict[Callable, type] = {}
+    for v in values:
+        if isinstance(v, Value):
+            fn = _overridden_default(v)
+            if fn is not None:
+                defaults.setdefault(fn, type(v))
+    if len(defaults) > 1:
+        names = " and ".join(t.__name__ for t in defaults.values())
+        raise TypeError(
+            f"No rule for {primitive} with these arguments, and both {names} override "
+            "Value.default, so qkern cannot choose between them. Register a rule for "
+            f"{primitive} with these types."
+        )
+    if defaults:
+        (fn,) = defaults
+        return fn(primitive, values, params)
+    return Value.default(primitive, values, params)

@@ -1,0 +1,157 @@
+"""Array-like values that the dispatch trace understands.
+
+`Value` is the base of every custom array type. Subclasses become frozen dataclasses and
+pytrees as soon as they are defined: annotated fields are pytree children, fields declared
+with `static_field()` are hashable metadata carried in the treedef.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["Value", "ArrayValue", "ArrayLike", "static_field", "is_value"]
+
+_STATIC = "qkern.static"
+
+
+def static_field(**kwargs: Any) -> Any:
+    """Declare a dataclass field as static metadata rather than a pytree child.
+
+    Static fields must be hashable (they become part of the pytree's treedef, so changing
+    one re-traces a jitted function). Accepts the keyword arguments of `dataclasses.field`.
+
+        class Scaled(qkern.ArrayValue):
+            data: jax.Array
+            name: str = qkern.static_field(default="x")
+    """
+    metadata = dict(kwargs.pop("metadata", None) or {})
+    metadata[_STATIC] = True
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+class _AvalAttribute:
+    """`ArrayValue.shape` and friends: read from `aval()`.
+
+    A non-data descriptor, so a subclass may still declare a field of the same name.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return getattr(obj.aval(), self.name)
+
+
+def _make_pytree(cls: type) -> None:
+    fields = dataclasses.fields(cls)
+    children = tuple(f.name for f in fields if not f.metadata.get(_STATIC, False))
+    static = tuple(f.name for f in fields if f.metadata.get(_STATIC, False))
+    child_keys = tuple(jax.tree_util.GetAttrKey(n) for n in children)
+
+    def flatten_with_keys(obj):
+        return (
+            [(k, getattr(obj, n)) for k, n in zip(child_keys, children)],
+            tuple(getattr(obj, n) for n in static),
+        )
+
+    def flatten(obj):
+        return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in static)
+
+    def unflatten(aux, leaves):
+        # Bypass __init__/__post_init__: JAX rebuilds pytrees with placeholder leaves.
+        obj = object.__new__(cls)
+        for n, v in zip(children, leaves):
+            object.__setattr__(obj, n, v)
+        for n, v in zip(static, aux):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+
+
+class Value(abc.ABC):
+    """An object that `qkern.quaxify` performs multiple dispatch on.
+
+    Subclasses are frozen dataclasses and pytrees automatically. They implement `aval()`
+    (the abstract value JAX sees) and `materialise()` (a plain array with that aval), and
+    may override the static method `default` (see its docstring). Most array types should
+    subclass `ArrayValue` instead.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__annotations__", {})
+        for name in own:
+            # A field that shadows an inherited `shape`/`dtype`/... attribute is a required
+            # field, not one whose default is the inherited descriptor.
+            if name not in cls.__dict__ and isinstance(getattr(cls, name, None), _AvalAttribute):
+                setattr(cls, name, dataclasses.field())
+        dataclasses.dataclass(frozen=True, eq=False)(cls)
+        _make_pytree(cls)
+
+    @abc.abstractmethod
+    def aval(self) -> jax.core.AbstractValue:
+        """The abstract value (usually a `jax.core.ShapedArray`) seen by JAX."""
+
+    @abc.abstractmethod
+    def materialise(self) -> Any:
+        """A plain JAX array equal to this value, whose shape and dtype match `aval()`."""
+
+    @staticmethod
+    def default(primitive, values, params):
+        """What to do for `primitive` when no registered rule matches the argument types.
+
+        The rules, as in Quax: a registered rule for the types wins; otherwise, if exactly
+        one of the argument types overrides `default`, its `default` runs; otherwise every
+        Value is materialised and the primitive is bound normally; two argument types that
+        both override `default` raise a TypeError at trace time.
+        """
+        from ._dispatch import materialise_checked
+
+        arrays = [materialise_checked(v) if isinstance(v, Value) else v for v in values]
+        return primitive.bind(*arrays, **params)
+
+
+class ArrayValue(Value):
+    """A `Value` that behaves like an array: adds `.shape`, `.dtype`, `.ndim`, `.size`."""
+
+    shape = _AvalAttribute("shape")
+    dtype = _AvalAttribute("dtype")
+    ndim = _AvalAttribute("ndim")
+    size = _AvalAttribute("size")
+
+
+def _is_plain_array_like(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+
+
+class _ArrayLikeMeta(abc.ABCMeta):
+    def __instancecheck__(cls, x: Any) -> bool:
+        return not isinstance(x, Value) and _is_plain_array_like(x)
+
+    def __repr__(cls) -> str:
+        return "qkern.ArrayLike"
+
+
+class ArrayLike(metaclass=_ArrayLikeMeta):
+    """Annotation for rule arguments that are plain arrays or Python/NumPy scalars.
+
+        @qkern.register(jax.lax.mul_p)
+        def _(x: MyArray, y: qkern.ArrayLike): ...
+
+    Also works with `isinstance`: `isinstance(jnp.ones(2), qkern.ArrayLike)` is True.
+    """
+
+    def __init__(self):
+        raise TypeError("qkern.ArrayLike is an annotation, not a type to instantiate.")
+
+
+def is_value(x: Any) -> bool:
+    return isinstance(x, Value)
