@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
-PAGES = ["custom-types.md"]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PAGES = ["docs/custom-types.md", "README.md"]
 
 
 def python_blocks(page: pathlib.Path) -> list[str]:
@@ -15,7 +15,7 @@ def python_blocks(page: pathlib.Path) -> list[str]:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_page_runs(page):
-    blocks = python_blocks(DOCS / page)
+    blocks = python_blocks(ROOT / page)
     assert blocks, f"{page} has no python blocks"
     namespace: dict = {"__name__": f"docs_{page}"}
     for i, block in enumerate(blocks):
