@@ -15,6 +15,8 @@ from ._core import (
     register,
     static_field,
 )
+from ._quantize import dequantize, quantize
+from .types import QArray
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,7 @@ __all__ = [
     "register",
     "quaxify",
     "AmbiguousRuleError",
+    "QArray",
+    "quantize",
+    "dequantize",
 ]

@@ -101,6 +101,9 @@ def call_custom_vjp_fwd(fwd, out_trees: Callable, primals: list) -> tuple[list, 
 def call_custom_vjp_bwd(bwd, res: list, cts: list, in_avals: list) -> list:
     """Run custom_vjp's flattened bwd; symbolic-zero cotangents come back as zeros."""
     cts_in = bwd.call_wrapped(*res, *cts)
+    # Newer JAX (custom_vjp with logs) returns (cotangents, logs).
+    if isinstance(cts_in, tuple) and len(cts_in) == 2 and isinstance(cts_in[0], list):
+        cts_in = cts_in[0]
     return [instantiate(c, a) for c, a in zip(cts_in, in_avals)]
 
 
@@ -121,3 +124,20 @@ def bind_custom_jvp(primitive, fun, jvp, args, symbolic_zeros):
 def bind_custom_vjp(primitive, fun, fwd, bwd, args, out_trees, symbolic_zeros):
     return primitive.bind(*args, subfuns=(fun, fwd, bwd), out_trees=out_trees,
                           symbolic_zeros=symbolic_zeros)
+
+
+def scan_counts(params: dict) -> tuple[int, int]:
+    """(num_consts, num_carry) of a scan equation.
+
+    jax 0.10 has them as params; later releases describe operands with FlatTree params
+    `ft_in` = (consts, carry, xs).
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(jax.tree_util.tree_leaves(consts)), len(jax.tree_util.tree_leaves(carry))
+
+
+def eval_open_jaxpr(jaxpr, *args):
+    """Evaluate a remat-style jaxpr (an open Jaxpr; newer JAX may attach its consts)."""
+    return eval_jaxpr(jaxpr, tuple(getattr(jaxpr, "consts", ()) or ()), *args)

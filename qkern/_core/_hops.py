@@ -159,7 +159,8 @@ def _scan_slices(x: Value, length: int) -> bool:
 
 
 def _scan(values, params):
-    n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
+    n_consts, n_carry = _compat.scan_counts(params)
+    length = params["length"]
     consts = values[:n_consts]
     carry = list(values[n_consts:n_consts + n_carry])
     xs = [materialise_checked(x) if isinstance(x, Value) and not _scan_slices(x, length) else x
@@ -186,7 +187,7 @@ def _remat(values, params):
     out_tree_box = []
 
     def leaf_fn(*leaves):
-        outs = run_with_values(lambda *a: _compat.eval_jaxpr(jaxpr, (), *a),
+        outs = run_with_values(lambda *a: _compat.eval_open_jaxpr(jaxpr, *a),
                                _unflatten(in_tree, leaves))
         out_leaves, out_tree = _flatten(outs)
         out_tree_box.append(out_tree)

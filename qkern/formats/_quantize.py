@@ -1,0 +1,314 @@
+"""Quantise and dequantise arrays, block by block along one axis.
+
+Layout (the "stored" layout; QArray adds a metadata-only transpose on top):
+- `axis`: the block axis. Blocks of `block_size` run along it; the axis is zero-padded to
+  a whole number of blocks (`npad`), and 4-bit formats pack two codes per byte along it
+  (see _packing.py), so `data` has length npad/2 there.
+- `scales` (and `zeros`) have the stored shape with the block axis replaced by the number
+  of blocks; per tensor, they are all-ones in shape.
+- Everything is computed in float32 and cast to the logical dtype at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._packing import pack_halves, unpack_halves
+from ._spec import Format, get_format
+
+DQ_BLOCK = 256  # double quantisation: scales quantised to int8 in blocks of 256, as QLoRA
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How a block's scale (and zero point) is chosen.
+
+    method: "absmax" (largest magnitude maps to the largest code), "minmax" (the block's
+    [min, max] maps onto the integer range, with a zero point; integer formats only),
+    "rms" (clip at `factor` x the block's RMS), "fixed" (the range [lo, hi] for every block).
+    """
+
+    method: str = "absmax"
+    factor: float = 3.0
+    lo: float | None = None
+    hi: float | None = None
+
+
+def parse_calibration(calibration: Any) -> Calibration:
+    """"absmax" | "minmax" | "rms" | ("rms", factor) | ("fixed", bound) | ("fixed", lo, hi)."""
+    if isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, str):
+        if calibration in ("absmax", "minmax", "rms"):
+            return Calibration(calibration)
+    elif isinstance(calibration, tuple) and calibration:
+        method, *args = calibration
+        if method == "rms" and len(args) == 1 and float(args[0]) > 0:
+            return Calibration("rms", factor=float(args[0]))
+        if method == "fixed" and len(args) == 1 and float(args[0]) > 0:
+            return Calibration("fixed", lo=-float(args[0]), hi=float(args[0]))
+        if method == "fixed" and len(args) == 2 and float(args[0]) < float(args[1]):
+            return Calibration("fixed", lo=float(args[0]), hi=float(args[1]))
+    raise ValueError(
+        f"Unknown calibration {calibration!r}: use 'absmax', 'minmax', 'rms', ('rms', factor), "
+        "('fixed', bound) or ('fixed', lo, hi) with lo < hi."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, ...]   # the stored (unpadded) shape
+    axis: int                # block (and packing) axis, non-negative
+    block_size: int
+    per_tensor: bool
+
+    @property
+    def length(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.length // self.block_size)
+
+    @property
+    def padded(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        if self.per_tensor:
+            return (1,) * len(self.shape)
+        s = list(self.shape)
+        s[self.axis] = self.num_blocks
+        return tuple(s)
+
+
+def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> Layout:
+    shape = tuple(int(d) for d in shape)
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError("qkern.quantize needs an array of rank >= 1, got a scalar.")
+    per_tensor = axis is None
+    if per_tensor or default_axis:
+        axis = ndim - 2 if ndim >= 2 else 0
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of shape {shape}.")
+    axis %= ndim
+    n = shape[axis]
+    if n == 0:
+        raise ValueError(f"cannot quantise an empty axis: shape {shape}, axis {axis}.")
+    even = lambda b: b + (b % 2) if fmt.packed else b
+    if fmt.kind == "mx":
+        if block_size not in (None, 32):
+            raise ValueError(f"{fmt.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
+        if per_tensor:
+            raise ValueError(f"{fmt.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
+        block = 32
+    elif per_tensor:
+        block = even(n)
+    elif block_size is None:
+        block = even(n) if fmt.default_block is None else min(fmt.default_block, even(n))
+    else:
+        block = int(block_size)
+        if block <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}.")
+        if block > even(n):
+            raise ValueError(
+                f"block_size {block} is larger than axis {axis} of shape {shape} (length {n}); "
+                "use a smaller block_size, or block_size=None for one block per channel.")
+        if fmt.packed and block % 2:
+            raise ValueError(
+                f"{fmt.name} packs two codes per byte along the block axis, so block_size must "
+                f"be even; got {block}.")
+    return Layout(shape, axis, block, per_tensor)
+
+
+def _blocked(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """[..., npad, ...] -> [..., num_blocks, block_size, ...]."""
+    a = layout.axis
+    return x.reshape(x.shape[:a] + (layout.num_blocks, layout.block_size) + x.shape[a + 1:])
+
+
+def _reduce_axes(layout: Layout, ndim_blocked: int) -> tuple[int, ...]:
+    if layout.per_tensor:
+        return tuple(range(ndim_blocked))
+    return (layout.axis + 1,)
+
+
+def _to_scale_shape(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    return x.reshape(layout.scale_shape)
+
+
+def _expand_scale(s: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """Scale-shaped array -> broadcastable against the blocked array."""
+    return jnp.expand_dims(s, layout.axis + 1)
+
+
+def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: int | None = -2,
+                   default_axis: bool = False, calibration: Any = "absmax",
+                   scale_dtype=None, double_quant: bool = False) -> dict:
+    """Quantise `w`; returns the QArray fields (data, scales, zeros, dq_scale, dq_offset)
+    and the static layout."""
+    fmt = get_format(fmt)
+    cal = parse_calibration(calibration)
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"qkern.quantize expects a floating-point array, got dtype {w.dtype}.")
+    layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
+    if cal.method == "minmax" and not fmt.supports_zero_points:
+        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats, not {fmt.name}.")
+    if fmt.kind == "mx" and cal.method != "absmax":
+        raise ValueError(f"{fmt.name} scales are powers of two from each block's absmax; "
+                         f"calibration={calibration!r} does not apply.")
+    if double_quant and (fmt.kind == "mx" or cal.method == "minmax"):
+        raise ValueError("double_quant applies to formats with float scales and symmetric "
+                         f"calibration, not {fmt.name} with {cal.method}.")
+
+    x = w.astype(jnp.float32)
+    pad = layout.padded - layout.length
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[layout.axis] = (0, pad)
+        x = jnp.pad(x, widths)
+    xb = _blocked(x, layout)
+    red = _reduce_axes(layout, xb.ndim)
+    zeros = None
+
+    if fmt.kind == "mx":
+        amax = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
+        emax = math.floor(math.log2(fmt.value_max))
+        exp = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
+        exp = jnp.where(amax > 0, jnp.clip(exp, -127, 127), -127)
+        scale_b = jnp.exp2(exp)
+        codes = jnp.clip(xb / scale_b, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
+        scales = _to_scale_shape((exp + 127).astype(jnp.uint8), layout)
+    else:
+        if cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi):
+            if cal.method == "minmax":
+                lo = jnp.minimum(jnp.min(xb, axis=red, keepdims=True), 0.0)
+                hi = jnp.maximum(jnp.max(xb, axis=red, keepdims=True), 0.0)
+            else:
+                lo = jnp.full(_expand_scale(jnp.zeros(layout.scale_shape), layout).shape,
+                              min(cal.lo, 0.0))
+                hi = jnp.full(lo.shape, max(cal.hi, 0.0))
+            scale_b = (hi - lo) / (2 ** fmt.bits - 1)
+        else:
+            if cal.method == "fixed":
+                bound = jnp.full(_expand_scale(jnp.zeros(layout.scale_shape), layout).shape,
+                                 cal.hi)
+            else:
+                bound = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
+                if cal.method == "rms":
+                    count = _valid_counts(layout, xb.ndim)
+                    rms = jnp.sqrt(jnp.sum(xb * xb, axis=red, keepdims=True) / count)
+                    bound = jnp.minimum(bound, cal.factor * rms)
+            scale_b = bound / fmt.value_max
+        if scale_dtype is not None:  # quantise with the scale as it will be stored
+            scale_b = scale_b.astype(scale_dtype).astype(jnp.float32)
+        safe = jnp.where(scale_b > 0, scale_b, 1.0)
+        y = xb / safe
+        if fmt.kind == "int":
+            if cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi):
+                zero = fmt.qmin - jnp.round(lo / safe)
+                codes = jnp.clip(jnp.round(y) + zero, fmt.qmin, fmt.qmax)
+                zeros = _to_scale_shape(zero.astype(jnp.int8), layout)
+            else:
+                codes = jnp.clip(jnp.round(y), -fmt.qmax, fmt.qmax)
+            codes = codes.astype(jnp.int8)
+        elif fmt.kind == "codebook":
+            codes = nearest_code(y, fmt.codebook)
+        else:  # float
+            codes = jnp.clip(y, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
+        scales = _to_scale_shape(scale_b.astype(scale_dtype or jnp.float32), layout)
+
+    codes = codes.reshape(x.shape)
+    if fmt.packed:
+        if fmt.kind == "mx":
+            nibbles = jax.lax.bitcast_convert_type(codes, jnp.uint4).astype(jnp.uint8)
+        else:
+            nibbles = codes.astype(jnp.uint8) & 0xF
+        data = pack_halves(nibbles, layout.axis)
+    else:
+        data = codes
+
+    dq_scale = dq_offset = None
+    if double_quant:
+        scales, dq_scale, dq_offset = _double_quantize(scales)
+    return dict(data=data, scales=scales, zeros=zeros, dq_scale=dq_scale, dq_offset=dq_offset,
+                layout=layout)
+
+
+def _valid_counts(layout: Layout, ndim_blocked: int) -> jnp.ndarray:
+    """Number of real (unpadded) elements in each block, broadcastable to block stats."""
+    if layout.per_tensor:
+        return jnp.asarray(float(np.prod(layout.shape)))
+    counts = np.minimum(layout.block_size,
+                        layout.length - layout.block_size * np.arange(layout.num_blocks))
+    other = np.prod(layout.shape) / layout.length
+    shape = [1] * ndim_blocked
+    shape[layout.axis] = layout.num_blocks
+    del other
+    return jnp.asarray(counts.astype(np.float32).reshape(shape))
+
+
+def nearest_code(y: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
+    """Index of the nearest codebook value (ties go to the smaller value)."""
+    order = np.argsort(codebook, kind="stable")
+    sorted_cb = codebook[order]
+    mids = (sorted_cb[1:] + sorted_cb[:-1]) / 2
+    pos = jnp.searchsorted(jnp.asarray(mids), y, side="left")
+    return jnp.asarray(order.astype(np.uint8))[pos]
+
+
+def _double_quantize(scales: jnp.ndarray):
+    flat = scales.astype(jnp.float32).reshape(-1)
+    offset = jnp.mean(flat)
+    centred = flat - offset
+    n = flat.shape[0]
+    nblk = -(-n // DQ_BLOCK)
+    padded = jnp.pad(centred, (0, nblk * DQ_BLOCK - n)).reshape(nblk, DQ_BLOCK)
+    dq_scale = jnp.max(jnp.abs(padded), axis=1) / 127.0
+    safe = jnp.where(dq_scale > 0, dq_scale, 1.0)
+    codes = jnp.clip(jnp.round(padded / safe[:, None]), -127, 127).astype(jnp.int8)
+    return codes.reshape(-1)[:n].reshape(scales.shape), dq_scale, offset
+
+
+def dequantize_scales(scales, dq_scale, dq_offset, fmt: Format) -> jnp.ndarray:
+    if fmt.kind == "mx":
+        return jnp.exp2(scales.astype(jnp.float32) - 127.0)
+    if dq_scale is None:
+        return scales.astype(jnp.float32)
+    n = int(np.prod(scales.shape))
+    per = jnp.repeat(dq_scale, DQ_BLOCK)[:n].reshape(scales.shape)
+    return scales.astype(jnp.float32) * per + dq_offset
+
+
+def decode(data: jnp.ndarray, fmt: Format, axis: int) -> jnp.ndarray:
+    """Stored codes -> unscaled float32 values, [..., npad, ...] along `axis`."""
+    if fmt.packed:
+        nib = unpack_halves(data, axis)
+        if fmt.kind == "int":
+            return (nib.astype(jnp.int32) - 16 * (nib >= 8)).astype(jnp.float32)
+        if fmt.kind == "codebook":
+            return jnp.asarray(fmt.codebook)[nib]
+        return jax.lax.bitcast_convert_type(nib.astype(jnp.uint4), fmt.float_dtype).astype(jnp.float32)
+    return data.astype(jnp.float32)
+
+
+def dequantize_array(fmt: str | Format, data, scales, zeros, dq_scale, dq_offset,
+                     layout: Layout, dtype) -> jnp.ndarray:
+    fmt = get_format(fmt)
+    v = _blocked(decode(data, fmt, layout.axis), layout)
+    if zeros is not None:
+        v = v - _expand_scale(zeros.astype(jnp.float32), layout)
+    v = v * _expand_scale(dequantize_scales(scales, dq_scale, dq_offset, fmt), layout)
+    v = v.reshape(v.shape[:layout.axis] + (layout.padded,) + v.shape[layout.axis + 2:])
+    if layout.padded != layout.length:
+        v = jax.lax.slice_in_dim(v, 0, layout.length, axis=layout.axis)
+    return v.astype(dtype)
