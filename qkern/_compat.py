@@ -117,15 +117,6 @@ def call_custom_jvp(jvp, primals: list, tangents: list) -> tuple[list, list]:
     return outs_p, outs_t
 
 
-def bind_custom_jvp(primitive, fun, jvp, args, symbolic_zeros):
-    return primitive.bind(*args, subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
-
-
-def bind_custom_vjp(primitive, fun, fwd, bwd, args, out_trees, symbolic_zeros):
-    return primitive.bind(*args, subfuns=(fun, fwd, bwd), out_trees=out_trees,
-                          symbolic_zeros=symbolic_zeros)
-
-
 def scan_counts(params: dict) -> tuple[int, int]:
     """(num_consts, num_carry) of a scan equation.
 

@@ -58,6 +58,11 @@ def _describe_classes(classes: tuple[type, ...]) -> str:
 
 _rules: dict[Any, list[_Rule]] = {}
 _cache: dict[tuple[Any, tuple[type, ...]], _Rule | None] = {}
+_generation = [0]  # bumped by every registration; caches of traced code key on it
+
+
+def generation() -> int:
+    return _generation[0]
 
 _PLAIN_ARRAY_ANNOTATIONS = (jax.Array, np.ndarray)
 
@@ -157,6 +162,7 @@ def register(primitive: Any, *, precedence: int = 0) -> Callable[[Callable], Cal
         rule = _parse_rule(fn, precedence)
         _rules.setdefault(primitive, []).append(rule)
         _cache.clear()
+        _generation[0] += 1
         return fn
 
     return decorator

@@ -11,6 +11,7 @@ and custom derivative rules stay in force.
 
 from __future__ import annotations
 
+import functools
 import weakref
 import warnings
 from typing import Any, Callable
@@ -18,8 +19,9 @@ from typing import Any, Callable
 import jax
 
 from .. import _compat
-from ._dispatch import materialise_checked
+from ._dispatch import generation, materialise_checked
 from ._trace import run_with_values
+from ._trace import run_with_values as _run_with_values
 from ._values import Value
 
 _flatten = jax.tree_util.tree_flatten
@@ -35,11 +37,13 @@ def _materialise_all(xs):
 
 
 def _structure(xs) -> list:
-    """Per element: the treedef and leaf avals, which must match across a loop or branches."""
+    """Per element: the treedef and leaf shapes/dtypes, which must match across a loop or
+    branches (weak types are JAX's business: it promotes them itself)."""
     out = []
     for x in xs:
         leaves, tree = _flatten(x)
-        out.append((tree, tuple(jax.typeof(l) for l in leaves)))
+        out.append((tree, tuple((tuple(getattr(l, "shape", ())), jax.numpy.dtype(
+            getattr(l, "dtype", None) or jax.numpy.result_type(l))) for l in leaves)))
     return out
 
 
@@ -57,7 +61,8 @@ def _jit(values, params):
     closed = params["jaxpr"]
     leaves, in_tree = _flatten(values)
     per_jaxpr = _jit_cache.setdefault(closed, {})
-    entry = per_jaxpr.get(in_tree)
+    key = (in_tree, generation())  # a rule registered later must be seen: re-trace
+    entry = per_jaxpr.get(key)
     if entry is None:
         out_trees: dict = {}
         fn = _compat.jaxpr_as_fun(closed)
@@ -71,7 +76,7 @@ def _jit(values, params):
         leaf_fn.__name__ = leaf_fn.__qualname__ = params.get("name", "jit")
         entry = (jax.jit(leaf_fn, keep_unused=params.get("keep_unused", False),
                          inline=params.get("inline", False)), out_trees)
-        per_jaxpr[in_tree] = entry
+        per_jaxpr[key] = entry
     jitted, out_trees = entry
     out_leaves = jitted(*leaves)
     return _unflatten(out_trees[_aval_key(leaves)], out_leaves)
@@ -113,7 +118,8 @@ def _settle_carry(primitive, body, carry: list) -> tuple[list, set]:
         init = [materialise_checked(c) if i in forced and isinstance(c, Value) else c
                 for i, c in enumerate(carry)]
         out = jax.eval_shape(lambda c: body(c, forced), init)
-        bad = {i for i, (a, b) in enumerate(zip(_structure(init), _structure(out))) if a != b}
+        bad = {i for i, (a, b, x, y) in enumerate(zip(_structure(init), _structure(out), init, out))
+               if a != b and (isinstance(x, Value) or isinstance(y, Value))}
         if not bad - forced:
             if forced:
                 warnings.warn(
@@ -215,13 +221,17 @@ def _dense_tangent(value: Any, leaves: list, tangent_leaves: list) -> Any:
     return t
 
 
-def custom_jvp_with_values(fun, jvp, values: list) -> list:
-    """A custom_jvp call with Value operands, rebound at the parent level on their leaves.
+def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
+    """A custom_jvp call under a dispatch trace, rebound at the parent level.
 
-    Outputs are materialised: JAX fixes the custom function's output types from its
-    primal function, and a Value there could not be matched by the tangents.
+    Value operands are flattened into their leaves. `fun` and `jvp` run under fresh
+    dispatch traces that share the calling trace's `tag`, so Values they close over (tracers
+    of the calling trace) are recognised too. Outputs are materialised: JAX fixes the custom
+    function's output types from its primal function, and a Value there could not be
+    matched by the tangents.
     """
     leaves, in_tree = _flatten(values)
+    run_with_values = functools.partial(_run_with_values, tag=tag)
 
     @jax.custom_jvp
     def call(*leaves):
@@ -246,14 +256,16 @@ def custom_jvp_with_values(fun, jvp, values: list) -> list:
     return list(call(*leaves))
 
 
-def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list) -> list:
-    """A custom_vjp call with Value operands, rebound at the parent level on their leaves.
+def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:
+    """A custom_vjp call under a dispatch trace, rebound at the parent level on the leaves
+    of its operands (traces share `tag`, as for custom_jvp above).
 
     The user's fwd and bwd run under fresh dispatch traces, so residuals may be Values. The
     cotangent bwd gives for a Value operand (a plain array of its aval) is pulled back to
     the Value's leaves through `materialise`, so gradients reach the Value's fields.
     """
     leaves, in_tree = _flatten(values)
+    run_with_values = functools.partial(_run_with_values, tag=tag)
     in_avals = [v.aval() if isinstance(v, Value) else jax.typeof(v) for v in values]
 
     @jax.custom_vjp

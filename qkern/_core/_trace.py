@@ -68,23 +68,21 @@ class _QTrace(_compat.Trace):
         with _compat.set_current_trace(self):
             return f.call_wrapped(*tracers)
 
+    # Custom-derivative functions are always rebound through qkern's wrappers, even with
+    # no Value operand: the function may close over Values (tracers of this trace), which
+    # only a trace with this tag can unwrap.
     def process_custom_jvp_call(self, primitive, fun, jvp, tracers, *, symbolic_zeros):
+        from ._hops import custom_jvp_with_values
         values = [self.to_value(t) for t in tracers]
         with _compat.set_current_trace(self.parent_trace):
-            if not any(isinstance(v, Value) for v in values):
-                return _compat.bind_custom_jvp(primitive, fun, jvp, values, symbolic_zeros)
-            from ._hops import custom_jvp_with_values
-            return custom_jvp_with_values(fun, jvp, values)
+            return custom_jvp_with_values(fun, jvp, values, self.tag)
 
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):
+        from ._hops import custom_vjp_with_values
         values = [self.to_value(t) for t in tracers]
         with _compat.set_current_trace(self.parent_trace):
-            if not any(isinstance(v, Value) for v in values):
-                return _compat.bind_custom_vjp(primitive, fun, fwd, bwd, values, out_trees,
-                                               symbolic_zeros)
-            from ._hops import custom_vjp_with_values
-            return custom_vjp_with_values(fun, fwd, bwd, out_trees, values)
+            return custom_vjp_with_values(fun, fwd, bwd, out_trees, values, self.tag)
 
     def process_shard_map(self, primitive, fun, tracers, **params):
         values = [self.to_value(t) for t in tracers]
@@ -122,14 +120,15 @@ def warn_materialise(primitive) -> None:
 
 
 def run_with_values(fn: Callable, args: Sequence[Any], kwargs: dict | None = None,
-                    selected: Callable[[Value], bool] = lambda v: True) -> Any:
+                    selected: Callable[[Value], bool] = lambda v: True, tag=None) -> Any:
     """Call `fn(*args, **kwargs)` under a new dispatch trace.
 
     Every selected Value in the pytrees `args`/`kwargs` enters as a tracer of the new trace;
-    Values in the output come back as Values. Runs under the current trace as parent.
+    Values in the output come back as Values. Runs under the current trace as parent. A
+    given `tag` makes the new trace recognise tracers of an earlier trace with that tag.
     """
     kwargs = {} if kwargs is None else kwargs
-    tag = _compat.TraceTag()
+    tag = _compat.TraceTag() if tag is None else tag
     with _compat.take_current_trace() as parent:
         trace = _QTrace(parent, tag)
         with _compat.no_leaks(trace):
