@@ -65,9 +65,10 @@ def _jit(values, params):
     entry = per_jaxpr.get(key)
     if entry is None:
         out_trees: dict = {}
-        fn = _compat.jaxpr_as_fun(closed)
+        closed_ref = weakref.ref(closed)  # the cache entry must not keep its own key alive
 
         def leaf_fn(*leaves):
+            fn = _compat.jaxpr_as_fun(closed_ref())
             outs = run_with_values(fn, _unflatten(in_tree, leaves))
             out_leaves, out_tree = _flatten(outs)
             out_trees[_aval_key(leaves)] = out_tree

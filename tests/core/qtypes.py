@@ -141,3 +141,37 @@ def _(x: qkern.ArrayLike | SymbolicZero, y: qkern.ArrayLike | SymbolicZero, **pa
     a, b = _sds(x), _sds(y)
     out = jax.eval_shape(lambda a, b: jax.lax.dot_general_p.bind(a, b, **params), a, b)
     return SymbolicZero(tuple(out.shape), out.dtype)
+
+
+# -- oracles ---------------------------------------------------------------------------
+def field_grads(loss, w: Scaled, *args, argnums=0):
+    """Gradient of `loss` w.r.t. (data, scale) of `w`, computed on plain arrays only.
+
+    `loss` is called with the materialised array in place of `w` (at position argnums).
+    """
+    def plain(d, s):
+        a = list(args)
+        a.insert(argnums, Scaled(d, s).materialise())
+        return loss(*a)
+    return jax.grad(plain, argnums=(0, 1))(w.data, w.scale)
+
+
+def assert_scaled_grad(g, expected, rtol=1e-5, atol=1e-6):
+    """`g` is a Scaled whose fields equal `expected` = (d_data, d_scale)."""
+    assert type(g) is Scaled, f"gradient came back as {type(g).__name__}, not Scaled"
+    np.testing.assert_allclose(np.asarray(g.data, np.float32), np.asarray(expected[0], np.float32),
+                               rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(g.scale, np.float32),
+                               np.asarray(expected[1], np.float32), rtol=rtol, atol=atol)
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-6):
+    """Pytrees equal after materialising Values (compared in float32)."""
+    got, want = dense(got), dense(want)
+    gl, gt = jax.tree_util.tree_flatten(got)
+    wl, wt = jax.tree_util.tree_flatten(want)
+    assert gt == wt, f"structure {gt} != {wt}"
+    for g, w in zip(gl, wl):
+        assert np.shape(g) == np.shape(w), (np.shape(g), np.shape(w))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=rtol, atol=atol)
