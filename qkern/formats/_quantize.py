@@ -67,6 +67,9 @@ class Layout:
     axis: int                # block (and packing) axis, non-negative
     block_size: int
     per_tensor: bool
+    # 4-bit formats pack by halves; an even number of blocks keeps both halves aligned to
+    # block boundaries (so a kernel tile never straddles two scales).
+    even_blocks: bool = False
 
     @property
     def length(self) -> int:
@@ -74,7 +77,8 @@ class Layout:
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.length // self.block_size)
+        nb = -(-self.length // self.block_size)
+        return nb + (nb % 2) if self.even_blocks and nb > 1 else nb
 
     @property
     def padded(self) -> int:
@@ -126,7 +130,7 @@ def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> 
             raise ValueError(
                 f"{fmt.name} packs two codes per byte along the block axis, so block_size must "
                 f"be even; got {block}.")
-    return Layout(shape, axis, block, per_tensor)
+    return Layout(shape, axis, block, per_tensor, even_blocks=fmt.packed)
 
 
 def _blocked(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
@@ -179,6 +183,10 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     xb = _blocked(x, layout)
     red = _reduce_axes(layout, xb.ndim)
     zeros = None
+    # Zero points: minmax, or an asymmetric fixed range, on integer formats. Other formats
+    # take a fixed range as the symmetric bound max(|lo|, |hi|).
+    asymmetric = fmt.kind == "int" and (
+        cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi))
 
     if fmt.kind == "mx":
         amax = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
@@ -186,10 +194,12 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         exp = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
         exp = jnp.where(amax > 0, jnp.clip(exp, -127, 127), -127)
         scale_b = jnp.exp2(exp)
-        codes = jnp.clip(xb / scale_b, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
+        # amax == 0 gives scale 2^-127, which may flush to zero: keep such blocks at 0.
+        y = jnp.where(amax > 0, xb / jnp.where(amax > 0, scale_b, 1.0), 0.0)
+        codes = jnp.clip(y, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
         scales = _to_scale_shape((exp + 127).astype(jnp.uint8), layout)
     else:
-        if cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi):
+        if asymmetric:
             if cal.method == "minmax":
                 lo = jnp.minimum(jnp.min(xb, axis=red, keepdims=True), 0.0)
                 hi = jnp.maximum(jnp.max(xb, axis=red, keepdims=True), 0.0)
@@ -201,7 +211,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         else:
             if cal.method == "fixed":
                 bound = jnp.full(_expand_scale(jnp.zeros(layout.scale_shape), layout).shape,
-                                 cal.hi)
+                                 max(abs(cal.lo), abs(cal.hi)))
             else:
                 bound = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
                 if cal.method == "rms":
@@ -214,13 +224,15 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         safe = jnp.where(scale_b > 0, scale_b, 1.0)
         y = xb / safe
         if fmt.kind == "int":
-            if cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi):
+            if asymmetric:
                 zero = fmt.qmin - jnp.round(lo / safe)
                 codes = jnp.clip(jnp.round(y) + zero, fmt.qmin, fmt.qmax)
                 zeros = _to_scale_shape(zero.astype(jnp.int8), layout)
             else:
                 codes = jnp.clip(jnp.round(y), -fmt.qmax, fmt.qmax)
             codes = codes.astype(jnp.int8)
+        elif fmt.kind == "codebook" and fmt.sign_magnitude:
+            codes = nearest_code_sign_magnitude(y, fmt.codebook)
         elif fmt.kind == "codebook":
             codes = nearest_code(y, fmt.codebook)
         else:  # float
@@ -264,6 +276,14 @@ def nearest_code(y: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
     mids = (sorted_cb[1:] + sorted_cb[:-1]) / 2
     pos = jnp.searchsorted(jnp.asarray(mids), y, side="left")
     return jnp.asarray(order.astype(np.uint8))[pos]
+
+
+def nearest_code_sign_magnitude(y: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
+    """For codebooks whose codes 8..15 are the negatives of 0..7 (bitsandbytes' FP4):
+    nearest magnitude among codes 0..7 (ties to the smaller magnitude), then the sign bit,
+    as bitsandbytes does. Symmetric by construction: -x quantises to minus x's code."""
+    mag = nearest_code(jnp.abs(y), codebook[:8])
+    return jnp.where((y < 0) & (mag != 0), mag | 8, mag).astype(jnp.uint8)
 
 
 def _double_quantize(scales: jnp.ndarray):

@@ -26,6 +26,7 @@ class Format:
     default_block: int | None         # None: one block spans the whole axis (per channel)
     codebook: np.ndarray | None = None
     float_dtype: object = None        # "float"/"mx" element dtype
+    sign_magnitude: bool = False      # codebook: codes 8..15 are minus codes 0..7
     description: str = ""
 
     @property
@@ -64,7 +65,7 @@ FORMATS: dict[str, Format] = {
     **{f"int{b}": _int(b, 128) for b in (2, 3, 5, 6, 7)},
     "nf4": Format("nf4", "codebook", 4, True, 64, codebook=_codebooks.NF4,
                   description="NormalFloat4, bitsandbytes' codebook"),
-    "fp4": Format("fp4", "codebook", 4, True, 64, codebook=_codebooks.FP4,
+    "fp4": Format("fp4", "codebook", 4, True, 64, codebook=_codebooks.FP4, sign_magnitude=True,
                   description="bitsandbytes' FP4 codebook"),
     "fp8_e4m3": Format("fp8_e4m3", "float", 8, False, None, float_dtype=jnp.float8_e4m3fn,
                        description="float8 E4M3 (finite, max 448)"),

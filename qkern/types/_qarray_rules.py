@@ -13,7 +13,6 @@ import numpy as np
 
 from .._core import ArrayLike, register
 from .._core._dispatch import materialise_checked
-from ..formats import Layout
 from .qarray import QArray
 
 lax = jax.lax
@@ -35,6 +34,16 @@ def _guarded_axes(q: QArray) -> set[int]:
 
 def _with(q: QArray, **changes) -> QArray:
     return dataclasses.replace(q, **changes)
+
+
+def _without_double_quant(q: QArray) -> QArray:
+    """Double-quantised scales are blocked in their flattened order; a slice of them would
+    not line up with their second-level scales, so undo the second level first."""
+    if q.dq_scale is None:
+        return q
+    from ..formats._quantize import dequantize_scales
+    scales = dequantize_scales(q.scales, q.dq_scale, q.dq_offset, q.format)
+    return _with(q, scales=scales, dq_scale=None, dq_offset=None)
 
 
 def _per_block_fields(q: QArray):
@@ -79,7 +88,7 @@ def _(q: QArray, *, new_sizes, dimensions=None, **params):
 
     changes = {f: re(getattr(q, f), getattr(q, f).shape[a]) for f in _per_block_fields(q)}
     return _with(q, data=re(q.data, q.data.shape[a]),
-                 layout=Layout(new_sizes, j, lay.block_size, lay.per_tensor), **changes)
+                 layout=dataclasses.replace(lay, shape=new_sizes, axis=j), **changes)
 
 
 # -- slicing along other axes --------------------------------------------------------------
@@ -95,6 +104,8 @@ def _(q: QArray, *, start_indices, limit_indices, strides):
         if (st, lim, sd) != (0, q.layout.shape[ax], 1):
             return _dense(lax.slice_p, [q], dict(start_indices=start_indices,
                                                  limit_indices=limit_indices, strides=strides))
+
+    q = _without_double_quant(q)
 
     def cut(x):
         starts, limits, steps = [], [], []
@@ -120,6 +131,8 @@ def _(q: QArray, *starts: ArrayLike, slice_sizes):
     for ax in _guarded_axes(q):
         if phys_size[ax] != q.layout.shape[ax]:
             return _dense(lax.dynamic_slice_p, [q, *starts], dict(slice_sizes=slice_sizes))
+
+    q = _without_double_quant(q)
 
     def cut(x):
         st, sz = [], []
@@ -148,8 +161,8 @@ def _(q: QArray, *, dimensions):
         perm = tuple(renumber[p] for p in q.perm if p in renumber)
         perm = None if perm == tuple(range(len(perm))) else perm
     changes = {f: lax.squeeze(getattr(q, f), phys) for f in _per_block_fields(q)}
-    new_layout = Layout(tuple(lay.shape[ax] for ax in keep), renumber[lay.axis],
-                        lay.block_size, lay.per_tensor)
+    new_layout = dataclasses.replace(lay, shape=tuple(lay.shape[ax] for ax in keep),
+                                     axis=renumber[lay.axis])
     return _with(q, data=lax.squeeze(q.data, phys), layout=new_layout, perm=perm, **changes)
 
 
