@@ -17,6 +17,7 @@ from ._core import (
 )
 from ._quantize import dequantize, quantize
 from .types import QArray
+from .pallas import backend
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "QArray",
     "quantize",
     "dequantize",
+    "backend",
 ]

@@ -37,8 +37,8 @@ HEURISTICS: dict[tuple[str, str], MatmulConfig] = {
                                         num_stages=3),
     ("mosaic_tpu", "decode"): MatmulConfig(block_m=16, block_n=256, block_k=512),
     ("mosaic_tpu", "prefill"): MatmulConfig(block_m=128, block_n=256, block_k=512),
-    ("xla", "decode"): MatmulConfig(block_k=512),
-    ("xla", "prefill"): MatmulConfig(block_k=1024),
+    ("xla", "decode"): MatmulConfig(block_k=256),
+    ("xla", "prefill"): MatmulConfig(block_k=512),
 }
 
 

@@ -169,7 +169,7 @@ def _(q: QArray, *, dimensions):
 # -- matmul --------------------------------------------------------------------------------
 def _matmul(lhs, rhs, params):
     """The XLA path: correct for every layout. The Pallas kernels take the canonical one."""
-    from ..pallas import qmatmul_dispatch  # noqa: F401  (kernels land in qkern/pallas)
+    from ..pallas import qmatmul_dispatch
     return qmatmul_dispatch(lhs, rhs, params)
 
 

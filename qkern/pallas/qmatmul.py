@@ -1,0 +1,100 @@
+"""Weight-only quantised matmul: backend selection, gradients, and the fallback chain.
+
+    y = qmatmul(x, op)          # x [..., K] float, op a QOperand of W [K, N]
+
+Backends (see _backend.py): "triton" (_triton_qmatmul.py), "mosaic_tpu"
+(_mosaic_qmatmul.py), "xla" (_xla_qmatmul.py). The gradient with respect to x runs the same
+family on the transposed weight (`dy @ W.T`, from the same storage); the quantised weight
+is frozen and gets no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import _backend
+from ._config import MatmulConfig, default_config
+from ._operand import QOperand
+from ._xla_qmatmul import qmatmul_t_xla, qmatmul_xla
+
+
+def _kernels(name: str):
+    """(forward, transposed) kernel functions of a backend."""
+    if name == "triton":
+        from ._triton_qmatmul import qmatmul_t_triton, qmatmul_triton
+        return qmatmul_triton, qmatmul_t_triton
+    if name == "mosaic_tpu":
+        from ._mosaic_qmatmul import qmatmul_mosaic, qmatmul_t_mosaic
+        return qmatmul_mosaic, qmatmul_t_mosaic
+    return None
+
+
+def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
+    m = x2.shape[0]
+    if sel.name == "xla":
+        cfg = config or default_config("xla", m)
+        return (qmatmul_t_xla if transposed else qmatmul_xla)(x2, op, cfg)
+    fwd, bwd = _kernels(sel.name)
+    return (bwd if transposed else fwd)(x2, op, config, interpret=sel.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul2(x2, op, sel, config):
+    return _run(x2, op, sel, config, transposed=False)
+
+
+def _qmatmul2_fwd(x2, op, sel, config):
+    return _run(x2, op, sel, config, transposed=False), op
+
+
+def _qmatmul2_bwd(sel, config, op, dy):
+    dx = _run(dy, op, sel, None if config is None else config, transposed=True)
+    zero_op = jax.tree_util.tree_map(_zero_cotangent, op)
+    return dx, zero_op
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return jnp.zeros(a.shape, jax.dtypes.float0)
+
+
+_qmatmul2.defvjp(_qmatmul2_fwd, _qmatmul2_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul2_t(dy, op, sel, config):
+    return _run(dy, op, sel, config, transposed=True)
+
+
+def _qmatmul2_t_fwd(dy, op, sel, config):
+    return _run(dy, op, sel, config, transposed=True), op
+
+
+def _qmatmul2_t_bwd(sel, config, op, g):
+    return _run(g, op, sel, None, transposed=False), jax.tree_util.tree_map(_zero_cotangent, op)
+
+
+_qmatmul2_t.defvjp(_qmatmul2_t_fwd, _qmatmul2_t_bwd)
+
+
+def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: str | None = None,
+            config: MatmulConfig | None = None, interpret: bool | None = None) -> jax.Array:
+    """x[..., K] @ W[K, N] (or, transposed, x[..., N] @ W.T) with W quantised.
+
+    Leading dims of x are flattened into M. Accumulates in float32; returns x's dtype.
+    """
+    sel = _backend.resolve(backend, interpret)
+    lead, k = x.shape[:-1], x.shape[-1]
+    want = op.n if transposed else op.k
+    if k != want:
+        raise ValueError(
+            f"qmatmul: x has {k} columns but the quantised weight's "
+            f"{'N' if transposed else 'K'} is {want} (weight [K={op.k}, N={op.n}]).")
+    x2 = x.reshape(-1, k)
+    fn = _qmatmul2_t if transposed else _qmatmul2
+    y = fn(x2, op, sel, config)
+    return y.reshape(*lead, y.shape[-1])
