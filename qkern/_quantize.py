@@ -58,7 +58,13 @@ def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
     """
     options = dict(block_size=block_size, calibration=calibration, scale_dtype=scale_dtype,
                    double_quant=double_quant)
-    get_format(fmt)  # unknown formats fail before any work
+    get_format(fmt)  # unknown formats and options fail before any work
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
+        raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
+    if scale_dtype is not None and not jnp.issubdtype(scale_dtype, jnp.floating):
+        raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), got {scale_dtype!r}.")
+    if isinstance(x, (np.generic, float, int, complex)):
+        raise TypeError(f"qkern.quantize needs an array of rank >= 1 or a pytree of arrays, got the scalar {x!r}.")
     if _is_array(x):
         if where is not None:
             raise TypeError("`where` selects leaves of a pytree; quantize got a single array.")

@@ -212,20 +212,19 @@ def test_fixed_lo_hi_range_non_integer_formats(fmt):
 def _zero_configs(fmt):
     """(calibration, extra options, which input) for the format. "block": a weight whose
     first block of 32 along the block axis is all zero; "array": an all-zero weight (the
-    per-tensor cases, where the one scale is zero). Every calibration and option for one
-    format of each kind (int8, packed int4, emulated int3, nf4, fp4, fp8, MX)."""
+    per-tensor cases, where the one scale is zero). absmax for every format; every
+    calibration and option for one format of each kind (int8, packed int4, emulated int3,
+    nf4, fp4, fp8); int2/5/6/7 share int3's code path."""
     out = [("absmax", {}, "block"), ("absmax", {}, "array")]
-    if fmt.startswith("mx"):
+    if fmt.startswith("mx") or fmt in ("int2", "int5", "int6", "int7"):
         return out
-    if fmt.startswith("int"):
-        out += [("minmax", {}, "block")]
-    if fmt in ("int2", "int5", "int6", "int7"):
-        return out
-    out += [(("rms", 2.0), {}, "block"), ("absmax", {"double_quant": True}, "block"),
+    out += [("rms", {}, "array"), (("rms", 2.0), {}, "block"),
+            ("absmax", {"double_quant": True}, "block"),
             ("absmax", {"scale_dtype": jnp.bfloat16}, "block"),
-            ("absmax", {"axis": None}, "array"), ("rms", {"axis": None}, "array")]
+            ("absmax", {"axis": None}, "array")]
     if fmt.startswith("int"):
-        out += [(("fixed", -1.0, 3.0), {}, "block"), ("minmax", {"axis": None}, "array")]
+        out += [("minmax", {}, "block"), (("fixed", -1.0, 3.0), {}, "block"),
+                ("minmax", {"axis": None}, "array")]
     return out
 
 
@@ -331,3 +330,31 @@ def test_double_quant_other_formats(fmt):
     assert qd.bits_per_parameter() < q.bits_per_parameter()
     e, ed = np.abs(deq(q) - w).mean(), np.abs(deq(qd) - w).mean()
     assert ed <= e * 1.05
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+def test_minmax_roundtrip_ranks_and_axes(fmt):
+    """minmax bound (half a step of the block's [min(lo,0), max(hi,0)] range) for ranks 1
+    to 4, axes 0 / -1 / -2 / None, blocks that do not divide the axis."""
+    rng = np.random.default_rng(13)
+    steps = 2 ** int(fmt[3:]) - 1
+    cases = [((37,), 0, 16), ((3, 37, 5), 1, 8), ((3, 37, 5), -1, 2),
+             ((3, 37, 5), None, None), ((2, 3, 5, 41), -2, 2)]
+    for shape, axis, block in cases:
+        w = rng.uniform(-1, 3, size=shape).astype(np.float32)
+        got = deq(quantize(w, fmt, axis=axis, block_size=block, calibration="minmax"))
+        assert got.shape == shape
+        if axis is None:
+            lo, hi = min(w.min(), 0.0), max(w.max(), 0.0)
+            step = np.full(shape, (hi - lo) / steps)
+        else:
+            x = np.moveaxis(w.astype(np.float64), axis, -1)
+            n = x.shape[-1]
+            nb = -(-n // block)
+            xb = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * block - n)])
+            xb = xb.reshape(x.shape[:-1] + (nb, block))
+            rngs = (np.maximum(xb.max(-1, keepdims=True), 0)
+                    - np.minimum(xb.min(-1, keepdims=True), 0)) / steps
+            step = np.broadcast_to(rngs, xb.shape).reshape(x.shape[:-1] + (nb * block,))[..., :n]
+            step = np.moveaxis(step, -1, axis)
+        assert np.all(np.abs(got - w) <= step / 2 * (1 + 1e-5) + 1e-6), (shape, axis, block)

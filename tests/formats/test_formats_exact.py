@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
-
 import qkern
 
 # bitsandbytes `get_4bit_type("nf4")` / `("fp4")`, copied from the bitsandbytes source.
@@ -200,6 +198,18 @@ def test_int_codes_ragged_block_and_half_even_ties():
     np.testing.assert_array_equal(unpack_int4(qw.data, 0, 45), q_ref)
     _assert_values_close(qkern.dequantize(qw), d_ref)
     assert qkern.dequantize(qw).shape == (45, 6)
+
+
+def test_int4_codes_with_an_odd_number_of_blocks():
+    """70 rows in blocks of 32: three blocks (the last one ragged). Whatever the padding,
+    byte i holds code i and code i + npad/2, npad being twice the stored length."""
+    w = np.random.default_rng(2).standard_normal((70, 6)).astype(np.float32)
+    qw = qkern.quantize(w, "int4", block_size=32, axis=0)
+    q_ref, d_ref = symmetric_int_reference(w, 4, axis=0, block=32)
+    data = np.asarray(qw.data)
+    assert data.dtype == np.uint8 and 2 * data.shape[0] >= 96 and data.shape[1] == 6
+    np.testing.assert_array_equal(unpack_int4(data, 0, 70), q_ref)
+    _assert_values_close(qkern.dequantize(qw), d_ref)
 
 
 def test_int4_packing_layout_on_known_codes():

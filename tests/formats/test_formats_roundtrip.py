@@ -295,7 +295,8 @@ def _configs(draw):
     return fmt, dtype, shape, axis, block, seed
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(_configs())
 def test_roundtrip_property(cfg):
     fmt, dtype, shape, axis, block, seed = cfg
