@@ -11,13 +11,15 @@ only the activations are padded, which is cheap.
 Kernels
 -------
 * decode (M <= 16): grid (N tiles "parallel", K tiles "arbitrary"). x is padded to 8 rows
-  (float32) or 16 rows (16-bit dtypes) and every grid step sees all of it.
+  (16 for bfloat16, whose sublane tile is 16 rows) and every grid step sees all of it.
 * tiled (larger M): grid (M tiles, N tiles, K tiles), the first two "parallel".
 * transposed: grid (M tiles, K tiles, N tiles); N is contracted, so it is the "arbitrary"
   (innermost) axis and the output tile is [block_m, K tile].
 
 Every grid step dequantises its weight tile into a VMEM scratch ([K tile, block_n], in the
-dtype of the dot: bfloat16 for bfloat16 activations, float32 otherwise) block by block,
+dtype of the dot: bfloat16 for bfloat16 activations, float32 otherwise; float16
+activations are cast to float32 by the wrapper, as TPUs have no float16 arithmetic) block
+by block,
 with static, block-aligned row slices: `(decode(codes) - zero_row) * scale_row`, the scale
 and zero rows broadcast over the B rows of their block. It then does one MXU dot per
 stream into a float32 accumulator (a VMEM scratch, initialised at the first K step and
@@ -37,8 +39,8 @@ step consumes 2 * block_k logical rows). With nb scale rows and per-stream block
 (nb / 2 for 4-bit formats, nb otherwise):
 
 * nb == 1 (per-channel): the scale block is the whole [1, block_n] row (legal: it equals
-  the array's row count). block_k must be a multiple of 128; a K tail that block_k does
-  not divide is a partial edge block, masked to zero inside the kernel.
+  the array's row count). block_k must be a multiple of 128 (or >= Kd); a K tail that
+  block_k does not divide is a partial edge block, masked to zero inside the kernel.
 * block_k >= Kd (one K step): the scale block is the whole [nb, block_n] column strip and
   each stream slices its rows statically. The data block is all Kd rows (legal: full
   dim); the x tile is Kd rounded up to 128 columns, the scratch's tail rows are zero.
@@ -55,10 +57,14 @@ columns that Pallas never writes back; in the transposed kernel (where N is cont
 the weight tile's columns past N are masked to zero and dy is zero-padded along N.
 
 float8 codes are passed bitcast to uint8 and decoded from their bits with integer ops and
-one float multiply (`_float8_bits_to_f32`): `.astype(jnp.float32)` on a float8 tile does
-lower for TPU in this jax, but TPU generations before v5p have no float8 vector types, and
-a lowering that succeeds can still fail in Mosaic's own compiler there; the bit decode is
-exact (every one of the 256 codes, NaN and inf included) and uses only int32/float32 ops.
+a few selects (`_float8_bits_to_f32`): `.astype(jnp.float32)` on a float8 tile does lower
+for TPU in this jax, but not every TPU generation has float8 vector support and a lowering
+that succeeds does not prove Mosaic's compiler accepts the conversion there; the bit
+decode is exact (all 256 codes, NaN and inf included) and uses only int32/float32 ops.
+
+Checked on a CPU-only machine: numerics in interpret mode (also under the TPU
+interpreter's race detector) and the Pallas-to-Mosaic lowering (`jax.export` for "tpu").
+Mosaic's own compiler runs only on a TPU and has not seen these kernels yet.
 
 With `config=None` the block sizes come from `default_config("mosaic_tpu", M)` and are
 adjusted to the nearest legal ones; an explicit config that breaks a rule raises a
@@ -180,9 +186,9 @@ def _round_up(a: int, b: int) -> int:
 
 
 def _check_operand(op: QOperand):
-    fmt, b, nb = op.fmt, op.block_size, op.num_blocks
     if not isinstance(op, QOperand):
         raise ValueError(f"expected a QOperand, got {type(op).__name__}.")
+    fmt, b, nb = op.fmt, op.block_size, op.num_blocks
     if op.data.ndim != 2 or op.scales.ndim != 2:
         raise ValueError(f"QOperand data and scales must be 2-D; got data {op.data.shape}, "
                          f"scales {op.scales.shape}.")
@@ -221,7 +227,9 @@ def _auto_block_k(t0: int, kd: int, b: int, nb: int, nh: int) -> int:
         # prefer a multiple of 128 that divides kd (no masked tail) within a factor 2 of t0
         t0 = _round_up(t0, _LANES)
         divs = [t for t in range(_LANES, 2 * t0 + 1, _LANES) if kd % t == 0 and 2 * t >= t0]
-        return min(divs, key=lambda t: (abs(math.log(t / t0)), -t)) if divs else t0
+        if divs:
+            return min(divs, key=lambda t: (abs(math.log(t / t0)), -t))
+        return kd if kd <= 2 * t0 else t0                  # one step, or a masked K tail
     cands = [r * b for r in range(_SUBLANES, nh, _SUBLANES)
              if nh % r == 0 and (r * b) % _LANES == 0]
     if not cands:
@@ -280,30 +288,37 @@ def _k_tiling(op: QOperand, block_k: int, explicit: bool):
     return td, tx, nk, mode, rows, hi_row, hi_block, segs, mask_k
 
 
-def _vmem_estimate(p_fields: dict, act_itemsize: int, data_itemsize: int, has_zeros: bool) -> int:
-    f = p_fields
-    cdt = jnp.dtype(f["compute_dtype"]).itemsize
-    s = f["streams"]
-    n_scale_refs = s if f["scale_mode"] == "tiled" else 1
-    scale = 2 * n_scale_refs * f["scale_rows"] * f["bn"] * (4 + (1 if has_zeros else 0))
-    data = 2 * f["td"] * f["bn"] * data_itemsize
-    wq = s * f["tx"] * f["bn"] * cdt
-    seg = 6 * min(f["td"], _SEGMENT_ROWS) * f["bn"] * 4                # decode temporaries
-    if f["kernel"] == "transposed":
-        lhs = 2 * f["bm"] * f["bn"] * act_itemsize
-        out = 2 * s * f["bm"] * f["tx"] * act_itemsize + s * f["bm"] * f["tx"] * 4
+def _vmem_estimate(plan: _Plan, act_itemsize: int, data_itemsize: int, has_zeros: bool) -> int:
+    """Bytes of VMEM one kernel instance holds: double-buffered blocks, scratches and the
+    decode temporaries of one segment."""
+    p = plan
+    cdt = jnp.dtype(p.compute_dtype).itemsize
+    n_scale_refs = p.streams if p.scale_mode == "tiled" else 1
+    scale = 2 * n_scale_refs * p.scale_rows * p.bn * (4 + (1 if has_zeros else 0))
+    data = 2 * p.td * p.bn * data_itemsize
+    wq = p.streams * p.tx * p.bn * cdt
+    seg = 6 * min(p.td, _SEGMENT_ROWS) * p.bn * 4
+    if p.kernel == "transposed":
+        lhs = 2 * p.bm * p.bn * act_itemsize
+        out = p.streams * p.bm * p.tx * (2 * act_itemsize + 4)
     else:
-        lhs = 2 * s * f["bm"] * f["tx"] * act_itemsize
-        out = 2 * f["bm"] * f["bn"] * act_itemsize + f["bm"] * f["bn"] * 4
+        lhs = 2 * p.streams * p.bm * p.tx * act_itemsize
+        out = p.bm * p.bn * (2 * act_itemsize + 4)
     return scale + data + wq + seg + lhs + out
 
 
 def plan_mosaic(op: QOperand, m: int, dtype, config: MatmulConfig | None = None, *,
                 kernel: str | None = None) -> _Plan:
     """The static tiling `qmatmul_mosaic` (kernel "decode"/"tiled") or `qmatmul_t_mosaic`
-    (kernel "transposed") uses for an [m, ...] activation of `dtype`; raises ValueError
-    for an operand or config the Mosaic kernels cannot take. `kernel=None` picks decode
-    for m <= 16 and tiled otherwise."""
+    (kernel "transposed") uses for an [m, ...] activation of `dtype`.
+
+    `config=None` starts from `default_config("mosaic_tpu", m)` and moves each block size
+    to the nearest legal one (and narrows block_n if a one-step K tile would not fit the
+    default VMEM budget); an explicit config is taken as given and a ValueError names the
+    rule it breaks. `kernel=None` picks decode for m <= 16 and tiled otherwise.
+
+        >>> plan_mosaic(op, 1, jnp.bfloat16).td      # rows of the data tile per K step
+    """
     _check_operand(op)
     dtype = jnp.dtype(dtype)
     if dtype not in _ACT_DTYPES:
@@ -316,51 +331,61 @@ def plan_mosaic(op: QOperand, m: int, dtype, config: MatmulConfig | None = None,
     if kernel == "decode" and m > DECODE_M:
         raise ValueError(f"the decode kernel takes M <= {DECODE_M}; got M={m}. Use the tiled "
                          "kernel.")
-    explicit = config is not None
-    cfg = config if explicit else default_config("mosaic_tpu", m)
-    if not isinstance(cfg, MatmulConfig):
-        raise ValueError(f"config must be a MatmulConfig, got {type(cfg).__name__}.")
+    if config is not None and not isinstance(config, MatmulConfig):
+        raise ValueError(f"config must be a MatmulConfig, got {type(config).__name__}.")
+    if config is not None:
+        return _make_plan(op, m, dtype, config, kernel, explicit=True)
+    plan = _make_plan(op, m, dtype, default_config("mosaic_tpu", m), kernel, explicit=False)
+    if plan.vmem_bytes > _VMEM_DEFAULT and plan.bn > _LANES:
+        # a big one-step K tile (no smaller legal one): narrow the N tile
+        cfg = dataclasses.replace(default_config("mosaic_tpu", m), block_n=_LANES)
+        plan = _make_plan(op, m, dtype, cfg, kernel, explicit=False)
+    if plan.vmem_bytes > _VMEM_MAX:
+        raise ValueError(
+            f"no K tiling of this {op.fmt.name} operand ({op.num_blocks} blocks of "
+            f"{op.block_size}) fits VMEM: its blocks per K stream have no divisor that is a "
+            f"multiple of 8, so all {plan.kd} rows form one tile (about "
+            f"{plan.vmem_bytes >> 20} MiB). Use the xla backend or requantise with a block "
+            "count divisible by 16.")
+    return plan
 
+
+def _make_plan(op: QOperand, m: int, dtype, cfg: MatmulConfig, kernel: str,
+               explicit: bool) -> _Plan:
     n = op.n
-    sub = 16 if dtype.itemsize == 2 else _SUBLANES
-    # M tile
+    # float16 runs as float32 (the wrapper casts): sublane tiling of the kernel's dtype
+    sub = 16 if dtype == jnp.dtype(jnp.bfloat16) else _SUBLANES
     if kernel == "decode" or (kernel == "transposed" and m <= DECODE_M):
-        bm = _round_up(m, sub)
+        bm = _round_up(m, sub)                             # one M tile, all of (padded) M
     else:
         if explicit and cfg.block_m % _SUBLANES:
             raise ValueError(f"block_m={cfg.block_m} is not a multiple of {_SUBLANES} (Mosaic "
                              "TPU's sublane tiling).")
         bm = min(_round_up(cfg.block_m, sub), _round_up(m, sub))
-    mp = _round_up(m, bm)
-    # N tile
     bn = cfg.block_n
     if bn >= n:
-        bn = n
+        bn = n                                             # all of N: legal at any width
     elif bn % _LANES:
         if explicit:
             raise ValueError(f"block_n={bn} is not a multiple of {_LANES} and is smaller than "
                              f"N={n}: Mosaic TPU needs N tiles that are multiples of 128 or "
                              "all of N.")
         bn = max(_LANES, bn // _LANES * _LANES)
-    # K tile
     td, tx, nk, mode, rows, hi_row, hi_block, segs, mask_k = _k_tiling(op, cfg.block_k,
                                                                        explicit)
-    fields = dict(
-        kernel=kernel, streams=2 if op.fmt.packed else 1, bm=bm, mp=mp, bn=bn,
+    plan = _Plan(
+        kernel=kernel, streams=2 if op.fmt.packed else 1, bm=bm, mp=_round_up(m, bm), bn=bn,
         nn=-(-n // bn), kd=op.data.shape[0], td=td, tx=tx, nk=nk, scale_mode=mode,
         scale_rows=rows, hi_row=hi_row, hi_block=hi_block, segments=segs, mask_k=mask_k,
         mask_n=(kernel == "transposed" and n % bn != 0),
-        compute_dtype="bfloat16" if dtype == jnp.dtype(jnp.bfloat16) else "float32")
-    est = _vmem_estimate(fields, dtype.itemsize, jnp.dtype(op.data.dtype).itemsize,
-                         op.zeros is not None)
-    if not explicit and est > _VMEM_DEFAULT and bn > _LANES:
-        # a big one-step K tile (no legal smaller one): narrow the N tile first
-        return plan_mosaic(op, m, dtype, dataclasses.replace(cfg, block_n=_LANES),
-                           kernel=kernel) if n > _LANES else _Plan(**fields, vmem_bytes=est)
-    if est > _VMEM_MAX:
-        raise ValueError(f"this tiling needs about {est >> 20} MiB of VMEM (> {_VMEM_MAX >> 20}); "
-                         "use smaller block_k / block_n / block_m.")
-    return _Plan(**fields, vmem_bytes=est)
+        compute_dtype="bfloat16" if dtype == jnp.dtype(jnp.bfloat16) else "float32",
+        vmem_bytes=0)
+    act = 2 if dtype == jnp.dtype(jnp.bfloat16) else 4
+    est = _vmem_estimate(plan, act, jnp.dtype(op.data.dtype).itemsize, op.zeros is not None)
+    if explicit and est > _VMEM_MAX:
+        raise ValueError(f"this tiling needs about {est >> 20} MiB of VMEM (> {_VMEM_MAX >> 20}"
+                         "); use smaller block_k / block_n / block_m.")
+    return dataclasses.replace(plan, vmem_bytes=est)
 
 
 def _compiler_params(plan: _Plan, semantics):
@@ -495,6 +520,12 @@ def _kernel_data(op: QOperand):
     return op.data
 
 
+def _kernel_activation(a):
+    """float16 runs as float32: TPUs have no float16 arithmetic, and the casts touch only
+    the activations (XLA fuses them with the padding)."""
+    return a.astype(jnp.float32) if a.dtype == jnp.dtype(jnp.float16) else a
+
+
 def _pad_activation(x, op: QOperand, plan: _Plan):
     """x [M, K] -> [mp, streams * hx]: zero-padded to Kp, split into the K streams, each
     zero-padded to nk * tx columns."""
@@ -506,8 +537,9 @@ def _pad_activation(x, op: QOperand, plan: _Plan):
 
 
 def _scale_specs(plan: _Plan, index):
-    """BlockSpecs for the scales (and, identically, the zeros). `index(k_block, j)` maps
-    to the grid's index tuple."""
+    """BlockSpecs for the scales (and, identically, the zeros): one per stream when tiled
+    along K, else one whole-height strip. `index(f)` builds the grid's index_map from
+    f(k) -> the block's row index."""
     if plan.scale_mode == "tiled":
         return [pl.BlockSpec((plan.scale_rows, plan.bn), index(lambda k: k)),
                 pl.BlockSpec((plan.scale_rows, plan.bn),
@@ -542,8 +574,10 @@ def qmatmul_mosaic(x, op: QOperand, config: MatmulConfig | None = None, *, inter
     """y[M, N] = x[M, K] @ W for a quantised W, on TPU via Mosaic.
 
     x: float32, bfloat16 or float16 [M, K]; y has x's dtype, accumulated in float32.
-    config: block sizes (None: `default_config("mosaic_tpu", M)` adjusted to legal tiles;
-    an explicit config is validated and a ValueError names any rule it breaks).
+    config: block_m (M tile of the tiled kernel), block_n (N tile), block_k (data rows per
+    K step; see the module docstring for the rules); num_warps, num_stages and split_k are
+    Triton's and ignored. None: `default_config("mosaic_tpu", M)` moved to legal tiles;
+    an explicit config is validated and a ValueError names any rule it breaks.
     interpret: False on a TPU; True or `pltpu.InterpretParams(...)` to run anywhere.
     kernel: None (decode for M <= 16, tiled otherwise), "decode" or "tiled".
 
@@ -551,11 +585,12 @@ def qmatmul_mosaic(x, op: QOperand, config: MatmulConfig | None = None, *, inter
     """
     _check_operand(op)
     _check_activation(x, "x", op.k, "K")
-    m = x.shape[0]
+    m, out_dtype = x.shape[0], x.dtype
     plan = plan_mosaic(op, m, x.dtype, config, kernel=kernel)
     if plan.kernel == "transposed":
         raise ValueError("kernel='transposed' is qmatmul_t_mosaic's; use 'decode' or 'tiled'.")
     s = plan.streams
+    x = _kernel_activation(x)
     xp = _pad_activation(x, op, plan)
     nk = plan.nk
     if plan.kernel == "decode":
@@ -599,7 +634,8 @@ def qmatmul_mosaic(x, op: QOperand, config: MatmulConfig | None = None, *, inter
         interpret=interpret,
         name=f"qmatmul_{plan.kernel}_{op.fmt.name}",
     )(*([xp] * s), *w_arrays)
-    return y[:m] if plan.mp != m else y
+    y = y[:m] if plan.mp != m else y
+    return y.astype(out_dtype)
 
 
 def qmatmul_t_mosaic(dy, op: QOperand, config: MatmulConfig | None = None, *,
@@ -616,9 +652,10 @@ def qmatmul_t_mosaic(dy, op: QOperand, config: MatmulConfig | None = None, *,
     """
     _check_operand(op)
     _check_activation(dy, "dy", op.n, "N")
-    m = dy.shape[0]
+    m, out_dtype = dy.shape[0], dy.dtype
     plan = plan_mosaic(op, m, dy.dtype, config, kernel="transposed")
     s, n = plan.streams, op.n
+    dy = _kernel_activation(dy)
     dyp = jnp.pad(dy, ((0, plan.mp - m), (0, plan.nn * plan.bn - n)))
     grid = (plan.mp // plan.bm, plan.nk, plan.nn)
     index = lambda f: (lambda i, k, j: (f(k), j))
@@ -649,7 +686,7 @@ def qmatmul_t_mosaic(dy, op: QOperand, config: MatmulConfig | None = None, *,
     )(dyp, *w_arrays)
     dx = outs[0][:m, :plan.kd] if s == 1 else jnp.concatenate(
         [o[:m, :plan.kd] for o in outs], axis=1)
-    return dx[:, :op.k]
+    return dx[:, :op.k].astype(out_dtype)
 
 
 # --------------------------------------------------------------------------------------
