@@ -33,7 +33,8 @@ DECODE_M = 16  # M at or below this uses the skinny (decode) kernels
 HEURISTICS: dict[tuple[str, str], MatmulConfig] = {
     ("triton", "decode"): MatmulConfig(block_m=16, block_n=64, block_k=256, num_warps=4,
                                        num_stages=3, split_k=4),
-    ("triton", "prefill"): MatmulConfig(block_m=64, block_n=128, block_k=64, num_warps=4,
+    # From a sweep on an H100 (jax 0.11.2, K = N = 4096, M = 256): the best of those tried.
+    ("triton", "prefill"): MatmulConfig(block_m=128, block_n=64, block_k=64, num_warps=4,
                                         num_stages=3),
     ("mosaic_tpu", "decode"): MatmulConfig(block_m=16, block_n=256, block_k=512),
     ("mosaic_tpu", "prefill"): MatmulConfig(block_m=128, block_n=256, block_k=512),

@@ -1,0 +1,302 @@
+"""Tests of the Triton quantised-matmul kernels (qkern/pallas/_triton_qmatmul.py).
+
+No GPU here, so two halves (see DESIGN.md, "How kernels are tested without a GPU"):
+numerics run the kernels in Pallas interpret mode against the shared references in
+tests/pallas/cases.py, and lowering exports every kernel for `cuda`, which runs the real
+Triton lowering. Interpret mode is slow (a couple of seconds per compiled case on two
+cores), so the format x shape x dtype cross product is covered as a Latin square: every
+format meets every shape, and every format and every shape meets every dtype.
+"""
+
+from __future__ import annotations
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+import qkern.pallas._triton_qmatmul as tq
+from qkern.pallas._config import MatmulConfig
+from qkern.pallas._operand import canonical_operand
+from qkern.pallas._triton_qmatmul import qmatmul_t_triton, qmatmul_triton
+from tests.pallas.cases import (DTYPES, FORMAT_IDS, FORMATS, SHAPES, assert_matches,
+                                make_case, reference_matmul, reference_matmul_t)
+
+# One small config per shape, chosen so the block_k / block size relations vary:
+# block_k a multiple of B (several scale blocks per K step), equal, and a divisor; split
+# over 1, 2 and 3 programs (3 does not divide the K steps evenly); N tiles that overhang.
+CONFIGS = {
+    1: MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=1),
+    3: MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=3),
+    16: MatmulConfig(block_m=16, block_n=64, block_k=32, split_k=2),
+    257: MatmulConfig(block_m=64, block_n=64, block_k=128, split_k=2),
+}
+
+
+def _cross(keep):
+    """Latin square: format i, shape j -> dtype (i + j) % 3, for (i, j) with keep(i, j)."""
+    return [
+        pytest.param(f, o, shape, DTYPES[(i + j) % len(DTYPES)],
+                     id=f"{FORMAT_IDS[i]}-{'x'.join(map(str, shape))}-"
+                        f"{jnp.dtype(DTYPES[(i + j) % len(DTYPES)]).name}")
+        for i, (f, o) in enumerate(FORMATS) for j, shape in enumerate(SHAPES) if keep(i, j)
+    ]
+
+
+# Forward: every format x every shape. Transposed: half of that (each format on two
+# shapes, each shape on four formats), still every dtype with every format and shape.
+CROSS = _cross(lambda i, j: True)
+CROSS_T = _cross(lambda i, j: (i + j) % 2 == 0)
+
+EXTRA_FORMATS = [("mxfp4", {}), ("mxfp8", {})]
+
+_NO_TRITON_CHECK = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+def _dy(m, n, dtype, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (m, n), jnp.float32).astype(dtype)
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("fmt,opts,shape,dtype", CROSS)
+def test_forward_matches_reference(fmt, opts, shape, dtype):
+    """x @ W: decode kernel for M <= 16 (split-K where the config says), tiled above."""
+    m, k, n = shape
+    x, _, op = make_case(fmt, opts, m, k, n, dtype)
+    y = qmatmul_triton(x, op, CONFIGS[m], interpret=True)
+    assert_matches(y, reference_matmul(x, op))
+
+
+@pytest.mark.parametrize("fmt,opts,shape,dtype", CROSS_T)
+def test_transposed_matches_reference(fmt, opts, shape, dtype):
+    """dy @ W.T from the stored (non-transposed) codes, split over N where configured."""
+    m, k, n = shape
+    _, _, op = make_case(fmt, opts, m, k, n, dtype)
+    dy = _dy(m, n, dtype)
+    dx = qmatmul_t_triton(dy, op, CONFIGS[m], interpret=True)
+    assert_matches(dx, reference_matmul_t(dy, op))
+
+
+@pytest.mark.parametrize("fmt,opts", EXTRA_FORMATS, ids=["mxfp4", "mxfp8"])
+def test_mx_formats(fmt, opts):
+    x, _, op = make_case(fmt, opts, 3, 384, 200, jnp.bfloat16)
+    cfg = CONFIGS[3]
+    assert_matches(qmatmul_triton(x, op, cfg, interpret=True), reference_matmul(x, op))
+    dy = _dy(3, 200, jnp.bfloat16)
+    assert_matches(qmatmul_t_triton(dy, op, cfg, interpret=True),
+                   reference_matmul_t(dy, op))
+
+
+@pytest.mark.parametrize("m,split_k", [(1, 2), (1, 5), (40, 3)])
+def test_split_k_does_not_change_the_result(split_k, m):
+    """Decode split-K (forward, M <= 16) and the transposed kernel's split over N."""
+    x, _, op = make_case("int4", dict(calibration="minmax"), m, 1000, 136, jnp.float32)
+    cfg = MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=split_k)
+    assert_matches(qmatmul_triton(x, op, cfg, interpret=True), reference_matmul(x, op))
+    dy = _dy(m, 136, jnp.float32)
+    assert_matches(qmatmul_t_triton(dy, op, cfg, interpret=True),
+                   reference_matmul_t(dy, op))
+
+
+@pytest.mark.parametrize("m", [2, 33])
+def test_default_config(m):
+    """config=None takes the heuristic table's config, clamped to the problem."""
+    x, _, op = make_case("int4", {}, m, 320, 72, jnp.bfloat16)
+    assert_matches(qmatmul_triton(x, op, interpret=True), reference_matmul(x, op))
+    dy = _dy(m, 72, jnp.bfloat16)
+    assert_matches(qmatmul_t_triton(dy, op, interpret=True), reference_matmul_t(dy, op))
+
+
+def test_default_config_fits_a_block_size_that_is_not_a_power_of_two():
+    """B = 96: the default block_k (256) is neither a multiple nor a divisor; it is
+    replaced by 32, the largest power of two dividing 96."""
+    x, _, op = make_case("int8", dict(block_size=96), 3, 300, 40, jnp.float32)
+    p = tq._plan(op, 3, None, transposed=False)
+    assert (p.bk, p.sub) == (32, 32)
+    assert_matches(qmatmul_triton(x, op, interpret=True), reference_matmul(x, op))
+
+
+def test_fp8_decoded_from_bits(monkeypatch):
+    """The arithmetic float8 decoder (GPUs below sm_89) inside the kernels, and exactly
+    against ml_dtypes for every finite code."""
+    from qkern.formats import get_format
+    for name, dt in (("fp8_e4m3", jnp.float8_e4m3fn), ("fp8_e5m2", jnp.float8_e5m2)):
+        bits = jnp.arange(256, dtype=jnp.int32)
+        want = np.asarray(jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), dt)
+                          .astype(jnp.float32))
+        got = np.asarray(tq.fp8_from_bits(bits, get_format(name)))
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(got[finite], want[finite])
+    monkeypatch.setattr(tq, "_native_fp8_convert", lambda: False)
+    x, _, op = make_case("fp8_e5m2", dict(block_size=128), 3, 384, 200, jnp.float32)
+    assert tq._plan(op, 3, CONFIGS[3], transposed=False).fp8_bits
+    assert_matches(qmatmul_triton(x, op, CONFIGS[3], interpret=True),
+                   reference_matmul(x, op))
+
+
+def test_under_jit_with_traced_operand():
+    x, _, op = make_case("int4", {}, 16, 384, 200, jnp.bfloat16)
+    dy = _dy(16, 200, jnp.bfloat16)
+    cfg = CONFIGS[16]
+
+    @jax.jit
+    def f(x, dy, op):
+        return (qmatmul_triton(x, op, cfg, interpret=True),
+                qmatmul_t_triton(dy, op, cfg, interpret=True))
+
+    y, dx = f(x, dy, op)
+    assert_matches(y, reference_matmul(x, op))
+    assert_matches(dx, reference_matmul_t(dy, op))
+
+
+def test_under_vmap_over_a_batch_of_x():
+    """vmap adds a grid axis to the pallas_call (decode forward at M=3, transposed at 20)."""
+    x, _, op = make_case("fp4", {}, 3, 320, 72, jnp.float16)
+    xb = jnp.stack([x, -2 * x, x[::-1]])
+    dyb = jnp.stack([_dy(20, 72, jnp.float16, s) for s in range(3)])
+    y = jax.vmap(lambda a: qmatmul_triton(a, op, CONFIGS[3], interpret=True))(xb)
+    dx = jax.vmap(lambda a: qmatmul_t_triton(a, op, CONFIGS[257], interpret=True))(dyb)
+    for b in range(3):
+        assert_matches(y[b], reference_matmul(xb[b], op))
+        assert_matches(dx[b], reference_matmul_t(dyb[b], op))
+
+
+@hypothesis.settings(max_examples=2, deadline=None, derandomize=True)
+@hypothesis.given(m=st.integers(1, 40), k=st.integers(20, 300), n=st.integers(16, 90),
+                  fmt=st.sampled_from(["int4", "nf4", "int8"]),
+                  block=st.sampled_from([32, 64]))
+def test_random_shapes(m, k, n, fmt, block):
+    """Ragged M, K, N and small blocks; K may be smaller than one block_k."""
+    block = min(block, k + k % 2)
+    x, _, op = make_case(fmt, dict(block_size=block), m, k, n, jnp.float32)
+    cfg = MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=2)
+    assert_matches(qmatmul_triton(x, op, cfg, interpret=True), reference_matmul(x, op))
+    dy = _dy(m, n, jnp.float32)
+    assert_matches(qmatmul_t_triton(dy, op, cfg, interpret=True),
+                   reference_matmul_t(dy, op))
+
+
+# ---------------------------------------------------------------------------- lowering
+
+KERNELS = {
+    # name: (M, config, transposed)
+    "decode": (3, MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=1), False),
+    "decode-splitk": (1, MatmulConfig(block_m=16, block_n=64, block_k=64, split_k=4), False),
+    "tiled": (257, MatmulConfig(block_m=64, block_n=128, block_k=256), False),
+    "transposed": (3, MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=2), True),
+    "transposed-tiled": (257, MatmulConfig(block_m=64, block_n=64, block_k=64), True),
+}
+
+
+def _export_cuda(fn, *args) -> str:
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                            disabled_checks=_NO_TRITON_CHECK)(*args)
+    return exp.mlir_module()
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("fmt,opts", FORMATS + EXTRA_FORMATS,
+                         ids=FORMAT_IDS + ["mxfp4", "mxfp8"])
+def test_lowers_for_triton(fmt, opts, kernel):
+    m, cfg, transposed = KERNELS[kernel]
+    x, _, op = make_case(fmt, opts, m, 1000, 136, jnp.bfloat16)
+    if transposed:
+        text = _export_cuda(lambda d, op: qmatmul_t_triton(d, op, cfg), _dy(m, 136, x.dtype), op)
+    else:
+        text = _export_cuda(lambda x, op: qmatmul_triton(x, op, cfg), x, op)
+    assert "__gpu$xla.gpu.triton" in text
+    assert text.count("__gpu$xla.gpu.triton") == 1   # one kernel, no fallback path
+
+
+def test_default_configs_lower():
+    for m in (1, 300):
+        x, _, op = make_case("int4", {}, m, 4096, 512, jnp.bfloat16)
+        assert "__gpu$xla.gpu.triton" in _export_cuda(qmatmul_triton, x, op)
+        assert "__gpu$xla.gpu.triton" in _export_cuda(qmatmul_t_triton,
+                                                      _dy(m, 512, x.dtype), op)
+
+
+def test_fp8_from_bits_lowers(monkeypatch):
+    monkeypatch.setattr(tq, "_native_fp8_convert", lambda: False)
+    m, cfg, _ = KERNELS["decode"]
+    for fmt, opts in (("fp8_e4m3", {}), ("mxfp8", {})):
+        x, _, op = make_case(fmt, opts, m, 1000, 136, jnp.bfloat16)
+        text = _export_cuda(lambda x, op: qmatmul_triton(x, op, cfg), x, op)
+        assert "__gpu$xla.gpu.triton" in text
+
+
+def test_vmapped_kernels_lower():
+    x, _, op = make_case("nf4", {}, 3, 384, 200, jnp.bfloat16)
+    cfg = CONFIGS[3]
+    xb = jnp.stack([x, x])
+    dyb = jnp.stack([_dy(3, 200, x.dtype)] * 2)
+    assert "__gpu$xla.gpu.triton" in _export_cuda(
+        jax.vmap(lambda a: qmatmul_triton(a, op, cfg)), xb)
+    assert "__gpu$xla.gpu.triton" in _export_cuda(
+        jax.vmap(lambda a: qmatmul_t_triton(a, op, cfg)), dyb)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_block_k_incompatible_with_block_size():
+    x, _, op = make_case("nf4", {}, 3, 384, 200, jnp.float32)      # blocks of 64
+    bad = MatmulConfig(block_k=48)
+    with pytest.raises(ValueError, match=r"block_k=48 .*block_size 64"):
+        qmatmul_triton(x, op, bad, interpret=True)
+    with pytest.raises(ValueError, match=r"block_k=48 .*block_size 64"):
+        qmatmul_t_triton(_dy(3, 200, jnp.float32), op, bad, interpret=True)
+
+
+def test_block_sizes_must_be_powers_of_two():
+    x, _, op = make_case("int8", {}, 3, 384, 200, jnp.float32)      # per channel
+    with pytest.raises(ValueError, match=r"block_k=96 must be a power of two"):
+        qmatmul_triton(x, op, MatmulConfig(block_k=96), interpret=True)
+    with pytest.raises(ValueError, match=r"block_n=100 must be a power of two"):
+        qmatmul_triton(x, op, MatmulConfig(block_n=100), interpret=True)
+
+
+def test_scale_blocks_smaller_than_a_dot_are_refused():
+    x, _, op = make_case("int8", dict(block_size=8), 3, 64, 32, jnp.float32)
+    with pytest.raises(ValueError, match=r"block_size 8"):
+        qmatmul_triton(x, op, interpret=True)
+
+
+def test_mismatched_shapes():
+    x, _, op = make_case("int4", {}, 3, 384, 200, jnp.float32)
+    with pytest.raises(ValueError, match=r"x has K=383 .*K=384"):
+        qmatmul_triton(x[:, :383], op, interpret=True)
+    with pytest.raises(ValueError, match=r"dy has N=199 .*N=200"):
+        qmatmul_t_triton(_dy(3, 199, jnp.float32), op, interpret=True)
+    with pytest.raises(ValueError, match=r"must be 2-D"):
+        qmatmul_triton(x[None], op, interpret=True)
+
+
+def test_unsupported_dtype():
+    x, _, op = make_case("int4", {}, 3, 384, 200, jnp.float32)
+    with pytest.raises(ValueError, match=r"int32 is not supported"):
+        qmatmul_triton(x.astype(jnp.int32), op, interpret=True)
+
+
+def test_unaligned_halves_are_refused():
+    """A 4-bit operand with an odd number of blocks (>1) would start its high-nibble half
+    mid-block; the kernels' scale indexing relies on the quantiser never producing one."""
+    _, _, op = make_case("int4", dict(block_size=64), 3, 192, 40, jnp.float32)
+    odd = tq.QOperand(op.data[:96], op.scales[:3], None, op.fmt, 64, 192)
+    with pytest.raises(ValueError, match=r"3 blocks"):
+        qmatmul_triton(jnp.ones((3, 192)), odd, interpret=True)
+
+
+def test_main_runs(capsys):
+    """The config sweep prints one row per (format, kernel, M, config)."""
+    tq.main(["--k", "128", "--n", "64", "--formats", "int4", "--m", "1", "--configs", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["format", "kernel"]
+    assert len(out) == 1 + 2
+    errs = [float(line.split()[-2]) for line in out[1:]]
+    assert max(errs) < 2e-2
