@@ -114,6 +114,9 @@ def _scan_single_scale(x_chunks, d_chunks, nibble, op):
 def _scan_blocked(x_chunks, d_chunks, s_chunks, z_chunks, nibble, op, g, b):
     m, n = x_chunks.shape[1], d_chunks.shape[2]
     after = m <= SCALE_AFTER_MAX_M
+    has_zeros = z_chunks is not None
+    if not has_zeros:  # scan needs an array per step; an empty one costs nothing
+        z_chunks = jnp.zeros((x_chunks.shape[0], 0), jnp.float32)
 
     def body(acc, inp):
         xc, dc, sc, zc = inp
@@ -121,24 +124,17 @@ def _scan_blocked(x_chunks, d_chunks, s_chunks, z_chunks, nibble, op, g, b):
         if after:
             xb = xc.reshape(m, g, b)
             part = jnp.einsum("mgb,gbn->gmn", xb, w.reshape(g, b, n))
-            if zc is not None:
+            if has_zeros:
                 part = part - jnp.sum(xb, axis=2).T[:, :, None] * zc[:, None, :]
             return acc + jnp.einsum("gmn,gn->mn", part, sc), None
         w = w.reshape(g, b, n)
-        if zc is not None:
+        if has_zeros:
             w = w - zc[:, None, :]
         w = (w * sc[:, None, :]).reshape(g * b, n)
         return acc + jnp.dot(xc, w), None
 
-    zs = z_chunks if z_chunks is not None else jnp.zeros((x_chunks.shape[0], 0), jnp.float32)
-    if z_chunks is None:
-        def body_nz(acc, inp):
-            xc, dc, sc, _ = inp
-            return body(acc, (xc, dc, sc, None))
-        fn = body_nz
-    else:
-        fn = body
-    acc, _ = jax.lax.scan(fn, jnp.zeros((m, n), jnp.float32), (x_chunks, d_chunks, s_chunks, zs))
+    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32),
+                          (x_chunks, d_chunks, s_chunks, z_chunks))
     return acc
 
 
@@ -167,20 +163,18 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
             s_rows = scales.reshape(c, g, n)
             z_rows = None if zeros is None else zeros.reshape(c, g, n)
 
-        def body(_, inp, g=g, bb=bb, nibble=nibble):
+        has_zeros = z_rows is not None
+        zs = z_rows if has_zeros else jnp.zeros((c, 0), jnp.int8)
+
+        def body(_, inp, g=g, bb=bb, nibble=nibble, has_zeros=has_zeros):
             dc, sc, zc = inp
             w = _decode_chunk(dc, nibble, op).reshape(g, bb, n)
-            if zc is not None:
+            if has_zeros:
                 w = w - zc.astype(jnp.float32)[:, None, :]
             w = (w * sc[:, None, :]).reshape(g * bb, n)
             return None, jnp.dot(dy32, w.T)                     # [M, t]
 
-        zs = z_rows if z_rows is not None else jnp.zeros((c, g, n), jnp.int8)
-        if z_rows is None:
-            step = lambda carry, inp, body=body: body(carry, (inp[0], inp[1], None))
-        else:
-            step = body
-        _, out = jax.lax.scan(step, None, (d_chunks, s_rows, zs))   # [c, M, t]
+        _, out = jax.lax.scan(body, None, (d_chunks, s_rows, zs))   # [c, M, t]
         pieces.append(out.transpose(1, 0, 2).reshape(m, rows))
     dx = jnp.concatenate(pieces, axis=1)[:, : op.k]
     return dx.astype(dy.dtype)

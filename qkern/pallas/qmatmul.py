@@ -41,44 +41,29 @@ def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
     return (bwd if transposed else fwd)(x2, op, config, interpret=sel.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul2(x2, op, sel, config):
-    return _run(x2, op, sel, config, transposed=False)
-
-
-def _qmatmul2_fwd(x2, op, sel, config):
-    return _run(x2, op, sel, config, transposed=False), op
-
-
-def _qmatmul2_bwd(sel, config, op, dy):
-    dx = _run(dy, op, sel, None if config is None else config, transposed=True)
-    zero_op = jax.tree_util.tree_map(_zero_cotangent, op)
-    return dx, zero_op
-
-
 def _zero_cotangent(a):
     if jnp.issubdtype(a.dtype, jnp.inexact):
         return jnp.zeros_like(a)
     return jnp.zeros(a.shape, jax.dtypes.float0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul2(x2, op, sel, config, transposed):
+    return _run(x2, op, sel, config, transposed)
+
+
+def _qmatmul2_fwd(x2, op, sel, config, transposed):
+    return _run(x2, op, sel, config, transposed), op
+
+
+def _qmatmul2_bwd(sel, config, transposed, op, dy):
+    # d(x @ W)/dx is (dy @ W.T), and the other way round: the same family, flipped. The
+    # config was chosen for the forward direction, so the backward picks its own.
+    dx = _run(dy, op, sel, None, not transposed)
+    return dx, jax.tree_util.tree_map(_zero_cotangent, op)
+
+
 _qmatmul2.defvjp(_qmatmul2_fwd, _qmatmul2_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul2_t(dy, op, sel, config):
-    return _run(dy, op, sel, config, transposed=True)
-
-
-def _qmatmul2_t_fwd(dy, op, sel, config):
-    return _run(dy, op, sel, config, transposed=True), op
-
-
-def _qmatmul2_t_bwd(sel, config, op, g):
-    return _run(g, op, sel, None, transposed=False), jax.tree_util.tree_map(_zero_cotangent, op)
-
-
-_qmatmul2_t.defvjp(_qmatmul2_t_fwd, _qmatmul2_t_bwd)
 
 
 def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: str | None = None,
@@ -94,7 +79,5 @@ def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: st
         raise ValueError(
             f"qmatmul: x has {k} columns but the quantised weight's "
             f"{'N' if transposed else 'K'} is {want} (weight [K={op.k}, N={op.n}]).")
-    x2 = x.reshape(-1, k)
-    fn = _qmatmul2_t if transposed else _qmatmul2
-    y = fn(x2, op, sel, config)
+    y = _qmatmul2(x.reshape(-1, k), op, sel, config, transposed)
     return y.reshape(*lead, y.shape[-1])
