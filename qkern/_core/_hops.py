@@ -21,7 +21,6 @@ import jax
 from .. import _compat
 from ._dispatch import generation, materialise_checked
 from ._trace import run_with_values
-from ._trace import run_with_values as _run_with_values
 from ._values import Value
 
 _flatten = jax.tree_util.tree_flatten
@@ -232,11 +231,11 @@ def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
     matched by the tangents.
     """
     leaves, in_tree = _flatten(values)
-    run_with_values = functools.partial(_run_with_values, tag=tag)
+    run_same_tag = functools.partial(run_with_values, tag=tag)
 
     @jax.custom_jvp
     def call(*leaves):
-        return _materialise_all(run_with_values(fun.call_wrapped, _unflatten(in_tree, leaves)))
+        return _materialise_all(run_same_tag(fun.call_wrapped, _unflatten(in_tree, leaves)))
 
     @call.defjvp
     def call_jvp(primal_leaves, tangent_leaves):
@@ -251,7 +250,7 @@ def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
         def run(*vs):
             return _compat.call_custom_jvp(jvp, list(vs), tans)
 
-        outs_p, outs_t = run_with_values(run, vals)
+        outs_p, outs_t = run_same_tag(run, vals)
         return _materialise_all(outs_p), _materialise_all(outs_t)
 
     return list(call(*leaves))
@@ -266,12 +265,12 @@ def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:
     the Value's leaves through `materialise`, so gradients reach the Value's fields.
     """
     leaves, in_tree = _flatten(values)
-    run_with_values = functools.partial(_run_with_values, tag=tag)
+    run_same_tag = functools.partial(run_with_values, tag=tag)
     in_avals = [v.aval() if isinstance(v, Value) else jax.typeof(v) for v in values]
 
     @jax.custom_vjp
     def call(*leaves):
-        return _materialise_all(run_with_values(fun.call_wrapped, _unflatten(in_tree, leaves)))
+        return _materialise_all(run_same_tag(fun.call_wrapped, _unflatten(in_tree, leaves)))
 
     def call_fwd(*leaves):
         vals = _unflatten(in_tree, list(leaves))
@@ -279,7 +278,7 @@ def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:
         def run(*vs):
             return _compat.call_custom_vjp_fwd(fwd, out_trees, list(vs))
 
-        res, outs = run_with_values(run, vals)
+        res, outs = run_same_tag(run, vals)
         return _materialise_all(outs), (res, leaves)
 
     def call_bwd(saved, cts):
@@ -287,7 +286,7 @@ def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:
         vals = _unflatten(in_tree, list(leaves))
         ct_avals = [a.to_tangent_aval() if hasattr(a, "to_tangent_aval") else a
                     for a in in_avals]
-        cts_in = run_with_values(
+        cts_in = run_same_tag(
             lambda *r: _compat.call_custom_vjp_bwd(bwd, list(r), list(cts), ct_avals), res)
         cts_in = _materialise_all(cts_in)
         out = []

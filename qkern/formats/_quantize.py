@@ -262,10 +262,8 @@ def _valid_counts(layout: Layout, ndim_blocked: int) -> jnp.ndarray:
         return jnp.asarray(float(np.prod(layout.shape)))
     counts = np.minimum(layout.block_size,
                         layout.length - layout.block_size * np.arange(layout.num_blocks))
-    other = np.prod(layout.shape) / layout.length
     shape = [1] * ndim_blocked
     shape[layout.axis] = layout.num_blocks
-    del other
     return jnp.asarray(counts.astype(np.float32).reshape(shape))
 
 

@@ -54,17 +54,28 @@ class QOperand:
         return not self.fmt.packed or self.num_blocks % 2 == 0 or self.num_blocks == 1
 
 
-def canonical_operand(w) -> QOperand | None:
-    """The kernel operand for a QArray that is canonical ([K, N], blocks along K), else None."""
+def stored_operand(w) -> QOperand | None:
+    """The kernel operand of a 2-D QArray's storage (ignoring a pending transpose), or None
+    when its storage is not [K, N] with blocks along K. Per-tensor scales broadcast to [1, N]."""
     lay = w.layout
-    if w.perm is not None or len(lay.shape) != 2 or lay.axis != 0 or lay.per_tensor:
+    if len(lay.shape) != 2 or lay.axis != 0:
         return None
     fmt = get_format(w.fmt)
     if fmt.kind == "mx":
         scales = dequantize_scales(w.scales, None, None, fmt)
     else:
         scales = dequantize_scales(w.scales, w.dq_scale, w.dq_offset, fmt)
-    return QOperand(w.data, scales, w.zeros, fmt, lay.block_size, lay.shape[0])
+    zeros, n = w.zeros, lay.shape[1]
+    if lay.per_tensor:
+        scales = jnp.broadcast_to(scales, (1, n))
+        zeros = None if zeros is None else jnp.broadcast_to(zeros, (1, n))
+    return QOperand(w.data, scales, zeros, fmt, lay.block_size, lay.shape[0])
+
+
+def canonical_operand(w) -> QOperand | None:
+    """The kernel operand for a QArray that is canonical ([K, N], blocks along K, no
+    pending transpose), else None."""
+    return stored_operand(w) if w.perm is None else None
 
 
 def reference_dequantize(op: QOperand) -> jax.Array:

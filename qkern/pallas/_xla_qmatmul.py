@@ -36,8 +36,8 @@ def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> i
     return g * block
 
 
-def _streams(x32: jax.Array, op: QOperand):
-    """[(x part [M, R], which nibble or None, scales [nbs, N], zeros or None)]."""
+def _streams(x32: jax.Array | None, op: QOperand):
+    """[(x part [M, R] or None, which nibble or None, scales [nbs, N], zeros or None)]."""
     nb = op.num_blocks
     if not op.fmt.packed:
         return [(x32, None, op.scales, op.zeros)]
@@ -48,7 +48,8 @@ def _streams(x32: jax.Array, op: QOperand):
     else:
         s_lo, s_hi = op.scales[: nb // 2], op.scales[nb // 2:]
         z_lo, z_hi = (None, None) if op.zeros is None else (op.zeros[: nb // 2], op.zeros[nb // 2:])
-    return [(x32[:, :half], 0, s_lo, z_lo), (x32[:, half:], 1, s_hi, z_hi)]
+    lo, hi = (None, None) if x32 is None else (x32[:, :half], x32[:, half:])
+    return [(lo, 0, s_lo, z_lo), (hi, 1, s_hi, z_hi)]
 
 
 def _decode_chunk(codes, nibble, op: QOperand):
@@ -147,9 +148,8 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
     dy32 = dy.astype(jnp.float32)
     b = op.block_size
     pieces = []
-    dummy = jnp.zeros((m, op.k_padded), jnp.float32)
-    for xs, nibble, scales, zeros in _streams(dummy, op):
-        rows = xs.shape[1]
+    rows = op.data.shape[0]  # stored rows per stream: Kp, or Kp/2 for each nibble half
+    for _, nibble, scales, zeros in _streams(None, op):
         nbs = scales.shape[0] if scales.shape[0] > 1 else 1
         t = _chunk_rows(rows, b, nbs, config.block_k)
         c = rows // t

@@ -11,16 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import ArrayLike, register
-from .._core._dispatch import materialise_checked
+from .._core import ArrayLike, Value, register
 from .qarray import QArray
 
 lax = jax.lax
-
-
-def _dense(primitive, values, params):
-    arrays = [materialise_checked(v) if isinstance(v, QArray) else v for v in values]
-    return primitive.bind(*arrays, **params)
 
 
 def _physical(q: QArray, logical_axis: int) -> int:
@@ -63,7 +57,7 @@ def _(q: QArray, *, permutation):
 def _(q: QArray, *, new_dtype, **params):
     if jnp.issubdtype(new_dtype, jnp.floating):
         return _with(q, dtype=np.dtype(new_dtype))
-    return _dense(lax.convert_element_type_p, [q], dict(new_dtype=new_dtype, **params))
+    return Value.default(lax.convert_element_type_p, [q], dict(new_dtype=new_dtype, **params))
 
 
 # -- reshape: not across the block axis ----------------------------------------------------
@@ -72,14 +66,14 @@ def _(q: QArray, *, new_sizes, dimensions=None, **params):
     new_sizes = tuple(int(d) for d in new_sizes)
     lay = q.layout
     if q.perm is not None or dimensions is not None:
-        return _dense(lax.reshape_p, [q], dict(new_sizes=new_sizes, dimensions=dimensions, **params))
+        return Value.default(lax.reshape_p, [q], dict(new_sizes=new_sizes, dimensions=dimensions, **params))
     a, s = lay.axis, lay.shape
     before, after = math.prod(s[:a]), math.prod(s[a + 1:])
     for j, d in enumerate(new_sizes):
         if d == s[a] and math.prod(new_sizes[:j]) == before and math.prod(new_sizes[j + 1:]) == after:
             break
     else:
-        return _dense(lax.reshape_p, [q], dict(new_sizes=new_sizes, dimensions=None, **params))
+        return Value.default(lax.reshape_p, [q], dict(new_sizes=new_sizes, dimensions=None, **params))
 
     def re(x, mid):
         if x.shape == (1,) * x.ndim and lay.per_tensor:
@@ -102,7 +96,7 @@ def _(q: QArray, *, start_indices, limit_indices, strides):
     for ax in _guarded_axes(q):
         st, lim, sd = phys[ax]
         if (st, lim, sd) != (0, q.layout.shape[ax], 1):
-            return _dense(lax.slice_p, [q], dict(start_indices=start_indices,
+            return Value.default(lax.slice_p, [q], dict(start_indices=start_indices,
                                                  limit_indices=limit_indices, strides=strides))
 
     q = _without_double_quant(q)
@@ -130,7 +124,7 @@ def _(q: QArray, *starts: ArrayLike, slice_sizes):
         phys_start[_physical(q, i)], phys_size[_physical(q, i)] = starts[i], slice_sizes[i]
     for ax in _guarded_axes(q):
         if phys_size[ax] != q.layout.shape[ax]:
-            return _dense(lax.dynamic_slice_p, [q, *starts], dict(slice_sizes=slice_sizes))
+            return Value.default(lax.dynamic_slice_p, [q, *starts], dict(slice_sizes=slice_sizes))
 
     q = _without_double_quant(q)
 
@@ -152,7 +146,7 @@ def _(q: QArray, *starts: ArrayLike, slice_sizes):
 def _(q: QArray, *, dimensions):
     phys = sorted(_physical(q, d) for d in dimensions)
     if any(ax in _guarded_axes(q) for ax in phys):
-        return _dense(lax.squeeze_p, [q], dict(dimensions=dimensions))
+        return Value.default(lax.squeeze_p, [q], dict(dimensions=dimensions))
     lay = q.layout
     keep = [ax for ax in range(len(lay.shape)) if ax not in phys]
     renumber = {old: new for new, old in enumerate(keep)}
