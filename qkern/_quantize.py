@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._paths import path_str, selector, warn_no_match
 from .formats import get_format, quantize_array
 from .types.qarray import QArray
 
@@ -17,19 +17,6 @@ _PlainArray = (jax.Array, np.ndarray)
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, _PlainArray) and not isinstance(x, QArray)
-
-
-def path_str(path) -> str:
-    """A key path as 'a/b/0/c' (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
@@ -72,7 +59,7 @@ def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
     if isinstance(x, QArray):
         raise TypeError(f"{x!r} is already quantised; dequantize it first to re-quantise.")
 
-    select = _selector(where)
+    select = selector(where)
     matched = []
 
     def leaf(path, v):
@@ -92,24 +79,9 @@ def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
 
     out = jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda v: isinstance(v, QArray))
     if where is not None and not matched:
-        import warnings
-        paths = [path_str(p) for p, v in jax.tree_util.tree_leaves_with_path(x) if _is_array(v)]
-        shown = ", ".join(paths[:20]) + (" ..." if len(paths) > 20 else "")
-        warnings.warn(f"qkern.quantize: where={where!r} matched no quantisable leaf "
-                      f"(rank >= 2, >= {min_size} elements, floating). Paths: {shown}",
-                      stacklevel=2)
+        warn_no_match("qkern.quantize", where, x, _is_array,
+                      f"quantisable leaf (rank >= 2, >= {min_size} elements, floating)")
     return out
-
-
-def _selector(where):
-    if where is None:
-        return lambda path, leaf: True
-    if isinstance(where, str):
-        pattern = re.compile(where)
-        return lambda path, leaf: pattern.fullmatch(path) is not None
-    if callable(where):
-        return lambda path, leaf: bool(where(path, leaf))
-    raise TypeError(f"`where` must be a regex string or a predicate (path, leaf) -> bool, got {where!r}.")
 
 
 def _quantize_one(w, fmt, *, axis, **options) -> QArray:
