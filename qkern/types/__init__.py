@@ -1,6 +1,7 @@
-"""Array types built on the extension API: QArray (quantised)."""
+"""Array types built on the extension API: QArray (quantised), LoraArray (low-rank update)."""
 
-from . import _qarray_rules  # noqa: F401  (registers QArray's rules)
+from . import _lora_rules, _qarray_rules  # noqa: F401  (register the types' rules)
+from .lora import LoraArray
 from .qarray import QArray
 
-__all__ = ["QArray"]
+__all__ = ["QArray", "LoraArray"]

@@ -1,0 +1,138 @@
+"""LoRA and QLoRA over whole pytrees: add adapters, train only them, merge them back.
+
+    params = qkern.quantize(params, "nf4", where=r".*kernel")            # optional: QLoRA
+    params = qkern.loraify(params, rank=8, key=key, where=r".*kernel")
+    train, frozen = qkern.lora.partition(params)      # a and b of every adapter / the rest
+    grads = jax.grad(lambda t: loss(qkern.lora.combine(t, frozen), batch))(train)
+    merged = qkern.lora.merge(params)                  # plain arrays again
+    served = qkern.lora.merge(params, requantize=True) # or re-quantised like each base
+
+See docs/qlora.md for a full fine-tuning example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._paths import path_str, selector, warn_no_match
+from .types.lora import LoraArray
+from .types.qarray import QArray
+
+__all__ = ["LoraArray", "loraify", "merge", "partition", "combine"]
+
+
+def _is_weight(v: Any) -> bool:
+    if isinstance(v, QArray):
+        return len(v.logical_shape) >= 2
+    return isinstance(v, (jax.Array, np.ndarray)) and v.ndim >= 2 \
+        and jnp.issubdtype(v.dtype, jnp.floating)
+
+
+def _is_node(v: Any) -> bool:
+    return isinstance(v, (QArray, LoraArray))
+
+
+def loraify(params: Any, rank: int, key: jax.Array, *, where: str | Callable | None = None,
+            alpha: float | None = None, dtype: Any = None) -> Any:
+    """Wrap selected weights of a pytree in `LoraArray` adapters.
+
+    Selected leaves are floating arrays or QArrays of rank >= 2 ([..., in, out]) whose key
+    path ("layers/0/mlp/kernel") matches `where` in full (a regex), or for which `where`
+    (a predicate `(path, leaf) -> bool`) is true; None selects every such leaf. Each adapter
+    gets its own key (`fold_in(key, i)`), `a` from N(0, 1/in) and `b` zero, so the model's
+    outputs are unchanged until training moves `b`. alpha: default `rank` (scale 1).
+
+    Raises ValueError when rank <= 0 or exceeds min(in, out) of a selected leaf (naming
+    it); warns, listing the candidate paths, when `where` selects nothing.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+        raise ValueError(f"qkern.loraify: rank must be a positive int, got {rank!r}.")
+    select = selector(where)
+    count = [0]
+
+    def leaf(path, v):
+        if isinstance(v, LoraArray) or not _is_weight(v):
+            return v
+        p = path_str(path)
+        if not select(p, v):
+            return v
+        i, count[0] = count[0], count[0] + 1
+        try:
+            return LoraArray.init(v, rank, jax.random.fold_in(key, i), alpha=alpha, dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"qkern.loraify: cannot add a rank-{rank} adapter to {p!r}: {e}") from None
+
+    out = jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_node)
+    if not count[0]:
+        warn_no_match("qkern.loraify", where, params, _is_weight,
+                      "weight (floating array or QArray of rank >= 2)")
+    return out
+
+
+def merge(tree: Any, *, requantize: bool | str = False) -> Any:
+    """Replace every `LoraArray` by its effective weight `w + (alpha / rank) * a @ b`.
+
+    requantize=False: a plain array in the base's dtype. True: a dense base stays dense, a
+    quantised base is re-quantised with its own format, block size, block axis, zero
+    points and double quantisation. A format name ("int8", "nf4", ...): every merged
+    weight is quantised to that format with its defaults.
+    """
+    def one(v):
+        if not isinstance(v, LoraArray):
+            return v
+        dense = v.materialise()
+        if requantize is False:
+            return dense
+        from ._quantize import quantize
+        if isinstance(requantize, str):
+            return quantize(dense, requantize)
+        if requantize is not True:
+            raise TypeError(f"qkern.lora.merge: requantize must be a bool or a format name, "
+                            f"got {requantize!r}.")
+        if not isinstance(v.w, QArray):
+            return dense
+        return _requantize_like(dense, v.w)
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=lambda v: isinstance(v, LoraArray))
+
+
+def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
+    from ._quantize import quantize
+    lay = q.layout
+    stored = dense if q.perm is None else jnp.transpose(dense, np.argsort(q.perm))
+    out = quantize(stored, q.fmt, block_size=None if lay.per_tensor else lay.block_size,
+                   axis=None if lay.per_tensor else lay.axis,
+                   calibration="minmax" if q.zeros is not None else "absmax",
+                   scale_dtype=q.scales.dtype if q.dq_scale is None else None,
+                   double_quant=q.dq_scale is not None)
+    return out if q.perm is None else dataclasses.replace(out, perm=q.perm)
+
+
+def partition(tree: Any) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees of `tree`'s structure. `trainable` holds the `a` and
+    `b` of every LoraArray and None elsewhere; `frozen` holds every other leaf (bases,
+    non-adapted weights, integer codes) and None where `trainable` has a leaf. Differentiate
+    with respect to `trainable` only, then `combine(trainable, frozen)`."""
+    def split(v):
+        if not isinstance(v, LoraArray):
+            return None, v
+        leaves, treedef = jax.tree_util.tree_flatten(v)      # w's leaves, then a, then b
+        nw = len(leaves) - 2
+        return (jax.tree_util.tree_unflatten(treedef, [None] * nw + leaves[nw:]),
+                jax.tree_util.tree_unflatten(treedef, leaves[:nw] + [None, None]))
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda v: isinstance(v, LoraArray))
+    split_leaves = [split(v) for v in leaves]
+    return (jax.tree_util.tree_unflatten(treedef, [t for t, _ in split_leaves]),
+            jax.tree_util.tree_unflatten(treedef, [f for _, f in split_leaves]))
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition`: take each leaf from whichever tree has it."""
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
+                                  is_leaf=lambda v: v is None)

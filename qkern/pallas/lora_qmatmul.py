@@ -1,0 +1,115 @@
+"""Fused QLoRA matmul: `x @ W + scale * (x @ u) @ v` with W quantised, in one kernel.
+
+    y = lora_qmatmul(x, op, u, v, scale)                   # x [..., K], W [K, N], u [K, r], v [r, N]
+    y = lora_qmatmul(x, op, u, v, scale, transposed=True)  # x [..., N] @ W.T, u [N, r], v [r, K]
+
+A LoraArray `w + s * a @ b` with a quantised base calls this with (u, v) = (a, b) for
+`x @ w`, and with (u, v) = (b.T, a.T) for `x @ w.T`. Each backend's kernel reads every x
+tile once for both products: the base tile `x @ dequant(W)` and the low-rank projection
+`x @ u`, whose [M, r] result is also returned (the backward pass reuses it).
+
+Backends: "triton" (_triton_lora.py), "mosaic_tpu" (_mosaic_lora.py), "xla" (here: the
+xla quantised matmul plus two small dots; on a CPU x is tiny next to W, so there is no
+second read of x worth fusing away).
+
+Gradients (custom_vjp): with g = dy @ v.T,
+    dx = dy @ W.T + scale * g @ u.T     -- the same fused kernel, transposed, with (v.T, u.T)
+    du = scale * x.T @ g,   dv = scale * (x @ u).T @ dy
+and the frozen quantised weight gets a zero cotangent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import _backend
+from ._config import MatmulConfig
+from ._operand import QOperand, reference_dequantize
+from .qmatmul import _run, _zero_cotangent
+
+_F32 = jnp.float32
+
+
+def _kernel(name: str):
+    """The fused kernel of a Pallas backend: f(x2, op, u, v, scale, config, *, transposed,
+    interpret) -> (y [M, out] in x's dtype, xu [M, r] float32)."""
+    if name == "triton":
+        from ._triton_lora import lora_qmatmul_triton
+        return lora_qmatmul_triton
+    if name == "mosaic_tpu":
+        from ._mosaic_lora import lora_qmatmul_mosaic
+        return lora_qmatmul_mosaic
+    return None
+
+
+def _xla(x2, op, u, v, scale, sel, config, transposed):
+    base = _run(x2, op, sel, config, transposed)
+    xu = jnp.dot(x2, u, preferred_element_type=_F32)
+    y = base.astype(_F32) + scale * jnp.dot(xu, v.astype(_F32), preferred_element_type=_F32)
+    return y.astype(x2.dtype), xu
+
+
+def _fused(x2, op, u, v, scale, sel, config, transposed):
+    if sel.name == "xla":
+        return _xla(x2, op, u, v, scale, sel, config, transposed)
+    return _kernel(sel.name)(x2, op, u, v, scale, config, transposed=transposed,
+                             interpret=sel.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _lora2(x2, op, u, v, scale, sel, config, transposed):
+    return _fused(x2, op, u, v, scale, sel, config, transposed)[0]
+
+
+def _lora2_fwd(x2, op, u, v, scale, sel, config, transposed):
+    y, xu = _fused(x2, op, u, v, scale, sel, config, transposed)
+    return y, (x2, op, u, v, xu)
+
+
+def _lora2_bwd(scale, sel, config, transposed, res, dy):
+    x2, op, u, v, xu = res
+    # The backward direction picks its own config: the forward's was chosen for its shape.
+    dx, g = _fused(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
+                   not transposed)
+    du = scale * jnp.dot(x2.T, g.astype(x2.dtype), preferred_element_type=_F32)
+    dv = scale * jnp.dot(xu.T, dy, preferred_element_type=_F32)
+    return (dx.astype(x2.dtype), jax.tree_util.tree_map(_zero_cotangent, op),
+            du.astype(u.dtype), dv.astype(v.dtype))
+
+
+_lora2.defvjp(_lora2_fwd, _lora2_bwd)
+
+
+def lora_qmatmul(x: jax.Array, op: QOperand, u: jax.Array, v: jax.Array, scale: float, *,
+                 transposed: bool = False, backend: str | None = None,
+                 config: MatmulConfig | None = None, interpret: bool | None = None) -> jax.Array:
+    """x[..., K] @ W + scale * (x @ u) @ v with W [K, N] quantised (or, transposed,
+    x[..., N] @ W.T + ...). Leading dims of x are flattened into M; accumulates in float32
+    and returns x's dtype. Differentiable in x, u and v; W is frozen."""
+    sel = _backend.resolve(backend, interpret)
+    din, dout = (op.n, op.k) if transposed else (op.k, op.n)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k != din:
+        raise ValueError(f"lora_qmatmul: x has {k} columns but the quantised weight "
+                         f"[K={op.k}, N={op.n}]{'.T' if transposed else ''} takes {din}.")
+    if u.ndim != 2 or v.ndim != 2 or u.shape[0] != din or v.shape[1] != dout \
+            or u.shape[1] != v.shape[0]:
+        raise ValueError(f"lora_qmatmul: factors u {tuple(u.shape)} and v {tuple(v.shape)} "
+                         f"must be [{din}, r] and [r, {dout}].")
+    y = _lora2(x.reshape(-1, k), op, u, v, float(scale), sel, config, transposed)
+    return y.reshape(*lead, dout)
+
+
+def reference(x: jax.Array, op: QOperand, u: jax.Array, v: jax.Array, scale: float, *,
+              transposed: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Plain jnp (y, xu) for one 2-D x: dequantise W whole, then two dots. Tests only."""
+    w = reference_dequantize(op).astype(_F32)
+    if transposed:
+        w = w.T
+    x32 = x.astype(_F32)
+    xu = x32 @ u.astype(_F32)
+    y = x32 @ w + scale * xu @ v.astype(_F32)
+    return y.astype(x.dtype), xu

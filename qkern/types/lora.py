@@ -1,0 +1,110 @@
+"""LoraArray: a frozen weight plus a trainable low-rank update, used like one array."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._core import ArrayValue, static_field
+from .qarray import QArray
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(x.logical_shape) if isinstance(x, QArray) else tuple(np.shape(x))
+
+
+class LoraArray(ArrayValue):
+    """The weight `w + (alpha / rank) * a @ b`, without ever forming it.
+
+        lw = qkern.LoraArray(w, a, b, alpha=16.0)        # w [in, out], a [in, r], b [r, out]
+        lw = qkern.LoraArray.init(w, rank=8, key=key)    # a ~ N(0, 1/in), b = 0
+        y = qkern.quaxify(lambda x, w: x @ w)(x, lw)     # x @ w + (alpha/r) * (x @ a) @ b
+
+    `w` is a dense array or a `QArray` (QLoRA) and is frozen: it gets no gradient (a zero
+    cotangent). Gradients flow to `a` and `b`. Matmuls in any operand position, transposes
+    and dtype casts keep the low-rank form; with a quantised `w`, a matmul runs one fused
+    kernel for the base and the update. Leading axes are allowed (w [..., in, out],
+    a [..., in, r], b [..., r, out]), e.g. a stack of layers sliced by `lax.scan`.
+
+    Fields: `w`, `a`, `b`; static `alpha` (a float; the update is scaled by alpha / rank).
+    """
+
+    w: Any
+    a: jax.Array
+    b: jax.Array
+    alpha: float = static_field(default=None)
+
+    def __post_init__(self):
+        ws, as_, bs = _shape(self.w), _shape(self.a), _shape(self.b)
+        if len(ws) < 2:
+            raise ValueError(f"LoraArray: w must have rank >= 2 ([..., in, out]), got shape {ws}.")
+        if len(as_) != len(ws) or len(bs) != len(ws):
+            raise ValueError(f"LoraArray: a {as_} and b {bs} must have the rank of w {ws} "
+                             "([..., in, r] and [..., r, out]).")
+        lead, (din, dout), r = ws[:-2], ws[-2:], as_[-1]
+        if as_ != (*lead, din, r) or bs != (*lead, r, dout):
+            raise ValueError(f"LoraArray: shapes do not fit: w {ws} needs a [..., {din}, r] and "
+                             f"b [..., r, {dout}] with the same r; got a {as_}, b {bs}.")
+        if r <= 0 or r > min(din, dout):
+            raise ValueError(f"LoraArray: rank {r} must be in 1..min(in, out) = {min(din, dout)} "
+                             f"for w of shape {ws}.")
+        for name in ("a", "b"):
+            dt = getattr(self, name).dtype
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(f"LoraArray: {name} must be floating, got {dt}.")
+        alpha = float(r) if self.alpha is None else self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+            raise TypeError(f"LoraArray: alpha must be a Python number (static), got {alpha!r}.")
+        object.__setattr__(self, "alpha", float(alpha))
+
+    @classmethod
+    def init(cls, w: Any, rank: int, key: jax.Array, *, alpha: float | None = None,
+             dtype: Any = None) -> "LoraArray":
+        """A fresh adapter on `w`: `a` from N(0, 1/in), `b` zero (the LoRA paper's start, so
+        the effective weight starts equal to `w`). dtype: of a and b (default: float32 for a
+        quantised w, else w's dtype). alpha defaults to the rank (scale 1)."""
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+            raise TypeError(f"LoraArray.init: rank must be an int, got {rank!r}.")
+        ws = _shape(w)
+        if len(ws) < 2:
+            raise ValueError(f"LoraArray.init: w must have rank >= 2 ([..., in, out]), got {ws}.")
+        lead, (din, dout) = ws[:-2], ws[-2:]
+        if rank <= 0 or rank > min(din, dout):
+            raise ValueError(f"LoraArray.init: rank {rank} must be in 1..min(in, out) = "
+                             f"{min(din, dout)} for w of shape {ws}.")
+        if dtype is None:
+            dtype = jnp.float32 if isinstance(w, QArray) else jnp.result_type(w)
+        a = jax.random.normal(key, (*lead, din, rank), dtype) / math.sqrt(din)
+        b = jnp.zeros((*lead, rank, dout), dtype)
+        return cls(w, a, b, alpha=alpha)
+
+    # -- array protocol ------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def aval(self):
+        return jax.core.ShapedArray(_shape(self.w), self.w.dtype)
+
+    def base(self) -> jax.Array:
+        """The frozen base as a dense array, behind a gradient stop."""
+        w = self.w.materialise() if isinstance(self.w, QArray) else self.w
+        return jax.lax.stop_gradient(w)
+
+    def materialise(self) -> jax.Array:
+        w = self.base()
+        ab = jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+        return (w.astype(jnp.float32) + self.scale * ab).astype(w.dtype)
+
+    def __repr__(self) -> str:
+        kind = "QArray" if isinstance(self.w, QArray) else "dense"
+        return (f"LoraArray(shape={_shape(self.w)}, dtype={np.dtype(self.w.dtype).name}, "
+                f"base={kind}, rank={self.rank}, alpha={self.alpha})")
