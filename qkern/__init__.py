@@ -16,7 +16,9 @@ from ._core import (
     static_field,
 )
 from ._quantize import dequantize, quantize
-from .types import QArray
+from .types import LoraArray, QArray
+from . import lora
+from .lora import loraify
 from .pallas import backend
 
 __version__ = "0.1.0"
@@ -30,6 +32,9 @@ __all__ = [
     "quaxify",
     "AmbiguousRuleError",
     "QArray",
+    "LoraArray",
+    "loraify",
+    "lora",
     "quantize",
     "dequantize",
     "backend",
