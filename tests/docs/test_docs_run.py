@@ -6,7 +6,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PAGES = ["docs/custom-types.md", "docs/formats.md", "README.md"]
+PAGES = ["docs/custom-types.md", "docs/formats.md", "docs/qlora.md", "README.md"]
 
 
 def python_blocks(page: pathlib.Path) -> list[str]:
