@@ -16,10 +16,12 @@ from ._core import (
     static_field,
 )
 from ._quantize import dequantize, quantize
+from ._rules import QuantReport, Rule
 from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
 from .pallas import backend
+from .autotune import autotune  # the function; the package stays at qkern.autotune in sys.modules
 
 __version__ = "0.1.0"
 
@@ -37,5 +39,8 @@ __all__ = [
     "lora",
     "quantize",
     "dequantize",
+    "Rule",
+    "QuantReport",
     "backend",
+    "autotune",
 ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._paths import path_str, selector, warn_no_match
+from ._rules import QuantReport, ReportRow, Rule, nbytes
 from .formats import get_format, quantize_array
 from .types.qarray import QArray
 
@@ -19,19 +21,25 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, _PlainArray) and not isinstance(x, QArray)
 
 
-def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
+def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
              axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
              double_quant: bool = False, where: str | Callable | None = None,
-             min_size: int = 1024) -> Any:
+             min_size: int = 1024, rules: Sequence[Rule] | None = None,
+             report: bool = False) -> Any:
     """Quantise an array to a `QArray`, or every selected weight of a pytree.
 
         qw = qkern.quantize(w, "nf4")                                   # one array
         qparams = qkern.quantize(params, "int8", where=r".*kernel")     # a whole model
+        qparams, rep = qkern.quantize(params, rules=[                   # a recipe
+            qkern.Rule(where=r".*attn.*kernel", fmt="nf4", block_size=64),
+            qkern.Rule(where=r".*mlp.*", fmt="int8"),
+        ], report=True)
+        print(rep)                                                      # path, format, bytes
 
-    fmt: "int8", "int4", "int2".."int7", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", "mxfp4",
-    "mxfp8" (see docs/formats.md). axis: the block axis, the one matmuls contract over
-    (default -2, the `in` axis of an `[in, out]` kernel; axis 0 for a rank-1 array); None
-    for one scale per tensor. block_size: elements per scale along `axis` (default: the
+    fmt: "int8" (the default), "int4", "int2".."int7", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2",
+    "mxfp4", "mxfp8" (see docs/formats.md). axis: the block axis, the one matmuls contract
+    over (default -2, the `in` axis of an `[in, out]` kernel; axis 0 for a rank-1 array);
+    None for one scale per tensor. block_size: elements per scale along `axis` (default: the
     whole axis for int8 and fp8, 128 for int4, 64 for nf4/fp4, 32 for MX); an axis that
     is not a multiple is padded and the logical shape kept. calibration: "absmax",
     "minmax" (zero points, integer formats), "rms" or ("rms", factor), ("fixed", bound) or
@@ -42,10 +50,27 @@ def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
     ("layers/0/attn/kernel") or a predicate `(path, leaf) -> bool`. Unselected leaves,
     non-floating leaves, leaves of rank < 2 and leaves with fewer than `min_size` elements
     are returned untouched.
+
+    Rules form (`rules=[qkern.Rule(...), ...]`, instead of fmt/where): each floating leaf
+    takes the first rule whose `where` matches it; `Rule(fmt=None)` keeps it dense. A rule
+    that quantises nothing warns with the available paths; a format that does not fit a
+    leaf raises, naming the leaf, the rule and the reason. `report=True` returns
+    `(tree, qkern.QuantReport)`, which prints as a table.
     """
-    options = dict(block_size=block_size, calibration=calibration, scale_dtype=scale_dtype,
-                   double_quant=double_quant)
-    get_format(fmt)  # unknown formats and options fail before any work
+    if rules is not None:
+        if fmt is not None or where is not None:
+            raise TypeError("qkern.quantize: give either `rules=` or `fmt`/`where`, not both "
+                            "(put the format and the selection in the rules).")
+        rules = tuple(rules)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise TypeError(f"rules[{i}] is {r!r}; rules must be qkern.Rule(...) objects.")
+        if _is_array(x) or isinstance(x, (np.generic, float, int, complex)):
+            raise TypeError("`rules` select leaves of a pytree; quantize got a single array "
+                            "(use qkern.quantize(w, fmt, ...) for one array).")
+    fmt = "int8" if fmt is None and rules is None else fmt
+    if rules is None:
+        get_format(fmt)  # unknown formats and options fail before any work
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
         raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
     if scale_dtype is not None and not jnp.issubdtype(scale_dtype, jnp.floating):
@@ -55,41 +80,100 @@ def quantize(x: Any, fmt: str = "int8", *, block_size: int | None = None,
     if _is_array(x):
         if where is not None:
             raise TypeError("`where` selects leaves of a pytree; quantize got a single array.")
-        return _quantize_one(x, fmt, axis=axis, **options)
+        if report:
+            raise TypeError("report=True applies to the pytree form of qkern.quantize.")
+        return _quantize_one(x, fmt, axis=axis, block_size=block_size, calibration=calibration,
+                             scale_dtype=scale_dtype, double_quant=double_quant)
     if isinstance(x, QArray):
         raise TypeError(f"{x!r} is already quantised; dequantize it first to re-quantise.")
 
-    select = selector(where)
-    matched = []
+    legacy = rules is None
+    if legacy:
+        rules = (Rule(where=where, fmt=fmt, block_size=block_size, axis=axis,
+                      calibration=calibration, scale_dtype=scale_dtype,
+                      double_quant=double_quant, min_size=min_size),)
+    out, rep, used = apply_rules(x, rules, name_rules=not legacy)
+    for i, r in enumerate(rules):
+        if used[i] or (legacy and where is None):
+            continue
+        if r.fmt is None:
+            what = "floating leaf (to keep dense)"
+            candidate = lambda v: _is_array(v) and jnp.issubdtype(v.dtype, jnp.floating)
+        else:
+            what = f"quantisable leaf (rank >= 2, >= {r.min_size} elements, floating)"
+            candidate = _is_array if legacy else (lambda v, r=r: _quantisable(v, r.min_size))
+        who = "qkern.quantize" if legacy else f"qkern.quantize: rules[{i}] {r.describe()}"
+        if not legacy and any(r is not s for s in rules[:i]):
+            what += " not already claimed by an earlier rule"
+        warn_no_match(who, r.where, x, candidate, what)
+    return (out, rep) if report else out
+
+
+def _quantisable(v, min_size: int) -> bool:
+    return (_is_array(v) and jnp.issubdtype(v.dtype, jnp.floating) and v.ndim >= 2
+            and v.size >= min_size)
+
+
+def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
+    """(quantised tree, QuantReport, [whether rule i quantised (or, fmt=None, kept) a leaf])."""
+    selects = [selector(r.where) for r in rules]
+    used = [False] * len(rules)
+    rows = []
 
     def leaf(path, v):
+        if isinstance(v, QArray):
+            p = path_str(path)
+            rows.append(ReportRow(p, tuple(v.shape), np.dtype(v.dtype).name, v.fmt, None,
+                                  int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize,
+                                  nbytes(v), "already quantised"))
+            return v
         if not _is_array(v):
             return v
         p = path_str(path)
-        if not select(p, v):
+        row = functools.partial(ReportRow, p, tuple(v.shape), np.dtype(v.dtype).name)
+        size = nbytes(v)
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            rows.append(row(None, None, size, size, "not floating"))
             return v
-        if not jnp.issubdtype(v.dtype, jnp.floating) or v.ndim < 2 or v.size < min_size:
+        i = next((i for i, s in enumerate(selects) if s(p, v)), None)
+        if i is None:
+            rows.append(row(None, None, size, size, "no rule"))
             return v
-        matched.append(p)
+        r = rules[i]
+        if r.fmt is None:
+            used[i] = True
+            rows.append(row(None, i, size, size, "kept dense by rule"))
+            return v
+        if v.ndim < 2 or v.size < r.min_size:
+            why = "rank < 2" if v.ndim < 2 else f"< min_size={r.min_size} elements"
+            rows.append(row(None, i, size, size, why))
+            return v
         try:
-            return _quantize_one(v, fmt, axis=axis, **options)
+            q = _quantize_one(v, r.fmt, act_fmt=r.act_fmt, **r.options())
         except (ValueError, TypeError) as e:
+            by = f" (rules[{i}] {r.describe()})" if name_rules else ""
             raise type(e)(f"cannot quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
-                          f"{fmt}: {e}") from None
+                          f"{r.fmt}{by}: {e}") from None
+        used[i] = True
+        lay = q.layout
+        note = ["per tensor" if lay.per_tensor else
+                "per channel" if lay.num_blocks == 1 else f"block {lay.block_size}"]
+        if r.act_fmt:
+            note.append(f"act {r.act_fmt}")
+        rows.append(row(q.fmt, i, size, nbytes(q), ", ".join(note)))
+        return q
 
-    out = jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda v: isinstance(v, QArray))
-    if where is not None and not matched:
-        warn_no_match("qkern.quantize", where, x, _is_array,
-                      f"quantisable leaf (rank >= 2, >= {min_size} elements, floating)")
-    return out
+    out = jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
+    return out, QuantReport(tuple(rows)), used
 
 
-def _quantize_one(w, fmt, *, axis, **options) -> QArray:
+def _quantize_one(w, fmt, *, axis, act_fmt=None, **options) -> QArray:
     w = jnp.asarray(w)
     default_axis = axis == -2 and w.ndim == 1
     fields = quantize_array(w, fmt, axis=axis, default_axis=default_axis, **options)
     layout = fields.pop("layout")
-    return QArray(**fields, fmt=get_format(fmt).name, layout=layout, dtype=np.dtype(w.dtype))
+    return QArray(**fields, fmt=get_format(fmt).name, layout=layout, dtype=np.dtype(w.dtype),
+                  act_fmt=act_fmt)
 
 
 def dequantize(x: Any) -> Any:

@@ -3,7 +3,9 @@
 `qmatmul_dispatch(lhs, rhs, params)` is what QArray's dot_general rule calls: layouts the
 kernels take (a 2-D QArray, one contracting dimension, no batch dimensions) go to
 `qmatmul`, in whichever direction the contraction needs; every other layout is computed
-correctly by dequantising first.
+correctly by dequantising first. A QArray with `act_fmt="int8"` (W8A8) goes to
+`w8a8_matmul` when the contraction runs along its blocks (x @ W); the other direction
+(x @ W.T) has no W8A8 kernel and runs weight-only.
 """
 
 from __future__ import annotations
@@ -37,8 +39,25 @@ def qmatmul_dispatch(lhs, rhs, params):
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
     physical = w_axis if w.perm is None else w.perm[w_axis]
     xm = jnp.moveaxis(x, x_axis, -1)
-    y = qmatmul(xm, op, transposed=(physical == 1))          # [...x free..., W free]
+    if w.act_fmt is not None and physical == 0:
+        y = _act_quantised(xm, w, op)
+    else:
+        y = qmatmul(xm, op, transposed=(physical == 1))      # [...x free..., W free]
     if w_on_left:                                              # dot_general: lhs free dims first
         y = jnp.moveaxis(y, -1, 0)
     out_dtype = params.get("preferred_element_type") or jnp.result_type(x)
     return y.astype(out_dtype)
+
+
+def _act_quantised(xm, w, op):
+    """x @ W with activations quantised as `w.act_fmt` says: the W8A8 kernel, per-row
+    scales on the fly or the static per-tensor `w.act_scale`. Under `qkern.calibrate` the
+    weight records its activations' absmax instead and runs weight-only."""
+    record = getattr(w, "record_activation", None)
+    if record is not None:
+        record(xm)
+        return qmatmul(xm, op)
+    from .w8a8 import w8a8_matmul
+    if w.act_scale is None:
+        return w8a8_matmul(xm, op)
+    return w8a8_matmul(xm, op, act_scale=w.act_scale)

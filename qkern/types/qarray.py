@@ -23,8 +23,11 @@ class QArray(ArrayValue):
 
     Fields: `data` (codes; two 4-bit codes per byte for 4-bit formats), `scales`,
     `zeros` (minmax zero points, or None), `dq_scale`/`dq_offset` (double quantisation of
-    the scales, or None). Static: `fmt`, the stored `layout` (shape, block axis, block
-    size), the logical `dtype`, and `perm`, a pending transpose of the stored layout.
+    the scales, or None), `act_scale` (a float32 scalar: the static activation scale that
+    `qkern.calibrate` records for W8A8, or None for dynamic per-row scales). Static: `fmt`,
+    the stored `layout` (shape, block axis, block size), the logical `dtype`, `perm`, a
+    pending transpose of the stored layout, and `act_fmt` ("int8": matmuls against this
+    weight quantise their activations too and run the W8A8 kernel; None: weight-only).
     """
 
     data: jax.Array
@@ -32,10 +35,12 @@ class QArray(ArrayValue):
     zeros: Any = None
     dq_scale: Any = None
     dq_offset: Any = None
+    act_scale: Any = None
     fmt: str = static_field(default="int8")
     layout: Layout = static_field(default=None)
     dtype: Any = static_field(default=np.dtype("float32"))
     perm: tuple[int, ...] | None = static_field(default=None)
+    act_fmt: str | None = static_field(default=None)
 
     # -- array protocol ------------------------------------------------------------------
     def aval(self):
@@ -79,5 +84,7 @@ class QArray(ArrayValue):
     def __repr__(self) -> str:
         blocks = "per tensor" if self.layout.per_tensor else (
             f"blocks of {self.block_size} along axis {self.block_axis}")
+        act = "" if self.act_fmt is None else f", act_fmt={self.act_fmt}" + (
+            ", static act_scale" if self.act_scale is not None else "")
         return (f"QArray({self.fmt}, shape={self.logical_shape}, dtype={np.dtype(self.dtype).name}, "
-                f"{blocks})")
+                f"{blocks}{act})")

@@ -1,0 +1,190 @@
+"""qkern.quantize(params, rules=[qkern.Rule(...)]): first match wins, skipping rules, the
+report, and the errors and warnings for rules that do not fit."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+
+rng = np.random.default_rng(0)
+
+
+def _w(*shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def make_params():
+    return {
+        "embed": {"table": _w(100, 64)},
+        "layers": [
+            {"attn": {"kernel": _w(64, 128), "bias": _w(128)},
+             "mlp": {"kernel": _w(128, 64), "scale": _w(64)}},
+            {"attn": {"kernel": _w(64, 128), "bias": _w(128)},
+             "mlp": {"kernel": _w(128, 64, dtype=jnp.bfloat16), "scale": _w(64)}},
+        ],
+        "step": jnp.zeros((64, 64), jnp.int32),
+        "head": None,
+    }
+
+
+RULES = [
+    qkern.Rule(where=r".*embed.*", fmt=None),
+    qkern.Rule(where=r".*attn.*kernel", fmt="nf4", block_size=32),
+    qkern.Rule(where=r".*mlp.*", fmt="int8"),
+]
+
+
+def test_first_match_wins_and_skip_rules_keep_leaves_dense():
+    params = make_params()
+    rules = RULES + [qkern.Rule(where=r".*", fmt="int4")]   # would take them all: earlier rules win
+    with pytest.warns(UserWarning, match=r"rules\[3\]"):
+        q = qkern.quantize(params, rules=rules)
+    assert q["embed"]["table"] is params["embed"]["table"]           # skipped by rule 0
+    for layer in q["layers"]:
+        assert layer["attn"]["kernel"].fmt == "nf4" and layer["attn"]["kernel"].block_size == 32
+        assert layer["mlp"]["kernel"].fmt == "int8"                 # not int4: rule 2 came first
+        assert not isinstance(layer["attn"]["bias"], qkern.QArray)  # rank 1
+    assert q["step"] is params["step"] and q["head"] is None
+    assert q["layers"][1]["mlp"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_rules_leaves_equal_quantize_of_each_leaf():
+    params = make_params()
+    q = qkern.quantize(params, rules=RULES)
+    ref = qkern.quantize(params["layers"][0]["attn"]["kernel"], "nf4", block_size=32)
+    got = q["layers"][0]["attn"]["kernel"]
+    np.testing.assert_array_equal(got.data, ref.data)
+    np.testing.assert_array_equal(got.scales, ref.scales)
+
+
+def test_report_rows_bytes_and_table():
+    params = make_params()
+    q, rep = qkern.quantize(params, rules=RULES, report=True)
+    assert isinstance(rep, qkern.QuantReport)
+    row = rep["layers/0/attn/kernel"]
+    assert (row.fmt, row.rule, row.shape) == ("nf4", 1, (64, 128))
+    assert row.bytes_before == 64 * 128 * 4
+    assert row.bytes_after == q["layers"][0]["attn"]["kernel"].nbytes()
+    # nf4 in blocks of 32 with f32 scales: 4 + 32/32 bits per parameter
+    assert row.bytes_after == 64 * 128 // 2 + (64 // 32) * 128 * 4
+    assert rep["embed/table"].fmt is None and rep["embed/table"].rule == 0
+    assert "kept dense" in rep["embed/table"].note
+    assert rep["step"].note == "not floating"
+    assert rep["layers/0/attn/bias"].note == "no rule"
+    assert rep["layers/1/mlp/kernel"].bytes_before == 128 * 64 * 2          # bfloat16
+    total = sum(np.asarray(l).nbytes for l in jax.tree_util.tree_leaves(params))
+    assert rep.bytes_before == total
+    assert rep.bytes_after == sum(np.asarray(l).nbytes for l in jax.tree_util.tree_leaves(q))
+    assert rep.ratio > 1.5
+    text = str(rep)
+    for needle in ("layers/0/attn/kernel", "nf4", "dense", "total", "x smaller", "path"):
+        assert needle in text
+    assert len(text.splitlines()) == len(rep.rows) + 4
+    assert "QuantReport(" in repr(rep)
+    with pytest.raises(KeyError, match="no leaf"):
+        rep["nope"]
+
+
+def test_legacy_signature_unchanged_and_can_report():
+    params = make_params()
+    q = qkern.quantize(params, "int8", where=r".*kernel")
+    assert q["layers"][0]["attn"]["kernel"].fmt == "int8"
+    q2, rep = qkern.quantize(params, "int8", where=r".*kernel", report=True)
+    assert [r.path for r in rep.quantised] == [
+        "layers/0/attn/kernel", "layers/0/mlp/kernel", "layers/1/attn/kernel", "layers/1/mlp/kernel"]
+    assert qkern.quantize(params)["embed"]["table"].fmt == "int8"   # default fmt is int8
+
+
+def test_rule_matching_nothing_warns_with_paths():
+    params = make_params()
+    with pytest.warns(UserWarning, match=r"rules\[1\].*decoder.*layers/0/attn/kernel"):
+        qkern.quantize(params, rules=[qkern.Rule(r".*kernel", "int8"),
+                                      qkern.Rule(r"decoder/.*", "nf4")])
+
+
+def test_rule_shadowed_by_earlier_rule_warns():
+    params = make_params()
+    with pytest.warns(UserWarning, match="already claimed"):
+        qkern.quantize(params, rules=[qkern.Rule(r".*", "int8"),
+                                      qkern.Rule(r".*attn.*", "nf4")])
+
+
+def test_no_warning_when_every_rule_is_used():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qkern.quantize(make_params(), rules=RULES)
+
+
+def test_block_larger_than_axis_names_leaf_rule_and_reason():
+    params = {"small": {"kernel": _w(32, 64)}, "big": {"kernel": _w(256, 64)}}
+    with pytest.raises(ValueError) as e:
+        qkern.quantize(params, rules=[qkern.Rule(r".*kernel", "int8", block_size=64)])
+    msg = str(e.value)
+    assert "'small/kernel'" in msg and "(32, 64)" in msg
+    assert "rules[0]" in msg and "block_size 64 is larger" in msg
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(fmt="int9"), "int9"),
+    (dict(fmt="nf4", act_fmt="int8"), "needs fmt='int8'"),
+    (dict(fmt="int8", act_fmt="fp8"), "activation formats"),
+    (dict(fmt="int8", act_fmt="int8", calibration="minmax"), "zero points"),
+    (dict(fmt="int8", calibration="median"), "calibration"),
+])
+def test_bad_rules_fail_when_written(bad, match):
+    with pytest.raises(ValueError, match=match):
+        qkern.Rule(where=".*", **bad)
+
+
+def test_rules_and_fmt_are_exclusive():
+    with pytest.raises(TypeError, match="either"):
+        qkern.quantize(make_params(), "nf4", rules=RULES)
+    with pytest.raises(TypeError, match="either"):
+        qkern.quantize(make_params(), where=".*", rules=RULES)
+    with pytest.raises(TypeError, match="qkern.Rule"):
+        qkern.quantize(make_params(), rules=[(".*", "int8")])
+    with pytest.raises(TypeError, match="single array"):
+        qkern.quantize(_w(64, 64), rules=RULES)
+
+
+def test_predicate_where_and_min_size():
+    params = make_params()
+    with pytest.warns(UserWarning, match="10000 elements"):
+        q, rep = qkern.quantize(params, rules=[
+            qkern.Rule(where=lambda path, leaf: leaf.shape == (128, 64), fmt="int4",
+                       min_size=10_000)], report=True)
+    # (128, 64) = 8192 elements < 10_000: claimed but kept dense, and the report says why
+    assert rep["layers/0/mlp/kernel"].note == "< min_size=10000 elements"
+    assert not any(isinstance(l, qkern.QArray) for l in jax.tree_util.tree_leaves(
+        q, is_leaf=lambda v: isinstance(v, qkern.QArray)))
+
+
+def test_already_quantised_leaves_are_reported_and_kept():
+    params = make_params()
+    once = qkern.quantize(params, rules=[qkern.Rule(r".*mlp.*", "int8")])
+    twice, rep = qkern.quantize(once, rules=[qkern.Rule(r".*attn.*kernel", "nf4")], report=True)
+    assert twice["layers"][0]["mlp"]["kernel"] is once["layers"][0]["mlp"]["kernel"]
+    assert rep["layers/0/mlp/kernel"].note == "already quantised"
+
+
+def test_rules_model_runs_under_quaxify_like_its_dequantised_reference():
+    params = make_params()
+    q = qkern.quantize(params, rules=RULES)
+
+    def model(p, x):
+        for layer in p["layers"]:
+            h = jax.nn.gelu(x @ layer["attn"]["kernel"] / 8 + layer["attn"]["bias"])
+            x = x + (h @ layer["mlp"]["kernel"]).astype(x.dtype) / 11
+        return x
+
+    x = _w(3, 64)
+    got = qkern.quaxify(model)(q, x)
+    want = model(qkern.dequantize(q), x)
+    # the kernels accumulate in their own order; the bf16 layer rounds its output
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * float(jnp.abs(want).max()))
