@@ -21,7 +21,6 @@ from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
 from .pallas import backend
-from .autotune import autotune  # the function; the package stays at qkern.autotune in sys.modules
 
 __version__ = "0.1.0"
 
@@ -42,5 +41,4 @@ __all__ = [
     "Rule",
     "QuantReport",
     "backend",
-    "autotune",
 ]
