@@ -1,0 +1,414 @@
+"""Fused QLoRA matmul for NVIDIA GPUs: one Pallas kernel lowered through Triton.
+
+    y, xu = lora_qmatmul_triton(x, op, u, v, scale, config, transposed=False, interpret=False)
+
+computes, with W the quantised [K, N] weight of `op` (a `QOperand`, see `_operand.py`),
+
+    forward     y[M, N] = x[M, K] @ W   + scale * (x @ u[K, r]) @ v[r, N]
+    transposed  y[M, K] = x[M, N] @ W.T + scale * (x @ u[N, r]) @ v[r, K]
+
+and returns xu = x @ u as float32 [M, r] too (the backward pass needs it for dv).
+
+Each x tile is loaded once and used for both products: inside the contraction loop a
+program accumulates the base tile `x_tile @ decode(W_tile)` and the projection
+`x_tile @ u_tile` (u laid out exactly like x's columns, so the same offset finds both);
+after the loop it adds `scale * xu @ v[:, its output columns]`. Everything else (grids,
+tile plans, masks, the 4-bit two-halves layout, per-block scales applied to the dot result
+or to the dy tile) is the weight-only kernels' (`_triton_qmatmul.py`), whose helpers this
+module imports.
+
+Kernels (chosen as in `_triton_qmatmul.py`)
+
+* decode (forward, M <= 16): grid (N tiles, K splits), x padded to 16 rows.
+* tiled (forward, M > 16): grid (M tiles, N tiles).
+* transposed: grid (M tiles, K tiles of the stored rows, N splits), the N loop inside.
+
+Every program along the non-contracted output axis (N tiles forward, K tiles transposed)
+recomputes the projection of its own rows: that costs r_pad / block_n (forward) or
+r_pad / block_k (transposed) of the base dot's MMA work and nothing in memory traffic,
+which is what bounds decode. Only the first such program stores xu.
+
+Split-K (decode forward) and the transposed kernel's split over N: each split sums its own
+range of the contraction into float32 partials of both y and xu. The LoRA term is linear
+in xu, so each split adds `scale * xu_partial @ v` to its y partial; the partials of y and
+of xu are summed outside the kernel, and the sums are exact.
+
+Precision: the in-loop projection dot runs in x's dtype (u is cast to it, as decoded W
+tiles are), with float32 accumulation (IEEE float32 dots for float32 x); the epilogue
+`xu @ v` runs once per program in float32. r is zero-padded to a power of two >= 16
+(Triton's smallest dot); the padding adds exact zeros.
+
+Example:
+
+    op = canonical_operand(qkern.quantize(w, "nf4"))
+    y, xu = lora_qmatmul_triton(x, op, a, b, alpha / rank, None, transposed=False,
+                                interpret=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ._config import DECODE_M, MatmulConfig
+from ._operand import QOperand
+from ._triton_qmatmul import (_MIN_DOT, _Plan, _accumulate_tile, _check_activation,
+                              _check_operand, _compiler_params, _next_pow2, _pad_activation,
+                              _plan, _precision, _scale_row, _weight_specs)
+
+__all__ = ["lora_qmatmul_triton", "check_factors"]
+
+_F32 = jnp.float32
+_FACTOR_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_factors(u, v, din: int, dout: int, who: str) -> int:
+    """Validate LoRA factors u [din, r], v [r, dout]; return r."""
+    for name, a in (("u", u), ("v", v)):
+        if not hasattr(a, "ndim") or a.ndim != 2:
+            raise ValueError(f"{who}: factor {name} must be 2-D; got shape "
+                             f"{getattr(a, 'shape', None)}.")
+        if jnp.dtype(a.dtype) not in _FACTOR_DTYPES:
+            raise ValueError(f"{who}: factor {name} has dtype {jnp.dtype(a.dtype).name}; use "
+                             "float32, bfloat16 or float16.")
+    r = u.shape[1]
+    if u.shape[0] != din or v.shape != (r, dout) or r < 1:
+        raise ValueError(f"{who}: factors u {tuple(u.shape)} and v {tuple(v.shape)} must be "
+                         f"[{din}, r] and [r, {dout}] with the same r >= 1.")
+    return r
+
+
+def _rank_pad(r: int) -> int:
+    return max(_MIN_DOT, _next_pow2(r))
+
+
+def _store_rows(o_ref, val, row0, m, extra=None):
+    """Masked store of a [rows, cols] tile into o_ref (all its columns), rows < m only."""
+    rows = row0 + jnp.arange(val.shape[0], dtype=jnp.int32)
+    mask = (rows < m)[:, None] & jnp.ones((1, val.shape[1]), jnp.bool_)
+    if extra is not None:
+        mask = mask & extra
+    plgpu.store(o_ref.at[:, :], val.astype(o_ref.dtype), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels.
+# --------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, p: _Plan, decode: bool, scale: float):
+    """One [bm, bn] tile of y and (from the first N tile) the [bm, rp] rows of xu.
+
+    x arrives zero-padded as [rows, X] (the high-nibble half at column X / 2 for 4-bit
+    formats) and u as [X, rp] with its rows in the same order, so x columns c and u rows c
+    meet. v is [rp, N] float32, zero rows past r.
+    """
+    if p.has_zeros:
+        x_ref, d_ref, s_ref, z_ref, u_ref, v_ref, o_ref, xu_ref = refs
+    else:
+        x_ref, d_ref, s_ref, u_ref, v_ref, o_ref, xu_ref = refs
+        z_ref = None
+    if decode:
+        i, j, sp = 0, pl.program_id(0), pl.program_id(1)
+    else:
+        i, j, sp = pl.program_id(0), pl.program_id(1), 0
+    col_abs = j * p.bn
+    cols_ok = p.n % p.bn == 0
+    rows_ok = p.split * p.steps * p.bk == p.kd
+    x_half = p.split * p.steps * p.bk
+    xdt = x_ref.dtype
+    rp = u_ref.shape[1]
+
+    def body(t, carry):
+        acc, xu = carry
+        row0 = pl.multiple_of((sp * p.steps + t) * p.bk, p.bk)
+        parts, projs = [], []
+
+        def consume(w, q, half, blk):
+            xo = pl.multiple_of(row0 + q * p.sub + (x_half if half else 0), p.sub)
+            xt = x_ref[:, pl.ds(xo, p.sub)]                  # the one load of this x tile
+            part = jnp.dot(xt, w.astype(xdt), precision=_precision(xdt),
+                           preferred_element_type=_F32)
+            if not p.per_channel:
+                part = part * _scale_row(s_ref, blk, 0, col_abs, p, cols_ok)
+            parts.append(part)
+            projs.append(jnp.dot(xt, u_ref[pl.ds(xo, p.sub), :], precision=_precision(xdt),
+                                 preferred_element_type=_F32))
+
+        _accumulate_tile(p, d_ref, z_ref, row0, 0, col_abs, rows_ok, cols_ok, consume)
+        for part in parts:
+            acc = acc + part
+        for proj in projs:
+            xu = xu + proj
+        return acc, xu
+
+    init = (jnp.zeros((p.bm, p.bn), _F32), jnp.zeros((p.bm, rp), _F32))
+    acc, xu = lax.fori_loop(0, p.steps, body, init)
+    if p.per_channel:
+        acc = acc * _scale_row(s_ref, 0, 0, col_abs, p, cols_ok)
+    acc = acc + jnp.dot(xu * scale, v_ref[...], precision=lax.Precision.HIGHEST,
+                        preferred_element_type=_F32)
+    rows = i * p.bm + jnp.arange(p.bm, dtype=jnp.int32)
+    cols = col_abs + jnp.arange(p.bn, dtype=jnp.int32)
+    plgpu.store(o_ref.at[:, :], acc.astype(o_ref.dtype),
+                mask=(rows < p.m)[:, None] & (cols < p.n)[None, :])
+    _store_rows(xu_ref, xu, i * p.bm, p.m, extra=j == 0)
+
+
+def _t_kernel(*refs, p: _Plan, scale: float):
+    """One [bm, bk] (x2 for 4-bit formats) tile of y = x @ W.T + scale * (x @ u) @ v and,
+    from the first K tile, the [bm, rp] rows of xu.
+
+    x (dy in the weight-only kernel) is [rows, X] zero-padded along N, u [X, rp] likewise;
+    v is [rp, V] float32 indexed by logical K (so the high nibble half's columns start at
+    Kp / 2), zero past K.
+    """
+    if p.has_zeros:
+        x_ref, d_ref, s_ref, z_ref, u_ref, v_ref, o_ref, xu_ref = refs
+    else:
+        x_ref, d_ref, s_ref, u_ref, v_ref, o_ref, xu_ref = refs
+        z_ref = None
+    i, r, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row0 = pl.multiple_of(r * p.bk, p.bk)
+    rows_ok = p.kd % p.bk == 0
+    cols_ok = p.n % p.bn == 0
+    xdt = x_ref.dtype
+    halves = 2 if p.packed else 1
+    n_acc = p.subs * halves
+    rp = u_ref.shape[1]
+
+    def body(t, carry):
+        accs, xu = list(carry[:-1]), carry[-1]
+        col0 = pl.multiple_of((sp * p.steps + t) * p.bn, p.bn)
+        xt = x_ref[:, pl.ds(col0, p.bn)]                     # the one load of this x tile
+        xu = xu + jnp.dot(xt, u_ref[pl.ds(col0, p.bn), :], precision=_precision(xdt),
+                          preferred_element_type=_F32)
+
+        def consume(w, q, half, blk):
+            s = _scale_row(s_ref, blk, col0, col0, p, cols_ok)
+            g = (xt.astype(_F32) * s).astype(xdt)
+            part = lax.dot_general(g, w.astype(xdt), (((1,), (1,)), ((), ())),
+                                   precision=_precision(xdt), preferred_element_type=_F32)
+            accs[q * halves + half] = accs[q * halves + half] + part
+
+        _accumulate_tile(p, d_ref, z_ref, row0, col0, col0, rows_ok, cols_ok, consume)
+        return (*accs, xu)
+
+    init = tuple(jnp.zeros((p.bm, p.sub), _F32) for _ in range(n_acc))
+    *accs, xu = lax.fori_loop(0, p.steps, body, (*init, jnp.zeros((p.bm, rp), _F32)))
+    xus = xu * scale
+    rows = i * p.bm + jnp.arange(p.bm, dtype=jnp.int32)
+    for q in range(p.subs):
+        for half in range(halves):
+            k0 = row0 + q * p.sub + (p.half_rows if half else 0)
+            vt = v_ref[:, pl.ds(k0, p.sub)]
+            out = accs[q * halves + half] + jnp.dot(xus, vt, precision=lax.Precision.HIGHEST,
+                                                    preferred_element_type=_F32)
+            ks = k0 + jnp.arange(p.sub, dtype=jnp.int32)
+            mask = (rows < p.m)[:, None] & (ks < p.k)[None, :]
+            if half == 0 and p.packed:
+                mask = mask & (ks < p.half_rows)[None, :]
+            plgpu.store(o_ref.at[:, pl.ds(k0, p.sub)], out.astype(o_ref.dtype), mask=mask)
+    _store_rows(xu_ref, xu, i * p.bm, p.m, extra=r == 0)
+
+
+# --------------------------------------------------------------------------------------
+# pallas_call wrappers.
+# --------------------------------------------------------------------------------------
+
+
+def _rows_like_x(u, rp: int, width: int, p: _Plan, split_halves: bool, dtype):
+    """u [L, r] -> [width, rp] in x's padded column order (zero rows / columns added)."""
+    ut = _pad_activation(u.T.astype(dtype), rp, width, p, split_halves)
+    return ut.T
+
+
+def _forward(x, op: QOperand, u, v, scale: float, p: _Plan, interpret: bool):
+    m, r = x.shape[0], u.shape[1]
+    rp = _rank_pad(r)
+    span = p.split * p.steps * p.bk
+    width = 2 * span if p.packed else span
+    decode = m <= DECODE_M
+    n_tiles = pl.cdiv(p.n, p.bn)
+    up = _rows_like_x(u, rp, width, p, p.packed, x.dtype)
+    vp = jnp.pad(v.astype(_F32), ((0, rp - r), (0, 0)))
+    if decode:
+        rows = p.bm
+        grid = (n_tiles, p.split)
+        x_spec = pl.BlockSpec((rows, width), lambda j, s: (0, 0))
+        u_spec = pl.BlockSpec((width, rp), lambda j, s: (0, 0))
+        v_spec = pl.BlockSpec((rp, p.bn), lambda j, s: (0, j))
+        w_index = lambda j, s: (0, j)
+        if p.split > 1:
+            out_shape = [jax.ShapeDtypeStruct((p.split, m, p.n), _F32),
+                         jax.ShapeDtypeStruct((p.split, m, rp), _F32)]
+            out_specs = [pl.BlockSpec((None, p.bm, p.bn), lambda j, s: (s, 0, j)),
+                         pl.BlockSpec((None, p.bm, rp), lambda j, s: (s, 0, 0))]
+        else:
+            out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype),
+                         jax.ShapeDtypeStruct((m, rp), _F32)]
+            out_specs = [pl.BlockSpec((p.bm, p.bn), lambda j, s: (0, j)),
+                         pl.BlockSpec((p.bm, rp), lambda j, s: (0, 0))]
+        name = "lora_qmatmul_triton_decode"
+    else:
+        m_tiles = pl.cdiv(m, p.bm)
+        rows = m_tiles * p.bm
+        grid = (m_tiles, n_tiles)
+        x_spec = pl.BlockSpec((p.bm, width), lambda i, j: (i, 0))
+        u_spec = pl.BlockSpec((width, rp), lambda i, j: (0, 0))
+        v_spec = pl.BlockSpec((rp, p.bn), lambda i, j: (0, j))
+        w_index = lambda i, j: (0, j)
+        out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype),
+                     jax.ShapeDtypeStruct((m, rp), _F32)]
+        out_specs = [pl.BlockSpec((p.bm, p.bn), lambda i, j: (i, j)),
+                     pl.BlockSpec((p.bm, rp), lambda i, j: (i, 0))]
+        name = "lora_qmatmul_triton_tiled"
+    xp = _pad_activation(x, rows, width, p, p.packed)
+    w_specs, w_args = _weight_specs(op, p, True, w_index)
+    y, xu = pl.pallas_call(
+        functools.partial(_fwd_kernel, p=p, decode=decode, scale=scale),
+        grid=grid,
+        in_specs=[x_spec, *w_specs, u_spec, v_spec],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(p),
+        interpret=interpret,
+        name=name,
+    )(xp, *w_args, up, vp)
+    if decode and p.split > 1:
+        y, xu = y.sum(axis=0).astype(x.dtype), xu.sum(axis=0)
+    return y, xu[:, :r]
+
+
+def _transposed(x, op: QOperand, u, v, scale: float, p: _Plan, interpret: bool):
+    m, r = x.shape[0], u.shape[1]
+    rp = _rank_pad(r)
+    m_tiles = pl.cdiv(m, p.bm)
+    rows = m_tiles * p.bm
+    width = p.split * p.steps * p.bn
+    xp = _pad_activation(x, rows, width, p, False)
+    up = _rows_like_x(u, rp, width, p, False, x.dtype)
+    # v's columns are read at the output's logical K offsets: the last K tile of the low
+    # (or only) half may reach past K, as may the high half's, which starts at Kp / 2.
+    v_width = (p.half_rows if p.packed else 0) + pl.cdiv(p.kd, p.bk) * p.bk
+    vp = jnp.pad(v.astype(_F32), ((0, rp - r), (0, v_width - v.shape[1])))
+    grid = (m_tiles, pl.cdiv(p.kd, p.bk), p.split)
+    w_specs, w_args = _weight_specs(op, p, False, lambda i, k, s: (0, 0))
+    if p.split > 1:
+        out_shape = [jax.ShapeDtypeStruct((p.split, m, p.k), _F32),
+                     jax.ShapeDtypeStruct((p.split, m, rp), _F32)]
+        out_specs = [pl.BlockSpec((None, p.bm, p.k), lambda i, k, s: (s, i, 0)),
+                     pl.BlockSpec((None, p.bm, rp), lambda i, k, s: (s, i, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((m, p.k), x.dtype),
+                     jax.ShapeDtypeStruct((m, rp), _F32)]
+        out_specs = [pl.BlockSpec((p.bm, p.k), lambda i, k, s: (i, 0)),
+                     pl.BlockSpec((p.bm, rp), lambda i, k, s: (i, 0))]
+    y, xu = pl.pallas_call(
+        functools.partial(_t_kernel, p=p, scale=scale),
+        grid=grid,
+        in_specs=[pl.BlockSpec((p.bm, width), lambda i, k, s: (i, 0)), *w_specs,
+                  pl.BlockSpec((width, rp), lambda i, k, s: (0, 0)),
+                  pl.BlockSpec((rp, v_width), lambda i, k, s: (0, 0))],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(p),
+        interpret=interpret,
+        name="lora_qmatmul_t_triton",
+    )(xp, *w_args, up, vp)
+    if p.split > 1:
+        y, xu = y.sum(axis=0).astype(x.dtype), xu.sum(axis=0)
+    return y, xu[:, :r]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "transposed", "interpret"))
+def _lora_triton(x, op, u, v, scale, config, transposed, interpret):
+    p = _plan(op, x.shape[0], config, transposed=transposed)
+    if transposed:
+        return _transposed(x, op, u, v, scale, p, interpret)
+    return _forward(x, op, u, v, scale, p, interpret)
+
+
+def lora_qmatmul_triton(x2: jax.Array, op: QOperand, u: jax.Array, v: jax.Array,
+                        scale: float, config: MatmulConfig | None = None, *,
+                        transposed: bool = False, interpret: bool = False):
+    """(y, xu) with y = x2 @ W + scale * (x2 @ u) @ v (W.T when transposed), xu = x2 @ u.
+
+    x2: [M, din] float32 / bfloat16 / float16 (din = K, or N when transposed); op: the
+    QOperand of the stored W [K, N]; u [din, r], v [r, dout] float; scale: a Python float.
+    y is in x2's dtype (float32 accumulation), xu float32 [M, r]. `config` as for
+    `qmatmul_triton` (block_k: stored rows per K step; split_k: K splits of the decode
+    kernel, N splits of the transposed one); None: the heuristic table's.
+
+    Raises ValueError for shape mismatches between x2, W, u and v, unsupported dtypes, and
+    configs the weight-only kernels refuse.
+    """
+    _check_operand(op)
+    din, dout = (op.n, op.k) if transposed else (op.k, op.n)
+    _check_activation("x", x2, din, "N" if transposed else "K")
+    check_factors(u, v, din, dout, "lora_qmatmul_triton")
+    return _lora_triton(x2, op, u, v, float(scale), config, bool(transposed), interpret)
+
+
+# --------------------------------------------------------------------------------------
+# Config sweep (interpret mode by default), in the manner of JAX's own Pallas ops files.
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: Any = None) -> None:
+    """Run the fused kernels over a few formats, M and configs; print the error against
+    the plain-jnp reference and the time. Interpret-mode times say nothing about GPU
+    speed; pass --device on a GPU."""
+    import argparse
+
+    import qkern
+    from ._operand import canonical_operand
+    from .lora_qmatmul import reference
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--device", action="store_true", help="compiled kernels (needs a GPU)")
+    ap.add_argument("--k", type=int, default=512)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--formats", default="int8,nf4")
+    ap.add_argument("--m", default="1,64")
+    args = ap.parse_args(argv)
+    interpret = not args.device
+    kw, kx, ku, kv = jax.random.split(jax.random.PRNGKey(0), 4)
+    w = jax.random.normal(kw, (args.k, args.n), jnp.float32)
+    configs = [None, MatmulConfig(block_m=32, block_n=64, block_k=64, split_k=2)]
+    print(f"{'format':9} {'dir':4} {'M':>4} {'config':>10} {'max rel err':>12} {'ms':>9}")
+    for fmt in args.formats.split(","):
+        op = canonical_operand(qkern.quantize(w, fmt))
+        for m in map(int, args.m.split(",")):
+            for transposed in (False, True):
+                din, dout = (args.n, args.k) if transposed else (args.k, args.n)
+                x = jax.random.normal(kx, (m, din)).astype(jnp.bfloat16)
+                u = jax.random.normal(ku, (din, args.r)) / np.sqrt(din)
+                v = jax.random.normal(kv, (args.r, dout))
+                for cfg in configs:
+                    f = functools.partial(lora_qmatmul_triton, config=cfg,
+                                          transposed=transposed, interpret=interpret)
+                    jax.block_until_ready(f(x, op, u, v, 0.5))
+                    t0 = time.perf_counter()
+                    y, _ = jax.block_until_ready(f(x, op, u, v, 0.5))
+                    ms = 1e3 * (time.perf_counter() - t0)
+                    want = np.asarray(reference(x, op, u, v, 0.5, transposed=transposed)[0],
+                                      np.float32)
+                    err = np.max(np.abs(np.asarray(y, np.float32) - want))
+                    err /= max(float(np.max(np.abs(want))), 1.0)
+                    tag = "default" if cfg is None else f"{cfg.block_k}/s{cfg.split_k}"
+                    print(f"{fmt:9} {'T' if transposed else 'F':4} {m:4d} {tag:>10} "
+                          f"{err:12.2e} {ms:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
