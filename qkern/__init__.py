@@ -21,6 +21,7 @@ from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
 from .pallas import backend
+from .autotune import autotune  # the function; the package stays at qkern.autotune in sys.modules
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,5 @@ __all__ = [
     "Rule",
     "QuantReport",
     "backend",
+    "autotune",
 ]

@@ -3,12 +3,15 @@
 One config type for every backend; each backend reads the fields it uses (Triton: all;
 Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan). Defaults come from a
 heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M); the
-autotuner (`qkern tune`) replaces them with measured winners per device.
+autotuner (`qkern tune`) replaces them with measured winners per device: kernels ask
+`config_for(problem)`, which returns the autotune cache's winner for this device, or the
+shipped heuristic on a miss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,3 +49,63 @@ HEURISTICS: dict[tuple[str, str], MatmulConfig] = {
 def default_config(backend: str, m: int) -> MatmulConfig:
     regime = "decode" if m <= DECODE_M else "prefill"
     return HEURISTICS[(backend, regime)]
+
+
+KERNELS = ("qmatmul", "qmatmul_t")  # x @ W (forward) and dy @ W.T (the gradient for x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One quantised matmul as a kernel sees it: the autotune cache key, less the device.
+
+    kernel "qmatmul" is x[M, K] @ W[K, N]; "qmatmul_t" is dy[M, N] @ W.T. K and N are always
+    the weight's logical dims. x_dtype is the activation dtype's name; fmt, block_size and
+    zeros (asymmetric zero points) describe the quantised weight.
+    """
+
+    backend: str
+    kernel: str
+    m: int
+    k: int
+    n: int
+    x_dtype: str
+    fmt: str
+    block_size: int
+    zeros: bool = False
+
+    @classmethod
+    def of(cls, backend: str, x, op, transposed: bool) -> "Problem":
+        """The problem of running `op` (a QOperand) on the 2-D activation `x`."""
+        import numpy as np
+
+        return cls(backend, KERNELS[int(bool(transposed))], int(x.shape[0]), int(op.k),
+                   int(op.n), np.dtype(x.dtype).name, op.fmt.name, int(op.block_size),
+                   op.zeros is not None)
+
+    @property
+    def regime(self) -> str:
+        return "decode" if self.m <= DECODE_M else "prefill"
+
+
+# Called with every Problem a kernel asks a config for, at trace time (`qkern tune --from`
+# installs one to find the quantised matmuls of a function).
+OBSERVERS: list[Callable[[Problem], None]] = []
+
+
+def config_for(problem: Problem, *, interpret: bool = False) -> MatmulConfig | None:
+    """The config a kernel runs when none is given: the autotune cache's winner for this
+    device and problem (qkern/autotune), else the shipped heuristic.
+
+    On a miss the Pallas backends get None, so that each kernel starts from its heuristic
+    and moves it to the nearest legal tiling itself; the xla backend gets its heuristic.
+    Interpret mode (tests) never reads the cache.
+    """
+    for observe in OBSERVERS:
+        observe(problem)
+    if not interpret:
+        from ..autotune import _cache  # deferred: the cache is not needed to import qkern
+
+        hit = _cache.lookup(problem)
+        if hit is not None:
+            return hit
+    return default_config("xla", problem.m) if problem.backend == "xla" else None

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _backend
-from ._config import MatmulConfig, default_config
+from ._config import MatmulConfig, Problem, config_for
 from ._operand import QOperand
 from ._xla_qmatmul import qmatmul_t_xla, qmatmul_xla
 
@@ -33,10 +33,10 @@ def _kernels(name: str):
 
 
 def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
-    m = x2.shape[0]
+    if config is None:  # the autotune cache's winner for this device, else the heuristic
+        config = config_for(Problem.of(sel.name, x2, op, transposed), interpret=sel.interpret)
     if sel.name == "xla":
-        cfg = config or default_config("xla", m)
-        return (qmatmul_t_xla if transposed else qmatmul_xla)(x2, op, cfg)
+        return (qmatmul_t_xla if transposed else qmatmul_xla)(x2, op, config)
     fwd, bwd = _kernels(sel.name)
     return (bwd if transposed else fwd)(x2, op, config, interpret=sel.interpret)
 
@@ -79,5 +79,8 @@ def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: st
         raise ValueError(
             f"qmatmul: x has {k} columns but the quantised weight's "
             f"{'N' if transposed else 'K'} is {want} (weight [K={op.k}, N={op.n}]).")
-    y = _qmatmul2(x.reshape(-1, k), op, sel, config, transposed)
+    x2 = x.reshape(-1, k)
+    if config is None:  # here, not only in _run: jax caches the custom_vjp's traced forward
+        config = config_for(Problem.of(sel.name, x2, op, transposed), interpret=sel.interpret)
+    y = _qmatmul2(x2, op, sel, config, transposed)
     return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,27 @@
+"""Autotuning of the quantised-matmul kernels, and the on-disk cache the kernels read.
+
+    results = qkern.autotune(m=(1, 16), k=4096, n=4096, formats=("int8", "nf4"))
+    qkern tune --m 1,16 --k 4096 --n 4096 --formats int8,nf4       # the same, from a shell
+
+`autotune` times each kernel's candidate configs on this machine (`_space` builds and
+prunes the search space, `_tune` times it) and merges the winners into the cache file
+(`_cache`: location, key, atomic writes). Kernels call `qkern.pallas._config.config_for`
+at trace time, which returns the cached winner for this device or the shipped heuristic.
+See docs/autotuning.md.
+"""
+
+from ._cache import (
+    CacheWarning,
+    cache_dir,
+    cache_path,
+    clear,
+    device_kind,
+    invalidate,
+    lookup,
+    read_entries,
+)
+from ._tune import SpecError, TuneResult, autotune, find_problems, load_function
+
+__all__ = ["autotune", "TuneResult", "find_problems", "load_function", "SpecError",
+           "CacheWarning", "cache_dir", "cache_path", "read_entries", "lookup", "clear",
+           "invalidate", "device_kind"]

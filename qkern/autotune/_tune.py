@@ -1,0 +1,387 @@
+"""`qkern.autotune(...)`: time each kernel config on this machine and cache the winners."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import itertools
+import math
+import os
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..pallas import _config
+from ..pallas._config import KERNELS, MatmulConfig, Problem, default_config
+from . import _cache, _space
+from ._progress import Progress
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What tuning one problem found.
+
+    config: the fastest config (None: the kernel's own default won, or nothing ran).
+    time_s / default_time_s: median seconds of the winner and of the shipped default.
+    timings: (config, seconds) of every candidate timed (None: the kernel's default);
+    failed: (config, error) for candidates that did not compile or run;
+    pruned: (config, reason) for those never timed; written: whether it went to the cache.
+    """
+
+    problem: Problem
+    config: MatmulConfig | None
+    time_s: float
+    default_time_s: float
+    timings: tuple = ()
+    failed: tuple = ()
+    pruned: tuple = ()
+    written: bool = False
+
+    @property
+    def speedup(self) -> float:
+        """Default time / tuned time (1.0 when the default won)."""
+        if not (self.time_s > 0 and math.isfinite(self.default_time_s)):
+            return float("nan")
+        return self.default_time_s / self.time_s
+
+    def as_dict(self) -> dict:
+        cfg = lambda c: None if c is None else dataclasses.asdict(c)  # noqa: E731
+        return {**dataclasses.asdict(self.problem), "config": cfg(self.config),
+                "time_ms": self.time_s * 1e3, "default_ms": self.default_time_s * 1e3,
+                "speedup": self.speedup, "timed": len(self.timings),
+                "failed": [[cfg(c), e] for c, e in self.failed],
+                "pruned": len(self.pruned), "written": self.written}
+
+
+class SpecError(ValueError):
+    """A `--from package.module:function` target that cannot be used."""
+
+
+# --------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------
+
+
+def _as_tuple(v) -> tuple:
+    if v is None:
+        return (None,)
+    if isinstance(v, (str, int, np.integer)) or not isinstance(v, Iterable):
+        return (v,)
+    return tuple(v)
+
+
+def _dtype_name(d) -> str:
+    try:
+        name = jnp.dtype(d).name
+    except TypeError:
+        raise ValueError(f"unknown dtype {d!r}; use float32, bfloat16 or float16") from None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"activation dtype {name} is not supported; use float32, bfloat16 "
+                         "or float16")
+    return name
+
+
+def default_dtype(backend: str = "xla") -> str:
+    """The activation dtype qkern bench uses: float32 on CPU, bfloat16 on GPU/TPU (and
+    for the GPU/TPU kernels when planning them from a CPU host)."""
+    if backend == "xla" and jax.default_backend() == "cpu":
+        return "float32"
+    return "bfloat16"
+
+
+def _weight_problem(backend, kernel, m, k, n, dtype, fmt, block_size, zeros) -> Problem:
+    from ..formats import get_format
+
+    f = get_format(fmt)
+    if block_size is None:
+        block_size = f.default_block or k
+    return Problem(backend, kernel, int(m), int(k), int(n), dtype, f.name, int(block_size),
+                   bool(zeros))
+
+
+def load_function(spec) -> tuple[Callable, tuple]:
+    """Resolve a `--from` target to (fn, args).
+
+    `spec` is "package.module:function" (or a callable): a zero-argument callable that
+    returns `(fn, args)`, where `fn(*args)` is the computation to tune, args holding its
+    quantised weights (QArrays) and example inputs of the real shapes and dtypes.
+    The current directory is importable, as with `python -m`.
+    """
+    if callable(spec):
+        target, name = spec, getattr(spec, "__qualname__", repr(spec))
+    else:
+        if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+            raise SpecError(f"expected package.module:function, got {spec!r}")
+        mod_name, attr = spec.split(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            target = importlib.import_module(mod_name)
+        except Exception as err:  # noqa: BLE001  (any import failure is the user's spec)
+            raise SpecError(f"cannot import {mod_name!r}: {type(err).__name__}: {err}") from None
+        for part in attr.split("."):
+            if not hasattr(target, part):
+                raise SpecError(f"{mod_name!r} has no attribute {attr!r}")
+            target = getattr(target, part)
+        name = spec
+        if not callable(target):
+            raise SpecError(f"{spec} is not callable")
+    try:
+        got = target()
+    except TypeError as err:
+        raise SpecError(f"{name} must take no arguments and return (fn, args): {err}") from None
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[0])
+            and isinstance(got[1], (tuple, list))):
+        raise SpecError(f"{name}() must return (fn, args) with fn callable and args a tuple; "
+                        f"got {type(got).__name__}")
+    return got[0], tuple(got[1])
+
+
+def find_problems(function, *, backend: str | None = None) -> list[Problem]:
+    """The quantised matmuls `function` runs (see `load_function`), in order of first use.
+
+    Traces `quaxify(fn)(*args)` abstractly (`jax.make_jaxpr`; nothing is computed) and
+    records every problem the kernels ask a config for: exactly the keys they will look
+    up in the cache. Gradients inside fn (jax.grad) bring in the transposed kernel.
+    """
+    from .. import quaxify
+    from ..pallas._backend import backend as use_backend
+
+    fn, args = load_function(function)
+    found: list[Problem] = []
+
+    def observe(p: Problem) -> None:
+        if p not in found:
+            found.append(p)
+
+    jax.clear_caches()  # functions traced earlier under jit would not be traced again
+    _config.OBSERVERS.append(observe)
+    try:
+        with use_backend(backend) if backend else contextlib.nullcontext():
+            jax.make_jaxpr(quaxify(fn))(*args)
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise SpecError(f"tracing the function failed: {type(err).__name__}: {err}") from err
+    finally:
+        _config.OBSERVERS.remove(observe)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _operand(k: int, n: int, fmt: str, block_size: int, zeros: bool):
+    """A random quantised weight of the problem's shape and format, as a kernel operand."""
+    from .._quantize import quantize
+    from ..pallas._operand import stored_operand
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32)
+    qw = quantize(w, fmt, block_size=block_size,
+                  calibration="minmax" if zeros else "absmax")
+    op = stored_operand(qw)
+    if op is None or op.block_size != block_size:
+        raise ValueError(f"cannot build a [{k}, {n}] {fmt} operand with block_size "
+                         f"{block_size}")
+    return op
+
+
+def _activation(problem: Problem):
+    cols = problem.n if problem.kernel == "qmatmul_t" else problem.k
+    x = jax.random.normal(jax.random.PRNGKey(1), (problem.m, cols), jnp.float32)
+    return x.astype(problem.x_dtype)
+
+
+def _compile(problem: Problem, op, x, config: MatmulConfig | None):
+    from ..pallas.qmatmul import qmatmul
+
+    f = jax.jit(functools.partial(qmatmul, backend=problem.backend, config=config,
+                                  transposed=problem.kernel == "qmatmul_t"))
+    with _cache.bypassed():  # config=None must mean the shipped default, not the cache
+        compiled = f.lower(x, op).compile()
+    return lambda: compiled(x, op)
+
+
+def _default_measure(repeats: int, warmup: int) -> Callable[[Callable[[], Any]], float]:
+    from .._bench.timing import median_time
+
+    return lambda fn: median_time(fn, repeats=repeats, warmup=warmup)
+
+
+def _default_repeats(backend: str) -> int:
+    return 10 if backend == "xla" else 50
+
+
+def tune_problem(problem: Problem, *, space: dict | None = None,
+                 configs: Sequence[MatmulConfig] | None = None, max_configs="default",
+                 measure: Callable | None = None, repeats: int | None = None, warmup: int = 2,
+                 finalists: int = 3, progress: Progress | None = None) -> TuneResult:
+    """Time the candidates for one problem (not written to the cache; see `autotune`).
+
+    Two rounds: every candidate and the default with `repeats`, then the `finalists`
+    fastest and the default again with twice as many; the second round decides, so one
+    lucky sample on a busy machine does not.
+    """
+    op = _operand(problem.k, problem.n, problem.fmt, problem.block_size, problem.zeros)
+    if configs is None:
+        cands, pruned = _space.candidates(problem, op, space=space, max_configs=max_configs,
+                                          device_kind=_cache.device_kind())
+    else:
+        cands, pruned = list(configs), []
+    repeats = repeats or _default_repeats(problem.backend)
+    measure1 = measure or _default_measure(repeats, warmup)
+    measure2 = measure or _default_measure(2 * repeats, warmup)
+    # The shipped default: the xla heuristic as given, or the Pallas kernel's own choice.
+    default = default_config("xla", problem.m) if problem.backend == "xla" else None
+    if problem.backend == "xla":
+        default = MatmulConfig(block_k=_space._xla_chunk(op, default.block_k))
+    pool = list(dict.fromkeys(list(cands) + [default]))
+    eligible = set(cands) | ({default} if configs is None else set())
+    x = _activation(problem)
+    runners, failed, first = {}, [], {}
+    if progress is not None:
+        progress.set_total(progress.total + len(pool) - 1)
+    for cfg in pool:
+        try:
+            runners[cfg] = _compile(problem, op, x, cfg)
+            first[cfg] = measure1(runners[cfg])
+        except Exception as err:  # noqa: BLE001  (a config that fails is pruned, not fatal)
+            runners.pop(cfg, None)
+            failed.append((cfg, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        if progress is not None:
+            progress.step(f"{_describe(problem)} {_short(cfg)}")
+    ranked = sorted((t, i) for i, (c, t) in enumerate(first.items()) if c in eligible)
+    order = list(first)
+    final_cfgs = [order[i] for _, i in ranked[:finalists]]
+    if default in runners and default not in final_cfgs:
+        final_cfgs.append(default)
+    second = {c: measure2(runners[c]) for c in final_cfgs}
+    timings = tuple((c, second.get(c, t)) for c, t in first.items())
+    best = min((c for c in second if c in eligible), key=second.get, default=None)
+    return TuneResult(
+        problem=problem, config=best,
+        time_s=second[best] if best in second else float("nan"),
+        default_time_s=second.get(default, float("nan")),
+        timings=timings, failed=tuple(failed), pruned=tuple(pruned))
+
+
+def _short(cfg: MatmulConfig | None) -> str:
+    if cfg is None:
+        return "default"
+    base = MatmulConfig()
+    diff = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name) or f.name == "block_k"]
+    return ",".join(diff)
+
+
+def describe_config(cfg: MatmulConfig | None, backend: str) -> str:
+    """A config in the fields its backend reads."""
+    if cfg is None:
+        return "kernel default"
+    if backend == "xla":
+        return f"block_k={cfg.block_k}"
+    if backend == "mosaic_tpu":
+        return f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k}"
+    return (f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} "
+            f"s={cfg.num_stages} split={cfg.split_k}")
+
+
+def _describe(p: Problem) -> str:
+    return f"{p.kernel} {p.fmt} M={p.m} K={p.k} N={p.n} {p.x_dtype}"
+
+
+# --------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------
+
+
+def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtypes=None,
+             kernels=("qmatmul",), block_size=None, zeros=False, function=None,
+             problems: Sequence[Problem] | None = None, backend: str | None = None,
+             space: dict | None = None, configs: Sequence[MatmulConfig] | None = None,
+             max_configs="default", repeats: int | None = None, warmup: int = 2,
+             write: bool = True, dry_run: bool = False, progress: bool | None = None,
+             measure: Callable | None = None) -> list[TuneResult]:
+    """Autotune the quantised-matmul kernels on this machine; cache and return the winners.
+
+        results = qkern.autotune(m=(1, 16, 256), k=4096, n=(4096, 14336),
+                                 formats=("int4", "nf4"))
+        results = qkern.autotune(function="mymodel.bench:decode_step")   # its matmuls
+        for r in results:
+            print(r.problem, r.config, r.speedup)
+
+    Problems are the product of m, k, n, formats, dtypes (default: float32 on CPU,
+    bfloat16 elsewhere) and kernels ("qmatmul": x @ W; "qmatmul_t": dy @ W.T, the
+    gradient), for weights of `block_size` (default: the format's) with zero points when
+    `zeros`; or those found in `function` ("package.module:function" or a zero-argument
+    callable returning (fn, args); see `find_problems`); or `problems` given directly.
+
+    backend: "xla" (CPUs: tunes block_k), "triton" (NVIDIA GPUs) or "mosaic_tpu" (TPUs);
+    default: the device's. Each candidate is compiled ahead of time and timed (warm-up,
+    median of `repeats`, blocking on the result); failures are recorded, never fatal.
+    `space` overrides per-field values of the search space, `configs` replaces it (then
+    only those compete; the default is still timed as the baseline), `max_configs` caps
+    it. write=False keeps the cache untouched; dry_run=True times nothing and returns
+    each problem's pruned space (config None, times NaN). progress: draw a progress bar
+    on stderr (default: when stderr is a terminal). `measure(fn) -> seconds` replaces the
+    timer (tests).
+
+    Kernels read the cache when they are traced: functions jitted before tuning keep the
+    config they were compiled with.
+    """
+    from ..pallas._backend import resolve
+
+    name = resolve(backend).name
+    if problems is not None:
+        todo = list(problems)
+    elif function is not None:
+        todo = [p for p in find_problems(function, backend=name)]
+    else:
+        for kern in _as_tuple(kernels):
+            if kern not in KERNELS:
+                raise ValueError(f"unknown kernel {kern!r}; choose from {', '.join(KERNELS)}")
+        dts = tuple(_dtype_name(d) for d in _as_tuple(dtypes or default_dtype(name)))
+        todo = [_weight_problem(name, kern, mm, kk, nn, dt, fmt, block_size, zeros)
+                for kern, fmt, dt, kk, nn, mm in itertools.product(
+                    _as_tuple(kernels), _as_tuple(formats), dts, _as_tuple(k), _as_tuple(n),
+                    _as_tuple(m))]
+    todo = list(dict.fromkeys(todo))
+    for p in todo:
+        if p.backend != "xla" and not dry_run:
+            platform = jax.default_backend()
+            want = "gpu" if p.backend == "triton" else "tpu"
+            if platform != want:
+                raise ValueError(f"the {p.backend} kernels run on {want.upper()}s, and this "
+                                 f"machine's jax platform is {platform}: tune backend 'xla' "
+                                 "here, or use dry_run to see the pruned space")
+    if dry_run:
+        out = []
+        for p in todo:
+            op = _operand(p.k, p.n, p.fmt, p.block_size, p.zeros)
+            cands, pruned = _space.candidates(p, op, space=space, max_configs=max_configs,
+                                              device_kind=_cache.device_kind())
+            out.append(TuneResult(p, None, float("nan"), float("nan"),
+                                  timings=tuple((c, float("nan")) for c in cands),
+                                  pruned=tuple(pruned)))
+        return out
+
+    results = []
+    with Progress(len(todo), "qkern tune", enabled=progress) as bar:
+        for p in todo:
+            r = tune_problem(p, space=space, configs=configs, max_configs=max_configs,
+                             measure=measure, repeats=repeats, warmup=warmup, progress=bar)
+            if write and r.config is not None:
+                _cache.write_entries([_cache.make_entry(
+                    p, r.config, time_s=r.time_s, default_time_s=r.default_time_s,
+                    timed=len(r.timings))])
+                r = dataclasses.replace(r, written=True)
+            results.append(r)
+    return results

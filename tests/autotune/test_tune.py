@@ -1,0 +1,171 @@
+"""`qkern.autotune`: tuning writes the cache, and the kernels then run the cached config."""
+
+import importlib
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import pytest
+
+import qkern
+
+# (`import qkern.pallas.qmatmul as m` would give the function qkern.pallas re-exports)
+qmatmul_module = importlib.import_module("qkern.pallas.qmatmul")
+from qkern.autotune import SpecError, _cache, autotune, find_problems, load_function
+from qkern.pallas._config import MatmulConfig, Problem
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the config the xla kernel receives each time it is traced."""
+    jax.clear_caches()  # traces cached by earlier tests would hide the kernel calls
+    seen = []
+    for name in ("qmatmul_xla", "qmatmul_t_xla"):
+        real = getattr(qmatmul_module, name)
+
+        def fake(x, op, config, _real=real, _name=name):
+            seen.append((_name, x.shape[0], op.k, op.n, config))
+            return _real(x, op, config)
+
+        monkeypatch.setattr(qmatmul_module, name, fake)
+    return seen
+
+
+def _matmul(m, k=256, n=128, fmt="int8"):
+    """A fresh jit (nothing cached) of quaxified x @ qw; returns its output."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (k, n))
+    x = jnp.ones((m, k))
+    return jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, qkern.quantize(w, fmt))
+
+
+def test_tuned_config_is_written_read_back_and_run_by_the_kernel(spy, cache_dir):
+    (r,) = autotune(m=1, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+                    repeats=2, warmup=1)
+    assert r.config == MatmulConfig(block_k=64) and r.written
+    assert r.problem == Problem("xla", "qmatmul", 1, 256, 128, "float32", "int8", 256, False)
+    assert r.time_s > 0 and r.default_time_s > 0            # the default is the baseline
+    assert {c for c, _ in r.timings} == {MatmulConfig(block_k=64), MatmulConfig(block_k=256)}
+    assert _cache.read_entries()                              # on disk
+    _cache.invalidate()                                       # as a new process would start
+
+    spy.clear()
+    _matmul(1)
+    assert [c.block_k for *_, c in spy] == [64]              # the cached winner ran
+    spy.clear()
+    _matmul(3)                                                # nearest M in the decode regime
+    assert [c.block_k for *_, c in spy] == [64]
+    spy.clear()
+    _matmul(64)                                               # prefill: the heuristic
+    assert [c.block_k for *_, c in spy] == [512]
+    spy.clear()
+    _matmul(1, n=64)                                          # another shape: the heuristic
+    assert [c.block_k for *_, c in spy] == [256]
+
+
+def _scan_lengths(m, k=256, n=128):
+    """Lengths of the scans in the traced x @ qw: K / block_k chunks for the xla kernel."""
+    w = qkern.quantize(jax.random.normal(jax.random.PRNGKey(0), (k, n)), "int8")
+    closed = jax.make_jaxpr(qkern.quaxify(lambda x, w: x @ w))(jnp.ones((m, k)), w)
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(eqn.params["length"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return found
+
+
+def test_a_write_in_this_process_reaches_functions_traced_afterwards():
+    # No cache clearing here: jax caches traces of the kernels, and the tuner itself traced
+    # the candidate configs; the next trace must still pick up the new winner.
+    assert _scan_lengths(1) == [1]                            # heuristic: block_k 256 = K
+    autotune(m=1, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+             repeats=2, warmup=1)
+    assert _scan_lengths(1) == [4]
+    autotune(m=1, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=128)],
+             repeats=2, warmup=1)
+    assert _scan_lengths(1) == [2]
+
+
+def test_default_space_on_cpu_tunes_block_k_and_keeps_a_valid_winner():
+    calls = []
+
+    def measure(fn):          # deterministic "timer": later candidates look faster
+        fn()
+        calls.append(1)
+        return 1.0 / len(calls)
+
+    (r,) = autotune(m=1, k=512, n=128, formats="nf4", measure=measure)
+    blocks = [c.block_k for c, _ in r.timings]
+    assert blocks == sorted(set(blocks)) and set(blocks) <= {64, 128, 256}
+    assert r.config in {c for c, _ in r.timings} and r.written
+    assert any("same chunk" in why for _, why in r.pruned)   # 512+ all give one chunk
+
+
+def test_write_false_leaves_the_cache_alone(cache_dir):
+    (r,) = autotune(m=1, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+                    repeats=2, warmup=1, write=False)
+    assert not r.written and not (cache_dir / _cache.FILENAME).exists()
+
+
+def test_a_config_that_fails_is_recorded_not_fatal(monkeypatch):
+    real = qmatmul_module.qmatmul_xla
+
+    def broken(x, op, config):
+        if config.block_k == 64:
+            raise RuntimeError("boom")
+        return real(x, op, config)
+
+    monkeypatch.setattr(qmatmul_module, "qmatmul_xla", broken)
+    (r,) = autotune(m=1, k=256, n=128, formats="int8",
+                    configs=[MatmulConfig(block_k=64), MatmulConfig(block_k=128)],
+                    repeats=2, warmup=1)
+    assert [c.block_k for c, _ in r.failed] == [64] and "boom" in r.failed[0][1]
+    assert r.config == MatmulConfig(block_k=128)
+
+
+def test_find_problems_in_a_function():
+    found = find_problems("tests.autotune.models:tiny_mlp")
+    assert found == [Problem("xla", "qmatmul", 3, 256, 128, "float32", "int8", 256, False),
+                     Problem("xla", "qmatmul", 3, 128, 64, "float32", "nf4", 64, False)]
+    kernels = {(p.kernel, p.fmt) for p in find_problems("tests.autotune.models:tiny_grad")}
+    assert kernels == {("qmatmul", "int8"), ("qmatmul", "nf4"),
+                       ("qmatmul_t", "int8"), ("qmatmul_t", "nf4")}
+
+
+def test_autotune_from_a_function_dry_run():
+    from tests.autotune import models
+
+    results = autotune(function=models.tiny_mlp, dry_run=True)
+    assert [r.problem.fmt for r in results] == ["int8", "nf4"]
+    assert all(r.config is None and r.timings for r in results)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("tests.autotune.models", "package.module:function"),
+    ("tests.autotune.no_such_module:f", "cannot import"),
+    ("tests.autotune.models:missing", "no attribute"),
+    ("tests.autotune.models:not_a_pair", "must return"),
+    ("tests.autotune.models:needs_an_argument", "no arguments"),
+])
+def test_bad_function_specs(spec, match):
+    with pytest.raises(SpecError, match=match):
+        load_function(spec)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="triton"), "GPUs"), (dict(backend="mosaic_tpu"), "TPUs"),
+    (dict(kernels="fwd"), "unknown kernel"), (dict(dtypes="int32"), "not supported"),
+    (dict(formats="int9"), "Unknown quantisation format"),
+])
+def test_impossible_requests_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        autotune(**{"m": 1, "k": 256, "n": 128, "formats": "int8", **kwargs})
+
+
+def test_public_name():
+    assert qkern.autotune is autotune and "autotune" in qkern.__all__
