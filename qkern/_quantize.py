@@ -114,6 +114,21 @@ def _quantisable(v, min_size: int) -> bool:
             and v.size >= min_size)
 
 
+def choose_rule(path: str, v, rules: Sequence[Rule], selects) -> tuple[int | None, str | None]:
+    """(index of the rule that claims this array leaf or None, why it stays dense or None)."""
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        return None, "not floating"
+    i = next((i for i, s in enumerate(selects) if s(path, v)), None)
+    if i is None:
+        return None, "no rule"
+    r = rules[i]
+    if r.fmt is None:
+        return i, "kept dense by rule"
+    if v.ndim < 2 or v.size < r.min_size:
+        return i, "rank < 2" if v.ndim < 2 else f"< min_size={r.min_size} elements"
+    return i, None
+
+
 def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
     """(quantised tree, QuantReport, [whether rule i quantised (or, fmt=None, kept) a leaf])."""
     selects = [selector(r.where) for r in rules]
@@ -132,22 +147,13 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
         p = path_str(path)
         row = functools.partial(ReportRow, p, tuple(v.shape), np.dtype(v.dtype).name)
         size = nbytes(v)
-        if not jnp.issubdtype(v.dtype, jnp.floating):
-            rows.append(row(None, None, size, size, "not floating"))
-            return v
-        i = next((i for i, s in enumerate(selects) if s(p, v)), None)
-        if i is None:
-            rows.append(row(None, None, size, size, "no rule"))
-            return v
-        r = rules[i]
-        if r.fmt is None:
-            used[i] = True
-            rows.append(row(None, i, size, size, "kept dense by rule"))
-            return v
-        if v.ndim < 2 or v.size < r.min_size:
-            why = "rank < 2" if v.ndim < 2 else f"< min_size={r.min_size} elements"
+        i, why = choose_rule(p, v, rules, selects)
+        if why is not None:
+            if why == "kept dense by rule":
+                used[i] = True
             rows.append(row(None, i, size, size, why))
             return v
+        r = rules[i]
         try:
             q = _quantize_one(v, r.fmt, act_fmt=r.act_fmt, **r.options())
         except (ValueError, TypeError) as e:

@@ -1,0 +1,123 @@
+"""Quantisation-aware training: fake quantisation with a straight-through gradient.
+
+    def loss(params, x, y):
+        qat = qkern.fake_quant(params, rules=rules)       # what serving will see
+        return jnp.mean((model(qat, x) - y) ** 2)
+    grads = jax.grad(loss)(params, x, y)                   # straight through to params
+    ...
+    qparams = qkern.quantize(params, rules=rules)          # serve: the same numbers
+
+The forward pass of `fake_quant(w, ...)` is `qkern.dequantize(qkern.quantize(w, ...))`,
+bit for bit, so a model trained with it and then served with `quantize` sees exactly the
+weights it was trained with. The gradient ignores the rounding (the straight-through
+estimator): d fake_quant(w) / dw = identity.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._rules import Rule
+
+
+def ste(fn: Callable) -> Callable:
+    """Make `fn(x, *args, **kwargs)` straight-through in `x`: the forward value is
+    `fn(x, ...)` exactly, the derivative with respect to `x` is the identity (the other
+    arguments get none). `fn` must return an array (or pytree of arrays) shaped like `x`.
+
+        @qkern.ste
+        def round_to_grid(w, step):
+            return jnp.round(w / step) * step
+
+        jax.grad(lambda w: round_to_grid(w, 0.1).sum())(w)   # == ones_like(w)
+
+    Works in forward and reverse mode (a `jax.custom_jvp` whose tangent is passed through).
+    """
+
+    @functools.wraps(fn)
+    def wrapped(x, *args, **kwargs):
+        def forward(x):
+            out = fn(x, *args, **kwargs)
+            _check_like(out, x, fn)
+            return out
+
+        f = jax.custom_jvp(forward)
+
+        @f.defjvp
+        def _(primals, tangents):
+            (x,), (dx,) = primals, tangents
+            return forward(x), dx
+
+        return f(x)
+
+    return wrapped
+
+
+def _check_like(out, x, fn) -> None:
+    o, i = jax.tree_util.tree_structure(out), jax.tree_util.tree_structure(x)
+    bad = o != i or any(jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+                        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(x)))
+    if bad:
+        name = getattr(fn, "__name__", repr(fn))
+        raise TypeError(
+            f"qkern.ste({name}): a straight-through function must return something shaped like "
+            f"its first argument (same pytree, shapes and dtypes); got {jax.tree_util.tree_map(jnp.shape, out)} "
+            f"of {[jnp.result_type(a).name for a in jax.tree_util.tree_leaves(out)]} for "
+            f"{jax.tree_util.tree_map(jnp.shape, x)} of {[jnp.result_type(a).name for a in jax.tree_util.tree_leaves(x)]}.")
+
+
+def _round_trip(w, fmt, *, block_size, axis, calibration, scale_dtype, double_quant):
+    from ._quantize import _quantize_one
+    return _quantize_one(w, fmt, axis=axis, block_size=block_size, calibration=calibration,
+                         scale_dtype=scale_dtype, double_quant=double_quant).materialise()
+
+
+_fake_quant_array = ste(_round_trip)
+
+
+def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
+               axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
+               double_quant: bool = False, rules: Sequence[Rule] | None = None) -> Any:
+    """Quantise and dequantise in the forward pass; straight-through gradient.
+
+        w_q = qkern.fake_quant(w, "int4", block_size=32)     # one array, any format
+        qat = qkern.fake_quant(params, rules=rules)           # a pytree, by the serving rules
+
+    The forward value equals `qkern.dequantize(qkern.quantize(w, fmt, ...))` bit for bit
+    (same options as `quantize`); with `rules`, each leaf is fake-quantised exactly as
+    `qkern.quantize(params, rules=rules)` would quantise it, and every other leaf passes
+    through. The gradient with respect to `w` is the identity. Works under jit and grad.
+    """
+    if rules is not None:
+        if fmt is not None:
+            raise TypeError("qkern.fake_quant: give either `fmt` or `rules=`, not both.")
+        return _fake_quant_tree(w, tuple(rules))
+    fmt = "int8" if fmt is None else fmt
+    if isinstance(w, (np.generic, float, int, complex)) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+        raise TypeError(f"qkern.fake_quant needs a floating array, got {w!r}.")
+    return _fake_quant_array(jnp.asarray(w), fmt, block_size=block_size, axis=axis,
+                             calibration=calibration, scale_dtype=scale_dtype,
+                             double_quant=double_quant)
+
+
+def _fake_quant_tree(tree, rules):
+    from ._paths import path_str, selector
+    from ._quantize import choose_rule
+    from .types.qarray import QArray
+
+    selects = [selector(r.where) for r in rules]
+
+    def leaf(path, v):
+        if isinstance(v, QArray) or not isinstance(v, (jax.Array, np.ndarray)):
+            return v
+        i, why = choose_rule(path_str(path), v, rules, selects)
+        if why is not None:
+            return v
+        return _fake_quant_array(jnp.asarray(v), rules[i].fmt, **rules[i].options())
+
+    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))

@@ -1,0 +1,156 @@
+"""QAT: fake_quant's forward is dequantize(quantize(w)) bit for bit, its gradient is the
+identity, `ste` makes any function straight-through, and a model trained with fake_quant
+then served with quantize computes the same outputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+
+rng = np.random.default_rng(0)
+
+
+def _w(*shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+CASES = [("int8", dict(block_size=64)), ("int4", dict(block_size=32)), ("fp8_e4m3", {}),
+         ("mxfp4", {}), ("int3", dict(calibration="minmax")), ("nf4", dict(double_quant=True)),
+         ("int8", dict(axis=None)), ("fp4", dict(scale_dtype=jnp.bfloat16))]
+
+
+@pytest.mark.parametrize("fmt, opts", CASES, ids=[f"{f}-{o}" for f, o in CASES])
+def test_forward_is_dequantize_of_quantize_bit_for_bit(fmt, opts):
+    w = _w(128, 48)
+    want = qkern.dequantize(qkern.quantize(w, fmt, **opts))
+    np.testing.assert_array_equal(qkern.fake_quant(w, fmt, **opts), want)
+    # under jit, compare with the jitted round trip (XLA may fuse multiply-adds either way)
+    np.testing.assert_array_equal(
+        jax.jit(lambda w: qkern.fake_quant(w, fmt, **opts))(w),
+        jax.jit(lambda w: qkern.dequantize(qkern.quantize(w, fmt, **opts)))(w))
+
+
+def test_bf16_weights_keep_their_dtype():
+    w = _w(64, 32, dtype=jnp.bfloat16)
+    out = qkern.fake_quant(w, "int4")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, qkern.dequantize(qkern.quantize(w, "int4")))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_gradient_is_straight_through(fmt):
+    w, c = _w(64, 32), _w(64, 32)
+    g = jax.grad(lambda w: jnp.sum(qkern.fake_quant(w, fmt) * c))(w)
+    np.testing.assert_array_equal(g, c)
+    # forward mode too
+    _, t = jax.jvp(lambda w: qkern.fake_quant(w, fmt), (w,), (c,))
+    np.testing.assert_array_equal(t, c)
+    # and the plain round trip has no useful gradient: rounding is flat almost everywhere
+    g0 = jax.grad(lambda w: jnp.sum(qkern.dequantize(qkern.quantize(w, fmt)) * c))(w)
+    assert not np.allclose(g0, c)
+
+
+def test_ste_decorator():
+    @qkern.ste
+    def round_to_grid(w, step, *, offset=0.0):
+        return jnp.round((w - offset) / step) * step + offset
+
+    w = _w(10)
+    np.testing.assert_array_equal(round_to_grid(w, 0.5), jnp.round(w / 0.5) * 0.5)
+    np.testing.assert_array_equal(jax.grad(lambda w: round_to_grid(w, 0.5).sum())(w), np.ones(10))
+    np.testing.assert_array_equal(
+        jax.jit(jax.grad(lambda w: (round_to_grid(w, 0.5, offset=0.1) ** 2).sum()))(w),
+        2 * round_to_grid(w, 0.5, offset=0.1))
+    assert round_to_grid.__name__ == "round_to_grid"
+
+
+def test_ste_on_a_pytree_and_with_traced_arguments():
+    f = qkern.ste(lambda t, s: jax.tree_util.tree_map(lambda v: jnp.round(v * s) / s, t))
+    tree = {"a": _w(3), "b": _w(2, 2)}
+    g = jax.grad(lambda s: jax.grad(lambda t: sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(f(t, s))))(tree)["a"].sum())(2.0)
+    assert g == 0.0
+    grads = jax.grad(lambda t: f(t, 4.0)["b"].sum() * 2)(tree)
+    np.testing.assert_array_equal(grads["b"], 2 * np.ones((2, 2)))
+    np.testing.assert_array_equal(grads["a"], np.zeros(3))
+
+
+def test_ste_rejects_functions_that_change_shape():
+    with pytest.raises(TypeError, match="shaped like its first argument"):
+        qkern.ste(lambda w: w.sum())(_w(4))
+    with pytest.raises(TypeError, match="floating array"):
+        qkern.fake_quant(jnp.ones((4, 4), jnp.int32), "int8")
+
+
+# -- the whole loop: train with fake_quant, serve with quantize ----------------------------
+RULES = [qkern.Rule(where=r"w1", fmt="int8", block_size=64),
+         qkern.Rule(where=r"w2", fmt="int4", block_size=32),
+         qkern.Rule(where=r"b.*", fmt=None)]
+
+
+def model(p, x):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+def _train(params, x, y, steps=5, lr=0.05):
+    def loss(p):
+        return jnp.mean((model(qkern.fake_quant(p, rules=RULES), x) - y) ** 2)
+
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda a, g: a - lr * g, p, jax.grad(loss)(p)))
+    losses = []
+    for _ in range(steps):
+        losses.append(float(loss(params)))
+        params = step(params)
+    return params, losses
+
+
+def test_trained_with_fake_quant_then_served_with_quantize_matches_exactly():
+    params = {"w1": _w(128, 256) / 11, "b1": jnp.zeros(256), "w2": _w(256, 64) / 16,
+              "b2": jnp.zeros(64)}
+    x, y = _w(64, 128), _w(64, 64)
+    trained, losses = _train(params, x, y)
+    assert losses[-1] < losses[0]                     # gradients flowed straight through
+    assert not np.array_equal(trained["w1"], params["w1"])
+
+    qat = qkern.fake_quant(trained, rules=RULES)
+    served = qkern.quantize(trained, rules=RULES)
+    assert served["w1"].fmt == "int8" and served["w2"].fmt == "int4"
+    assert served["b1"] is trained["b1"]
+    # the weights serving uses are the trained fake-quantised weights, bit for bit ...
+    for k in params:
+        np.testing.assert_array_equal(qkern.dequantize(served[k]), qat[k])
+    # ... so the dense forward pass is bit-identical,
+    want = model(qat, x)
+    np.testing.assert_array_equal(model(qkern.dequantize(served), x), want)
+    np.testing.assert_array_equal(jax.jit(model)(qkern.dequantize(served), x), jax.jit(model)(qat, x))
+    # and the quantised kernels (quaxify) compute the same products, summed in their own
+    # K-chunk order: equal to float32 rounding (see docs/models.md, "QAT").
+    got = qkern.quaxify(model)(served, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_kernel_path_is_bit_identical_where_it_runs_one_dense_dot():
+    # int8 in blocks with M > 32 rows and K within one scan chunk: the xla kernel
+    # dequantises the tile and runs one dot, the same one the fake-quant model runs.
+    w, x = _w(256, 96), _w(64, 256)
+    with qkern.backend("xla"):
+        got = qkern.quaxify(lambda w, x: x @ w)(qkern.quantize(w, "int8", block_size=64), x)
+    np.testing.assert_array_equal(got, x @ qkern.fake_quant(w, "int8", block_size=64))
+
+
+def test_fake_quant_rules_follow_quantize_rules_exactly():
+    params = {"w1": _w(128, 256), "b1": _w(256), "small": _w(8, 8), "w2": _w(256, 64),
+              "b2": _w(64), "steps": jnp.ones((64, 64), jnp.int32)}
+    qat = qkern.fake_quant(params, rules=RULES)
+    served = qkern.quantize(params, rules=RULES)
+    for k in params:
+        if isinstance(served[k], qkern.QArray):
+            np.testing.assert_array_equal(qat[k], qkern.dequantize(served[k]))
+        else:
+            assert qat[k] is params[k]
+    with pytest.raises(TypeError, match="either"):
+        qkern.fake_quant(params, "int8", rules=RULES)
