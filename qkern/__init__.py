@@ -17,6 +17,7 @@ from ._core import (
 )
 from ._quantize import dequantize, quantize
 from ._rules import QuantReport, Rule
+from ._qat import fake_quant, ste
 from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
@@ -41,6 +42,8 @@ __all__ = [
     "dequantize",
     "Rule",
     "QuantReport",
+    "fake_quant",
+    "ste",
     "backend",
     "autotune",
 ]
