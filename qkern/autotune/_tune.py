@@ -159,7 +159,7 @@ def find_problems(function, *, backend: str | None = None) -> list[Problem]:
         if p not in found:
             found.append(p)
 
-    jax.clear_caches()  # functions traced earlier under jit would not be traced again
+    _cache._retrace()  # jits that quaxify traced before would not ask for configs again
     _config.OBSERVERS.append(observe)
     try:
         with use_backend(backend) if backend else contextlib.nullcontext():
