@@ -41,7 +41,7 @@ def _forward(x2, op, act_scale, sel: _backend.Selection, config):
     if sel.name == "mosaic_tpu":
         from ._mosaic_w8a8 import w8a8_mosaic
         return w8a8_mosaic(x2, op, config, act_scale=act_scale, interpret=sel.interpret)
-    return w8a8_xla(x2, op, act_scale)
+    return w8a8_xla(x2, op, act_scale, config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -74,8 +74,8 @@ def w8a8_matmul(x: jax.Array, op: QOperand, *, act_scale=None, backend: str | No
     (array or Python number; traced is fine): one static scale for the whole tensor,
     x quantised as clip(round(x / act_scale), -127, 127).
     backend / interpret: as for `qmatmul` (None: the `qkern.backend` block, then
-    QKERN_BACKEND, then the device). config: the Pallas backends' MatmulConfig (None:
-    their heuristic defaults); the xla backend ignores it.
+    QKERN_BACKEND, then the device). config: a MatmulConfig for the chosen backend (the
+    xla backend reads only block_k, its K chunk); None: the heuristic defaults.
 
         op = qkern.pallas.stored_operand(qkern.quantize(w, "int8"))
         y = w8a8_matmul(x, op)                              # dynamic per-row scales

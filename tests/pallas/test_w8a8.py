@@ -13,7 +13,7 @@ import pytest
 
 import qkern
 from qkern.formats import get_format
-from qkern.pallas import stored_operand
+from qkern.pallas import MatmulConfig, stored_operand
 from qkern.pallas.w8a8 import w8a8_matmul
 from qkern.pallas._xla_w8a8 import (check_act_scale, quantize_rows, quantize_static,
                                     w8a8_reference, w8a8_xla)
@@ -47,6 +47,17 @@ def test_xla_matches_reference(block, shape, dtype):
     assert y.dtype == ys.dtype == dtype
     assert_matches(y, want)
     assert_matches(ys, want_s)
+
+
+def test_xla_chunking_does_not_change_the_result():
+    """K chunks of 128 rows (per channel: 8 int32 dots; blocks of 64: 2 per chunk), one
+    chunk of everything, and the automatic choice agree with the reference."""
+    x = activation(5, 1024, jnp.float32)
+    for block in (None, 64):
+        op = int8_operand(1024, 72, block)
+        want = _ref(x, op)
+        for cfg in (MatmulConfig(block_k=128), MatmulConfig(block_k=4096), None):
+            assert_matches(w8a8_matmul(x, op, backend="xla", config=cfg), want)
 
 
 @pytest.mark.parametrize("opts", [dict(block_size=96), dict(axis=None)],
