@@ -31,6 +31,7 @@ def qmatmul_dispatch(lhs, rhs, params):
     if lb or rb or len(lc) != 1 or not (w_on_right or w_on_left):
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
     w, x = (rhs, lhs) if w_on_right else (lhs, rhs)
+    w = w.fitted()
     w_axis, x_axis = (rc[0], lc[0]) if w_on_right else (lc[0], rc[0])
     if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
@@ -60,4 +61,6 @@ def _act_quantised(xm, w, op):
     from .w8a8 import w8a8_matmul
     if w.act_scale is None:
         return w8a8_matmul(xm, op)
-    return w8a8_matmul(xm, op, act_scale=w.act_scale)
+    # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
+    scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
+    return w8a8_matmul(xm, op, act_scale=scale)

@@ -47,6 +47,7 @@ def _per_block_fields(q: QArray):
 # -- transpose: metadata only ------------------------------------------------------------
 @register(lax.transpose_p)
 def _(q: QArray, *, permutation):
+    q = q.fitted()
     old = q.perm if q.perm is not None else tuple(range(len(q.layout.shape)))
     new = tuple(old[p] for p in permutation)
     return _with(q, perm=None if new == tuple(range(len(new))) else new)
@@ -63,6 +64,7 @@ def _(q: QArray, *, new_dtype, **params):
 # -- reshape: not across the block axis ----------------------------------------------------
 @register(lax.reshape_p)
 def _(q: QArray, *, new_sizes, dimensions=None, **params):
+    q = q.fitted()
     new_sizes = tuple(int(d) for d in new_sizes)
     lay = q.layout
     if q.perm is not None or dimensions is not None:
@@ -88,6 +90,7 @@ def _(q: QArray, *, new_sizes, dimensions=None, **params):
 # -- slicing along other axes --------------------------------------------------------------
 @register(lax.slice_p)
 def _(q: QArray, *, start_indices, limit_indices, strides):
+    q = q.fitted()
     n = len(q.layout.shape)
     strides = strides or (1,) * n
     phys = [None] * n
@@ -118,6 +121,7 @@ def _(q: QArray, *, start_indices, limit_indices, strides):
 
 @register(lax.dynamic_slice_p)
 def _(q: QArray, *starts: ArrayLike, slice_sizes):
+    q = q.fitted()
     n = len(q.layout.shape)
     phys_start, phys_size = [None] * n, [None] * n
     for i in range(n):
@@ -144,6 +148,7 @@ def _(q: QArray, *starts: ArrayLike, slice_sizes):
 
 @register(lax.squeeze_p)
 def _(q: QArray, *, dimensions):
+    q = q.fitted()
     phys = sorted(_physical(q, d) for d in dimensions)
     if any(ax in _guarded_axes(q) for ax in phys):
         return Value.default(lax.squeeze_p, [q], dict(dimensions=dimensions))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,21 @@ class QArray(ArrayValue):
 
     # -- array protocol ------------------------------------------------------------------
     def aval(self):
-        return jax.core.ShapedArray(self.logical_shape, self.dtype)
+        return jax.core.ShapedArray(self.fitted().logical_shape, self.dtype)
+
+    def fitted(self) -> "QArray":
+        """This QArray with its static layout matching the arrays it holds.
+
+        JAX rebuilds a QArray from pieces of its arrays while keeping the static fields:
+        `lax.scan` over a stacked QArray hands each step one slice of every field, and
+        `shard_map` hands each device its shard. The stored layout still describes the
+        whole array then; this derives the piece's own layout from the field shapes, so
+        the piece behaves as the smaller QArray it is. Raises where a piece cannot stand
+        alone (a shard of a packed 4-bit block axis, a double-quantised slice)."""
+        shape = getattr(self.data, "shape", None)
+        if shape is None or tuple(shape) == _data_shape(self.layout, self.format):
+            return self
+        return dataclasses.replace(self, layout=_fit_layout(self, tuple(shape)))
 
     @property
     def logical_shape(self) -> tuple[int, ...]:
@@ -68,6 +84,7 @@ class QArray(ArrayValue):
         return get_format(self.fmt)
 
     def materialise(self) -> jax.Array:
+        self = self.fitted()
         out = dequantize_array(self.fmt, self.data, self.scales, self.zeros, self.dq_scale,
                                self.dq_offset, self.layout, self.dtype)
         return out if self.perm is None else jnp.transpose(out, self.perm)
@@ -88,3 +105,47 @@ class QArray(ArrayValue):
             ", static act_scale" if self.act_scale is not None else "")
         return (f"QArray({self.fmt}, shape={self.logical_shape}, dtype={np.dtype(self.dtype).name}, "
                 f"{blocks}{act})")
+
+
+def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
+    """The shape of `data` for a stored layout: the block axis padded, halved when packed."""
+    s = list(layout.shape)
+    s[layout.axis] = layout.padded // (2 if fmt.packed else 1)
+    return tuple(s)
+
+
+def _fit_layout(q: QArray, shape: tuple[int, ...]) -> Layout:
+    lay, fmt = q.layout, q.format
+    what = (f"a piece of {q!r} with data of shape {shape} (a scan step or a shard_map "
+            f"shard; the whole array stores {_data_shape(lay, fmt)})")
+    if q.dq_scale is not None:
+        raise ValueError(f"{what}: double-quantised scales are blocked over the whole array and "
+                         "cannot be split; quantise without double_quant to scan or shard it.")
+    drop = len(lay.shape) - len(shape)
+    if drop < 0 or (drop and (q.perm is not None or lay.axis < drop)):
+        raise ValueError(f"{what}: only leading stacked axes may be scanned over.")
+    if drop:
+        lay = dataclasses.replace(lay, shape=lay.shape[drop:], axis=lay.axis - drop)
+    full = _data_shape(lay, fmt)
+    new = list(lay.shape)
+    block = lay.block_size
+    for ax, (got, want) in enumerate(zip(shape, full)):
+        if got == want:
+            continue
+        if ax != lay.axis:
+            new[ax] = got
+            continue
+        if fmt.packed:
+            raise ValueError(f"{what}: {fmt.name} packs the two halves of the block axis "
+                             f"(axis {ax}) into one byte, so a shard of that axis cannot be "
+                             "decoded alone; shard another axis.")
+        if lay.padded != lay.length:
+            raise ValueError(f"{what}: the block axis is padded from {lay.length} to "
+                             f"{lay.padded}; shard it only when blocks fill it exactly.")
+        if lay.per_tensor:
+            block = got
+        elif got % block:
+            raise ValueError(f"{what}: a shard of the block axis must hold whole blocks of "
+                             f"{block}; got {got} rows.")
+        new[ax] = got
+    return dataclasses.replace(lay, shape=tuple(new), block_size=block)
