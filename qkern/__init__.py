@@ -18,6 +18,8 @@ from ._core import (
 from ._quantize import dequantize, quantize
 from ._rules import QuantReport, Rule
 from ._qat import fake_quant, ste
+from ._calibrate import calibrate
+from ._checkpoint import CheckpointError, load, save
 from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
@@ -44,6 +46,10 @@ __all__ = [
     "QuantReport",
     "fake_quant",
     "ste",
+    "calibrate",
+    "save",
+    "load",
+    "CheckpointError",
     "backend",
     "autotune",
 ]
