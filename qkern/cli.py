@@ -130,6 +130,7 @@ def _cmd_tune(args) -> int:
             function=args.from_, backend=args.backend,
             max_configs=args.max_configs or "default",
             repeats=args.repeats, write=not args.no_write, dry_run=args.dry_run,
+            check_lowering=args.check_lowering,
             progress=False if args.no_progress else None)
     except SpecError as err:
         raise UsageError(f"--from {args.from_}: {err}") from None
@@ -327,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timed calls per config (median; default 10 on CPU, 50 elsewhere)")
     tune.add_argument("--dry-run", action="store_true",
                       help="show the pruned search space, time nothing")
+    tune.add_argument("--check-lowering", action="store_true",
+                      help="with --dry-run: lower each Triton/Mosaic candidate for its target "
+                           "(works on a CPU host) and prune those that fail")
     tune.add_argument("--verbose", action="store_true", help="with --dry-run: every pruned config")
     tune.add_argument("--no-write", action="store_true", help="leave the cache untouched")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -48,7 +48,9 @@ def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
         bandwidth_gbps: float | None = None) -> list[dict]:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
-    device_kind = str(jax.devices()[0].device_kind)
+    from ..autotune._cache import device_kind as _device_kind
+
+    device_kind = _device_kind()              # for CPUs: the processor model and core count
     peak = bandwidth_gbps or peak_bandwidth(device_kind)
     itemsize = jnp.dtype(dtype).itemsize
     kw, kx = jax.random.split(jax.random.PRNGKey(0))
@@ -134,6 +136,15 @@ def plot(rows, path, *, title: str | None = None) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(ms, [str(m) for m in ms])
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    speeds = [r["speedup"] for r in rows] + [1.0]
+    lo, hi = min(speeds) / 1.15, max(speeds) * 1.15
+    ticks = [t for t in (0.125, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 16) if lo <= t <= hi]
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("M (rows of x)")
     ax.set_ylabel("speed-up over dense (dense time / qkern time)")
     if rows:

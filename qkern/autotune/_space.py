@@ -56,6 +56,10 @@ def smem_limit(device_kind: str) -> tuple[int, str]:
     return SMEM_DEFAULT, "an unknown GPU"
 
 
+def _compact(c: MatmulConfig) -> str:
+    return ", ".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c))
+
+
 def _distance(a: MatmulConfig, b: MatmulConfig) -> float:
     return sum(abs(math.log2(getattr(a, f.name) / getattr(b, f.name)))
                for f in dataclasses.fields(MatmulConfig))
@@ -151,7 +155,8 @@ def _triton(problem: Problem, op, space, device_kind) -> tuple[list, list, Matmu
             continue
         tiling = (p.bm, p.bn, p.bk, p.split, p.num_warps, p.num_stages)
         if tiling in seen:
-            pruned.append((cfg, f"same tiling as {seen[tiling]} after clamping to the problem"))
+            pruned.append((cfg, f"same tiling as ({_compact(seen[tiling])}) after clamping "
+                                "to the problem"))
             continue
         smem = triton_smem_bytes(p, x_size, d_size, transposed)
         if smem > limit:
@@ -190,7 +195,8 @@ def _mosaic(problem: Problem, op, space) -> tuple[list, list, MatmulConfig | Non
             continue
         tiling = (p.bm, p.bn, p.td, p.nk)
         if tiling in seen:
-            pruned.append((cfg, f"same tiling as {seen[tiling]} after clamping to the problem"))
+            pruned.append((cfg, f"same tiling as ({_compact(seen[tiling])}) after clamping "
+                                "to the problem"))
             continue
         seen[tiling] = cfg
         configs.append(cfg)
@@ -222,3 +228,40 @@ def candidates(problem: Problem, op, *, space: dict | None = None,
         raise ValueError(f"unknown backend {problem.backend!r}; choose xla, triton or "
                          "mosaic_tpu.")
     return _cap(configs, anchor, max_configs, pruned), pruned
+
+
+# --------------------------------------------------------------------------------------
+# lowering (from any host)
+# --------------------------------------------------------------------------------------
+
+
+def lowering_error(problem: Problem, op, config: MatmulConfig) -> str | None:
+    """Why `config` does not lower for the problem's real target, or None when it does.
+
+    Runs the Pallas-to-Triton (`cuda`) or Pallas-to-Mosaic (`tpu`) lowering through
+    `jax.export` on this host, no GPU or TPU needed. Lowering is necessary, not
+    sufficient: Triton's and Mosaic's own compilers run only on the device, where a
+    config that fails to compile is recorded as failed when it is timed.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from ..pallas.qmatmul import qmatmul
+
+    if problem.backend == "xla":
+        return None
+    platforms = ["cuda"] if problem.backend == "triton" else ["tpu"]
+    checks = ([jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+              if problem.backend == "triton" else [])
+    cols = problem.n if problem.kernel == "qmatmul_t" else problem.k
+    x = jax.ShapeDtypeStruct((problem.m, cols), jnp.dtype(problem.x_dtype))
+    fn = functools.partial(qmatmul, backend=problem.backend, config=config, interpret=False,
+                           transposed=problem.kernel == "qmatmul_t")
+    try:
+        jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=checks)(x, op)
+    except Exception as err:  # noqa: BLE001  (any lowering failure prunes the config)
+        return f"does not lower for {platforms[0]}: {type(err).__name__}: " \
+               f"{str(err).splitlines()[0][:160]}"
+    return None

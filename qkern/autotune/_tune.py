@@ -308,7 +308,8 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
              problems: Sequence[Problem] | None = None, backend: str | None = None,
              space: dict | None = None, configs: Sequence[MatmulConfig] | None = None,
              max_configs="default", repeats: int | None = None, warmup: int = 2,
-             write: bool = True, dry_run: bool = False, progress: bool | None = None,
+             write: bool = True, dry_run: bool = False, check_lowering: bool = False,
+             progress: bool | None = None,
              measure: Callable | None = None) -> list[TuneResult]:
     """Autotune the quantised-matmul kernels on this machine; cache and return the winners.
 
@@ -330,7 +331,9 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
     `space` overrides per-field values of the search space, `configs` replaces it (then
     only those compete; the default is still timed as the baseline), `max_configs` caps
     it. write=False keeps the cache untouched; dry_run=True times nothing and returns
-    each problem's pruned space (config None, times NaN). progress: draw a progress bar
+    each problem's pruned space (config None, times NaN); with check_lowering=True it
+    also lowers every Triton/Mosaic candidate for its target (from any host) and prunes
+    those that fail. progress: draw a progress bar
     on stderr (default: when stderr is a terminal). `measure(fn) -> seconds` replaces the
     timer (tests).
 
@@ -368,6 +371,10 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
             op = _operand(p.k, p.n, p.fmt, p.block_size, p.zeros)
             cands, pruned = _space.candidates(p, op, space=space, max_configs=max_configs,
                                               device_kind=_cache.device_kind())
+            if check_lowering:
+                errors = {c: _space.lowering_error(p, op, c) for c in cands}
+                pruned = pruned + [(c, e) for c, e in errors.items() if e]
+                cands = [c for c in cands if not errors[c]]
             out.append(TuneResult(p, None, float("nan"), float("nan"),
                                   timings=tuple((c, float("nan")) for c in cands),
                                   pruned=tuple(pruned)))

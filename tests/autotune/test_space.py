@@ -121,3 +121,11 @@ def test_dry_run_plans_gpu_kernels_from_a_cpu_host():
     assert [r.problem.m for r in results] == [1, 256]
     assert all(len(r.timings) == 8 and r.problem.x_dtype == "bfloat16" for r in results)
     assert all(np.isnan(r.time_s) for r in results)
+
+
+def test_lowering_check_from_a_cpu_host():
+    op = _op(1024, 256, "nf4")
+    p = _problem("mosaic_tpu", 1, 1024, 256, "nf4", op)
+    assert _space.lowering_error(p, op, MatmulConfig(block_m=16, block_n=128, block_k=512)) is None
+    why = _space.lowering_error(p, op, MatmulConfig(block_m=16, block_n=128, block_k=256))
+    assert why.startswith("does not lower for tpu") and "multiple of 8" in why
