@@ -1,0 +1,128 @@
+"""Tests of the fused QLoRA Triton kernels (qkern/pallas/_triton_lora.py).
+
+No GPU here: numerics in Pallas interpret mode against `lora_qmatmul.reference` (y and
+xu, both directions), and lowering by exporting every kernel for `cuda`, which runs the
+real Triton lowering (DESIGN.md, "How kernels are tested without a GPU or TPU").
+Interpret mode costs a few seconds per compiled case, so the cases are chosen to cover,
+between them: int8, int4 (symmetric and minmax zero points), nf4 and fp8_e4m3; per-channel
+and sub-channel scales; float32 and bfloat16 x; M = 1, 3, 16 and 40 (decode and tiled
+kernels); K and N that are not multiples of the tiles; r = 4 and 12; split-K (whose xu
+partials must be summed too) and the transposed kernel's split over N.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qkern.pallas._config import MatmulConfig
+from qkern.pallas._triton_lora import lora_qmatmul_triton
+
+from .test_lora_qmatmul import SCALE, check_lora, lora_case
+
+_NO_TRITON_CHECK = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+# fmt, opts, (M, K, N), r, dtype, config
+_CASES = [
+    # decode, per-channel int8, one K split
+    ("int8", {}, (1, 512, 256), 4, jnp.float32,
+     MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=1)),
+    # decode, zero points, blocks of 128 with block_k 64 (two steps per block), 3 splits
+    ("int4", dict(calibration="minmax"), (3, 384, 200), 12, jnp.bfloat16,
+     MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=3)),
+    # decode at the 16-row limit, ragged K and N, two splits
+    ("nf4", {}, (16, 1000, 136), 12, jnp.float32,
+     MatmulConfig(block_m=16, block_n=64, block_k=32, split_k=2)),
+    # tiled, per-channel fp8, two M tiles with a ragged last one; bfloat16 factors
+    ("fp8_e4m3", {}, (40, 320, 260), 4, jnp.bfloat16,
+     MatmulConfig(block_m=32, block_n=64, block_k=128, split_k=2)),
+]
+# (the heuristic config, config=None, runs in test_lora_qmatmul.py's public-API tests)
+_IDS = [f"{c[0]}{'-minmax' if c[1] else ''}-{'x'.join(map(str, c[2]))}-r{c[3]}-"
+        f"{jnp.dtype(c[4]).name}" for c in _CASES]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["fwd", "T"])
+@pytest.mark.parametrize("fmt,opts,shape,r,dtype,cfg", _CASES, ids=_IDS)
+def test_matches_reference(fmt, opts, shape, r, dtype, cfg, transposed):
+    m, k, n = shape
+    x, op, u, v = lora_case(fmt, opts, m, k, n, r, dtype, transposed)
+    if fmt == "fp8_e4m3":
+        u, v = u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    y, xu = lora_qmatmul_triton(x, op, u, v, SCALE, cfg, transposed=transposed,
+                                interpret=True)
+    assert y.dtype == x.dtype and xu.dtype == jnp.float32
+    check_lora(y, xu, x, op, u, v, transposed)
+
+
+# ---------------------------------------------------------------------------- lowering
+
+KERNELS = {
+    # name: (M, config, transposed)
+    "decode": (3, MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=1), False),
+    "decode-splitk": (1, MatmulConfig(block_m=16, block_n=64, block_k=64, split_k=4), False),
+    "tiled": (257, MatmulConfig(block_m=64, block_n=128, block_k=256), False),
+    "transposed-split": (3, MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=2), True),
+    "transposed-tiled": (257, MatmulConfig(block_m=64, block_n=64, block_k=64), True),
+}
+_LOWER_FORMATS = [("int8", {}), ("int4", dict(calibration="minmax")), ("nf4", {}),
+                  ("fp8_e4m3", {})]
+
+
+def _export_cuda(fn, *args) -> str:
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                            disabled_checks=_NO_TRITON_CHECK)(*args)
+    return exp.mlir_module()
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("fmt,opts", _LOWER_FORMATS,
+                         ids=["int8", "int4-minmax", "nf4", "fp8_e4m3"])
+def test_lowers_for_triton(fmt, opts, kernel):
+    m, cfg, transposed = KERNELS[kernel]
+    x, op, u, v = lora_case(fmt, opts, m, 1000, 136, 12, jnp.bfloat16, transposed)
+    text = _export_cuda(lambda x, op, u, v: lora_qmatmul_triton(
+        x, op, u, v, SCALE, cfg, transposed=transposed), x, op, u, v)
+    assert text.count("__gpu$xla.gpu.triton") == 1       # one fused kernel, no fallback
+
+
+def test_default_configs_lower():
+    for m in (1, 300):
+        for transposed in (False, True):
+            x, op, u, v = lora_case("nf4", {}, m, 2048, 256, 16, jnp.bfloat16, transposed)
+            text = _export_cuda(lambda x, op, u, v: lora_qmatmul_triton(
+                x, op, u, v, SCALE, transposed=transposed), x, op, u, v)
+            assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_fp8_from_bits_lowers(monkeypatch):
+    """GPUs below sm_89 decode float8 arithmetically; that path lowers fused too."""
+    import qkern.pallas._triton_qmatmul as tq
+    monkeypatch.setattr(tq, "_native_fp8_convert", lambda: False)
+    x, op, u, v = lora_case("fp8_e4m3", {}, 3, 1000, 136, 4, jnp.bfloat16)
+    cfg = KERNELS["decode"][1]
+    assert "__gpu$xla.gpu.triton" in _export_cuda(
+        lambda x, op, u, v: lora_qmatmul_triton(x, op, u, v, SCALE, cfg), x, op, u, v)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_factors_and_dtypes():
+    x, op, u, v = lora_case("int4", {}, 3, 384, 200, 4, jnp.float32)
+    call = lambda *a, **kw: lora_qmatmul_triton(*a, interpret=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"factors u \(384, 4\) and v \(5, 200\)"):
+        call(x, op, u, jnp.zeros((5, 200)), SCALE)
+    with pytest.raises(ValueError, match=r"must be \[200, r\] and \[r, 384\]"):
+        call(x[:, :200], op, u, v, SCALE, transposed=True)
+    with pytest.raises(ValueError, match=r"factor u must be 2-D"):
+        call(x, op, u[:, 0], v, SCALE)
+    with pytest.raises(ValueError, match=r"factor v has dtype int32"):
+        call(x, op, u, v.astype(jnp.int32), SCALE)
+    with pytest.raises(ValueError, match=r"x dtype int32 is not supported"):
+        call(x.astype(jnp.int32), op, u, v, SCALE)
+    with pytest.raises(ValueError, match=r"x has K=383"):
+        call(x[:, :383], op, u, v, SCALE)
+    with pytest.raises(ValueError, match=r"block_k=48 .*block_size 128"):
+        call(x, op, u, v, SCALE, MatmulConfig(block_k=48))
