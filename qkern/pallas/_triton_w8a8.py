@@ -299,4 +299,6 @@ def w8a8_triton(x: jax.Array, op: QOperand, config: MatmulConfig | None = None, 
     _check_x(x, op)
     act_scale = check_act_scale(act_scale)
     plan_triton_w8a8(op, x.shape[0], config)          # config errors before tracing
+    if x.shape[0] == 0:                                    # no rows: no grid to launch
+        return jnp.zeros((0, op.n), x.dtype)
     return _w8a8_triton(x, op, act_scale, config, interpret)

@@ -244,3 +244,11 @@ def test_check_act_scale_accepts_python_numbers():
     assert s.shape == () and s.dtype == jnp.float32
     assert check_act_scale(None) is None
     assert check_act_scale(jnp.float16(2.0)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton", "mosaic_tpu"])
+def test_no_rows(backend):
+    """M = 0 (an empty batch) gives an empty result instead of a zero-row pallas grid."""
+    y = w8a8_matmul(jnp.ones((0, 4, 256), jnp.bfloat16), int8_operand(256, 64),
+                    backend=backend, interpret=True)
+    assert y.shape == (0, 4, 64) and y.dtype == jnp.bfloat16
