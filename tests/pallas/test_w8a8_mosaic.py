@@ -171,3 +171,12 @@ def test_bad_activations():
     bad = dataclasses.replace(op, scales=op.scales[:, :100])
     with pytest.raises(ValueError, match=r"shapes disagree"):
         w8a8_mosaic(jnp.zeros((2, 512)), bad, interpret=True)
+
+
+def test_main_runs(capsys):
+    import qkern.pallas._mosaic_w8a8 as mw
+    mw.main(["--k", "256", "--n", "128", "--m", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["M", "config"] and len(out) == 3
+    assert all(line.split()[-1] == "yes" for line in out[1:])
+    assert all(float(line.split()[-3]) < 1e-5 for line in out[1:])

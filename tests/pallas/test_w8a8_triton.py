@@ -137,3 +137,12 @@ def test_bad_activations():
     bad = dataclasses.replace(op, data=op.data[:300])
     with pytest.raises(ValueError, match=r"shapes disagree"):
         w8a8_triton(jnp.ones((3, 384)), bad, interpret=True)
+
+
+def test_main_runs(capsys):
+    """The config sweep prints a header and one row per (M, config), errors near zero."""
+    import qkern.pallas._triton_w8a8 as tw
+    tw.main(["--k", "128", "--n", "32", "--m", "1", "--configs", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["M", "config"] and len(out) == 2
+    assert float(out[1].split()[-3]) < 1e-5
