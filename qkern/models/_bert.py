@@ -128,12 +128,14 @@ def forward(params: dict[str, Any], input_ids, attention_mask) -> jax.Array:
     return pooled / jnp.maximum(norm, 1e-12)
 
 
-def init(cfg: BertConfig, key: jax.Array, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters in the layout above (tests and examples; not a trained model)."""
-    keys = iter(jax.random.split(key, 4 + 6 * cfg.num_layers))
-    normal = lambda shape: scale * jax.random.normal(next(keys), shape, jnp.float32)
-    ln = lambda: {"scale": jnp.ones(cfg.hidden_size), "bias": jnp.zeros(cfg.hidden_size)}
-    lin = lambda i, o: {"kernel": normal((i, o)), "bias": jnp.zeros(o)}
+def init(cfg: BertConfig, seed: int = 0, scale: float = 0.02) -> dict[str, Any]:
+    """Random parameters in the layout above (tests and examples; not a trained model).
+    numpy's generator: no JAX compilation for a throwaway model."""
+    rng = np.random.default_rng(seed)
+    normal = lambda shape: (scale * rng.standard_normal(shape)).astype(np.float32)
+    ln = lambda: {"scale": np.ones(cfg.hidden_size, np.float32),
+                  "bias": np.zeros(cfg.hidden_size, np.float32)}
+    lin = lambda i, o: {"kernel": normal((i, o)), "bias": np.zeros(o, np.float32)}
     d, ff = cfg.hidden_size, cfg.intermediate_size
     return {
         "config": cfg,
