@@ -24,8 +24,8 @@ def _is_array(x: Any) -> bool:
 def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
              axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
              double_quant: bool = False, where: str | Callable | None = None,
-             min_size: int = 1024, rules: Sequence[Rule] | None = None,
-             report: bool = False) -> Any:
+             min_size: int = 1024, act_fmt: str | None = None,
+             rules: Sequence[Rule] | None = None, report: bool = False) -> Any:
     """Quantise an array to a `QArray`, or every selected weight of a pytree.
 
         qw = qkern.quantize(w, "nf4")                                   # one array
@@ -45,6 +45,8 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     "minmax" (zero points, integer formats), "rms" or ("rms", factor), ("fixed", bound) or
     ("fixed", lo, hi). scale_dtype: storage dtype of the scales (default float32).
     double_quant: quantise the scales to 8 bits in blocks of 256, as QLoRA does.
+    act_fmt: "int8" makes matmuls against the weight quantise their activations too (W8A8;
+    needs fmt="int8", symmetric); see `qkern.calibrate` for static activation scales.
 
     Pytree form: `where` selects leaves by a regex matched in full against the key path
     ("layers/0/attn/kernel") or a predicate `(path, leaf) -> bool`. Unselected leaves,
@@ -58,7 +60,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     `(tree, qkern.QuantReport)`, which prints as a table.
     """
     if rules is not None:
-        if fmt is not None or where is not None:
+        if fmt is not None or where is not None or act_fmt is not None:
             raise TypeError("qkern.quantize: give either `rules=` or `fmt`/`where`, not both "
                             "(put the format and the selection in the rules).")
         rules = tuple(rules)
@@ -71,6 +73,8 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     fmt = "int8" if fmt is None and rules is None else fmt
     if rules is None:
         get_format(fmt)  # unknown formats and options fail before any work
+        if act_fmt is not None:
+            Rule(fmt=fmt, act_fmt=act_fmt, calibration=calibration)   # the same checks
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
         raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
     if scale_dtype is not None and not jnp.issubdtype(scale_dtype, jnp.floating):
@@ -83,7 +87,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         if report:
             raise TypeError("report=True applies to the pytree form of qkern.quantize.")
         return _quantize_one(x, fmt, axis=axis, block_size=block_size, calibration=calibration,
-                             scale_dtype=scale_dtype, double_quant=double_quant)
+                             scale_dtype=scale_dtype, double_quant=double_quant, act_fmt=act_fmt)
     if isinstance(x, QArray):
         raise TypeError(f"{x!r} is already quantised; dequantize it first to re-quantise.")
 
@@ -91,7 +95,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     if legacy:
         rules = (Rule(where=where, fmt=fmt, block_size=block_size, axis=axis,
                       calibration=calibration, scale_dtype=scale_dtype,
-                      double_quant=double_quant, min_size=min_size),)
+                      double_quant=double_quant, act_fmt=act_fmt, min_size=min_size),)
     out, rep, used = apply_rules(x, rules, name_rules=not legacy)
     for i, r in enumerate(rules):
         if used[i] or (legacy and where is None):

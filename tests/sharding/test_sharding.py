@@ -1,0 +1,81 @@
+"""Sharded QArrays (jit with NamedSharding, shard_map) on 8 host CPU devices.
+
+XLA reads --xla_force_host_platform_device_count when JAX starts, and the test session has
+started it already, so the checks run in a fresh interpreter: tests/sharding/sharded_checks.py,
+which asserts each property and prints "ok <check>" lines. The partitioning helpers that
+need no devices are tested here directly.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import qkern
+
+SCRIPT = pathlib.Path(__file__).with_name("sharded_checks.py")
+CHECKS = ["jit with NamedSharding equals unsharded", "scales are sharded alongside their data",
+          "per-device bytes drop by the model axis", "shard_map: each device runs its own QArray shard",
+          "shard_map: column-parallel W8A8 equals unsharded exactly",
+          "shard_map over a stacked QArray and scan inside",
+          "bad shardings name the QArray and the reason"]
+
+
+@pytest.fixture(scope="module")
+def run():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    root = SCRIPT.parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_sharded_check(run, check):
+    assert f"ok {check}\n" in run.stdout, (
+        f"check {check!r} did not pass (exit {run.returncode}).\nstdout:\n{run.stdout}\n"
+        f"stderr (tail):\n{run.stderr[-4000:]}")
+
+
+def test_script_finished(run):
+    assert run.returncode == 0 and "ALL OK" in run.stdout, run.stderr[-4000:]
+
+
+def _q(fmt="int8", **kw):
+    return qkern.quantize(jnp.asarray(np.ones((256, 64), np.float32)), fmt, **kw)
+
+
+def test_partition_specs_follow_the_dense_spec():
+    q = _q(block_size=64)
+    s = qkern.partition_specs({"w": q, "b": jnp.ones(64)}, {"w": P("x", "y"), "b": P("y")})
+    assert s["w"].data == P("x", "y") and s["w"].scales == P("x", "y")
+    assert s["b"] == P("y")
+    per_channel = qkern.partition_specs(_q(), P("x", "y"))
+    assert per_channel.scales == P(None, "y")          # one scale row: nothing to split
+    per_tensor = qkern.partition_specs(_q(axis=None), P(None, "y"))
+    assert per_tensor.scales == P(None, None)
+
+
+def test_partition_specs_of_a_transposed_qarray_use_logical_axes():
+    t = qkern.quaxify(lambda w: w.T)(_q(block_size=64))     # logical [64, 256]
+    s = qkern.partition_specs(t, P("y", None))
+    assert s.data == P(None, "y") and s.scales == P(None, "y")
+
+
+def test_block_axis_of_packed_formats_cannot_be_sharded():
+    with pytest.raises(ValueError, match="packs the two halves"):
+        qkern.partition_specs(_q("nf4"), P("x", None))
+    with pytest.raises(ValueError, match="padded"):
+        qkern.partition_specs(qkern.quantize(jnp.ones((100, 64)), "int8", block_size=64),
+                              P("x", None))
+    # a callable picks specs by path
+    s = qkern.partition_specs({"a": _q("nf4")}, lambda path, v: P(None, "y"))
+    assert s["a"].data == P(None, "y")
