@@ -20,6 +20,7 @@ from ._rules import QuantReport, Rule
 from ._qat import fake_quant, ste
 from ._calibrate import calibrate
 from ._checkpoint import CheckpointError, load, save
+from ._sharding import partition_specs, per_device_bytes, shard, shardings
 from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
@@ -50,6 +51,10 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "shard",
+    "shardings",
+    "partition_specs",
+    "per_device_bytes",
     "backend",
     "autotune",
 ]
