@@ -66,6 +66,21 @@ def test_float16_runs_as_float32():
     check_lora(y, xu, x, op, u, v, False)
 
 
+def test_vmap_in_shared_mode():
+    """vmap prepends a grid axis; the shared xu block still works (and still lowers)."""
+    cfg = MatmulConfig(block_m=8, block_n=128, block_k=128)
+    x, op, u, v = lora_case("int8", {}, 20, 256, 256, 4, jnp.float32, transposed=True)
+    assert plan_lora_mosaic(op, 20, x.dtype, 4, cfg, transposed=True).shared
+    xs = jnp.stack([x, -2 * x])
+    f = jax.vmap(lambda a: lora_qmatmul_mosaic(a, op, u, v, SCALE, cfg, transposed=True,
+                                               interpret=True))
+    ys, xus = jax.jit(f)(xs)
+    for b in range(2):
+        check_lora(ys[b], xus[b], xs[b], op, u, v, True)
+    g = jax.vmap(lambda a: lora_qmatmul_mosaic(a, op, u, v, SCALE, cfg, transposed=True))
+    assert "tpu_custom_call" in jax.export.export(jax.jit(g), platforms=["tpu"])(xs).mlir_module()
+
+
 # ---------------------------------------------------------------------------------------
 # Race detection (TPU interpreter, two simulated cores)
 # ---------------------------------------------------------------------------------------
