@@ -1,7 +1,7 @@
 """W8A8 matmul: int8 activations times an int8 weight, int32 accumulation, both scales.
 
-    y = w8a8_matmul(x, op)                        # x [..., K] float, op an int8 QOperand of W [K, N]
-    y = w8a8_matmul(x, op, act_scale=s)           # static per-tensor activation scale (calibrated)
+    y = w8a8_matmul(x, op)                # x [..., K] float, op an int8 QOperand of W [K, N]
+    y = w8a8_matmul(x, op, act_scale=s)   # static per-tensor activation scale (calibrated)
 
 Activations: act_scale=None quantises each row of x on the fly by its absmax (dynamic);
 a scalar float act_scale quantises the whole tensor as clip(round(x / act_scale), -127, 127)
