@@ -216,6 +216,23 @@ def _default_measure(repeats: int, warmup: int) -> Callable[[Callable[[], Any]],
     return lambda fn: median_time(fn, repeats=repeats, warmup=warmup)
 
 
+def _interleaved(runners: dict, repeats: int) -> dict:
+    """Median seconds per runner, timed in turns (a, b, c, a, b, c, ...), so that load
+    from other processes, which comes and goes, falls on every candidate alike."""
+    import statistics
+    import time
+
+    for fn in runners.values():
+        jax.block_until_ready(fn())
+    times: dict = {c: [] for c in runners}
+    for _ in range(repeats):
+        for c, fn in runners.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(ts) for c, ts in times.items()}
+
+
 def _default_repeats(backend: str) -> int:
     return 10 if backend == "xla" else 50
 
@@ -227,8 +244,8 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
     """Time the candidates for one problem (not written to the cache; see `autotune`).
 
     Two rounds: every candidate and the default with `repeats`, then the `finalists`
-    fastest and the default again with twice as many; the second round decides, so one
-    lucky sample on a busy machine does not.
+    fastest and the default again with twice as many, taking turns call by call; the
+    second round decides, so one lucky sample on a busy machine does not.
     """
     op = _operand(problem.k, problem.n, problem.fmt, problem.block_size, problem.zeros)
     if configs is None:
@@ -238,7 +255,6 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
         cands, pruned = list(configs), []
     repeats = repeats or _default_repeats(problem.backend)
     measure1 = measure or _default_measure(repeats, warmup)
-    measure2 = measure or _default_measure(2 * repeats, warmup)
     # The shipped default: the xla heuristic as given, or the Pallas kernel's own choice.
     default = default_config("xla", problem.m) if problem.backend == "xla" else None
     if problem.backend == "xla":
@@ -263,7 +279,10 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
     final_cfgs = [order[i] for _, i in ranked[:finalists]]
     if default in runners and default not in final_cfgs:
         final_cfgs.append(default)
-    second = {c: measure2(runners[c]) for c in final_cfgs}
+    if measure is not None:
+        second = {c: measure(runners[c]) for c in final_cfgs}
+    else:
+        second = _interleaved({c: runners[c] for c in final_cfgs}, 2 * repeats)
     timings = tuple((c, second.get(c, t)) for c, t in first.items())
     best = min((c for c in second if c in eligible), key=second.get, default=None)
     return TuneResult(
