@@ -60,7 +60,7 @@ from ._mosaic_qmatmul import (_LANES, _VMEM_MAX, _Plan, _check_activation, _chec
                               _kernel_activation, _pad_activation, _round_up, _split_refs,
                               _weight_inputs, plan_mosaic)
 from ._operand import QOperand
-from ._triton_lora import check_factors
+from .lora_qmatmul import check_factors
 
 __all__ = ["lora_qmatmul_mosaic", "plan_lora_mosaic"]
 

@@ -60,30 +60,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from ._config import DECODE_M, MatmulConfig
 from ._operand import QOperand
+from .lora_qmatmul import check_factors
 from ._triton_qmatmul import (_MIN_DOT, _Plan, _accumulate_tile, _check_activation,
                               _check_operand, _compiler_params, _next_pow2, _pad_activation,
                               _plan, _precision, _scale_row, _weight_specs)
 
-__all__ = ["lora_qmatmul_triton", "check_factors"]
+__all__ = ["lora_qmatmul_triton"]
 
 _F32 = jnp.float32
-_FACTOR_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def check_factors(u, v, din: int, dout: int, who: str) -> int:
-    """Validate LoRA factors u [din, r], v [r, dout]; return r."""
-    for name, a in (("u", u), ("v", v)):
-        if not hasattr(a, "ndim") or a.ndim != 2:
-            raise ValueError(f"{who}: factor {name} must be 2-D; got shape "
-                             f"{getattr(a, 'shape', None)}.")
-        if jnp.dtype(a.dtype) not in _FACTOR_DTYPES:
-            raise ValueError(f"{who}: factor {name} has dtype {jnp.dtype(a.dtype).name}; use "
-                             "float32, bfloat16 or float16.")
-    r = u.shape[1]
-    if u.shape[0] != din or v.shape != (r, dout) or r < 1:
-        raise ValueError(f"{who}: factors u {tuple(u.shape)} and v {tuple(v.shape)} must be "
-                         f"[{din}, r] and [r, {dout}] with the same r >= 1.")
-    return r
 
 
 def _rank_pad(r: int) -> int:

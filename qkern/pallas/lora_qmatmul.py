@@ -31,6 +31,23 @@ from ._operand import QOperand, reference_dequantize
 from .qmatmul import _run, _zero_cotangent
 
 _F32 = jnp.float32
+_FACTOR_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_factors(u, v, din: int, dout: int, who: str) -> int:
+    """Validate LoRA factors u [din, r], v [r, dout] (every backend); return r."""
+    for name, a in (("u", u), ("v", v)):
+        if not hasattr(a, "ndim") or a.ndim != 2:
+            raise ValueError(f"{who}: factor {name} must be 2-D; got shape "
+                             f"{getattr(a, 'shape', None)}.")
+        if jnp.dtype(a.dtype) not in _FACTOR_DTYPES:
+            raise ValueError(f"{who}: factor {name} has dtype {jnp.dtype(a.dtype).name}; use "
+                             "float32, bfloat16 or float16.")
+    r = u.shape[1]
+    if u.shape[0] != din or v.shape != (r, dout) or r < 1:
+        raise ValueError(f"{who}: factors u {tuple(u.shape)} and v {tuple(v.shape)} must be "
+                         f"[{din}, r] and [r, {dout}] with the same r >= 1.")
+    return r
 
 
 def _kernel(name: str):
@@ -53,6 +70,8 @@ def _xla(x2, op, u, v, scale, sel, config, transposed):
 
 
 def _fused(x2, op, u, v, scale, sel, config, transposed):
+    if x2.shape[0] == 0:                                  # no rows: nothing to launch
+        return (jnp.zeros((0, v.shape[1]), x2.dtype), jnp.zeros((0, u.shape[1]), _F32))
     if sel.name == "xla":
         return _xla(x2, op, u, v, scale, sel, config, transposed)
     return _kernel(sel.name)(x2, op, u, v, scale, config, transposed=transposed,
@@ -74,7 +93,7 @@ def _lora2_bwd(scale, sel, config, transposed, res, dy):
     # The backward direction picks its own config: the forward's was chosen for its shape.
     dx, g = _fused(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
                    not transposed)
-    du = scale * jnp.dot(x2.T, g.astype(x2.dtype), preferred_element_type=_F32)
+    du = scale * jnp.dot(x2.T.astype(_F32), g, preferred_element_type=_F32)
     dv = scale * jnp.dot(xu.T, dy, preferred_element_type=_F32)
     return (dx.astype(x2.dtype), jax.tree_util.tree_map(_zero_cotangent, op),
             du.astype(u.dtype), dv.astype(v.dtype))
@@ -95,10 +114,7 @@ def lora_qmatmul(x: jax.Array, op: QOperand, u: jax.Array, v: jax.Array, scale: 
     if k != din:
         raise ValueError(f"lora_qmatmul: x has {k} columns but the quantised weight "
                          f"[K={op.k}, N={op.n}]{'.T' if transposed else ''} takes {din}.")
-    if u.ndim != 2 or v.ndim != 2 or u.shape[0] != din or v.shape[1] != dout \
-            or u.shape[1] != v.shape[0]:
-        raise ValueError(f"lora_qmatmul: factors u {tuple(u.shape)} and v {tuple(v.shape)} "
-                         f"must be [{din}, r] and [r, {dout}].")
+    check_factors(u, v, din, dout, "lora_qmatmul")
     y = _lora2(x.reshape(-1, k), op, u, v, float(scale), sel, config, transposed)
     return y.reshape(*lead, dout)
 

@@ -33,6 +33,8 @@ def _kernels(name: str):
 
 
 def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
+    if x2.shape[0] == 0:                  # no rows: nothing to launch (Pallas grids need one)
+        return jnp.zeros((0, op.k if transposed else op.n), x2.dtype)
     if config is None:  # the autotune cache's winner for this device, else the heuristic
         config = config_for(Problem.of(sel.name, x2, op, transposed), interpret=sel.interpret)
     if sel.name == "xla":

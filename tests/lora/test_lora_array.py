@@ -287,3 +287,31 @@ def test_nested_quaxify(keys):
     inner = qkern.quaxify(lambda x, w: x @ w)
     outer = qkern.quaxify(lambda x, w: inner(x, w) * 2)
     np.testing.assert_allclose(outer(x, lw), 2 * x @ lw.materialise(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton", "mosaic_tpu"])
+def test_empty_batch(keys, backend):
+    """M = 0 gives an empty result (Pallas grids cannot have zero programs)."""
+    from qkern.pallas import qmatmul, stored_operand
+    from qkern.pallas.lora_qmatmul import lora_qmatmul
+    w = jax.random.normal(keys[0], (256, 128))
+    op = stored_operand(qkern.quantize(w, "int8"))
+    interp = backend != "xla"
+    x = jnp.ones((0, 256))
+    assert qmatmul(x, op, backend=backend, interpret=interp).shape == (0, 128)
+    assert qmatmul(jnp.ones((0, 128)), op, transposed=True, backend=backend,
+                   interpret=interp).shape == (0, 256)
+    a, b = jnp.ones((256, 4)), jnp.ones((4, 128))
+    assert lora_qmatmul(x, op, a, b, 1.0, backend=backend, interpret=interp).shape == (0, 128)
+    g = jax.grad(lambda a: jnp.sum(lora_qmatmul(x, op, a, b, 1.0, backend=backend,
+                                                interpret=interp)))(a)
+    assert g.shape == a.shape and not np.any(g)
+
+
+def test_integer_factors_are_refused_on_every_path(keys):
+    from qkern.pallas import stored_operand
+    from qkern.pallas.lora_qmatmul import lora_qmatmul
+    op = stored_operand(qkern.quantize(jax.random.normal(keys[0], (128, 64)), "int8"))
+    with pytest.raises(ValueError, match="factor u has dtype int32"):
+        lora_qmatmul(jnp.ones((2, 128)), op, jnp.ones((128, 4), jnp.int32), jnp.ones((4, 64)),
+                     0.5, backend="xla")
