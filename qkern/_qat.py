@@ -115,9 +115,15 @@ def _fake_quant_tree(tree, rules):
     def leaf(path, v):
         if isinstance(v, QArray) or not isinstance(v, (jax.Array, np.ndarray)):
             return v
-        i, why = choose_rule(path_str(path), v, rules, selects)
+        p = path_str(path)
+        i, why = choose_rule(p, v, rules, selects)
         if why is not None:
             return v
-        return _fake_quant_array(jnp.asarray(v), rules[i].fmt, **rules[i].options())
+        r = rules[i]
+        try:
+            return _fake_quant_array(jnp.asarray(v), r.fmt, **r.options())
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"cannot fake-quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
+                          f"{r.fmt} (rules[{i}] {r.describe()}): {e}") from None
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
