@@ -95,7 +95,8 @@ def _cmd_bench(args) -> int:
         return 0
     dense = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     print(f"Quantised x @ W against the dense {dense} matmul, K={args.k}, N={args.n}, on "
-          f"{jax.devices()[0].device_kind} ({jax.default_backend()}):")
+          f"{mm_rows[0]['device'] if mm_rows else ''} ({jax.default_backend()}, jax "
+          f"{jax.__version__}):")
     print(qmatmul.format_table(mm_rows))
     if mm_rows and mm_rows[0]["peak_gbps"] is None:
         print("(% roofline: this device's bandwidth is not known; give it with --bandwidth "

@@ -1,7 +1,8 @@
 """Quantised matmul against the dense matmul, measured in the same run.
 
 On CPU the dense baseline is float32 `x @ w`; on GPU/TPU, bfloat16. For each format and M:
-median times, speed-up (dense / quantised), weight bytes, achieved GB/s over the bytes one
+median times (dense and quantised calls taken in turns, so load from other processes
+falls on both alike), speed-up (dense / quantised), weight bytes, achieved GB/s over the bytes one
 call moves (quantised weight + x + y), % of the device's memory roofline where its peak
 bandwidth is known (roofline.py), the config the kernel ran (tuned or heuristic), and two
 relative errors: the kernel against x @ dequantise(W) (summation order only) and against
@@ -17,7 +18,7 @@ import numpy as np
 
 import qkern
 from .roofline import peak_bandwidth
-from .timing import median_time
+from .timing import interleaved_medians, median_time
 
 DEFAULT_FORMATS = ("int8", "int4", "nf4")
 
@@ -65,8 +66,9 @@ def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
         wd = np.asarray(qw.materialise().astype(jnp.float32))
         for m in ms:
             x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
-            t_dense = median_time(lambda: dense(x, w), repeats=repeats)
-            t_q = median_time(lambda: qmm(x, qw), repeats=repeats)
+            t = interleaved_medians({"dense": lambda: dense(x, w), "q": lambda: qmm(x, qw)},
+                                    repeats=repeats)
+            t_dense, t_q = t["dense"], t["q"]
             x32 = np.asarray(x.astype(jnp.float32))
             got = np.asarray(qmm(x, qw).astype(jnp.float32))
             act_bytes = (m * k + m * n) * itemsize

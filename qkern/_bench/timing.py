@@ -27,3 +27,19 @@ def once(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: dict, *, repeats: int = 20, warmup: int = 2) -> dict:
+    """Median wall time in seconds of each of `fns` ({name: fn}), timed in turns
+    (a, b, a, b, ...) so that load from other processes, which comes and goes, falls on
+    every one alike: the ratios stay meaningful on a busy machine."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -216,23 +216,6 @@ def _default_measure(repeats: int, warmup: int) -> Callable[[Callable[[], Any]],
     return lambda fn: median_time(fn, repeats=repeats, warmup=warmup)
 
 
-def _interleaved(runners: dict, repeats: int) -> dict:
-    """Median seconds per runner, timed in turns (a, b, c, a, b, c, ...), so that load
-    from other processes, which comes and goes, falls on every candidate alike."""
-    import statistics
-    import time
-
-    for fn in runners.values():
-        jax.block_until_ready(fn())
-    times: dict = {c: [] for c in runners}
-    for _ in range(repeats):
-        for c, fn in runners.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[c].append(time.perf_counter() - t0)
-    return {c: statistics.median(ts) for c, ts in times.items()}
-
-
 def _default_repeats(backend: str) -> int:
     return 10 if backend == "xla" else 50
 
@@ -282,7 +265,10 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
     if measure is not None:
         second = {c: measure(runners[c]) for c in final_cfgs}
     else:
-        second = _interleaved({c: runners[c] for c in final_cfgs}, 2 * repeats)
+        from .._bench.timing import interleaved_medians
+
+        second = interleaved_medians({c: runners[c] for c in final_cfgs},
+                                     repeats=2 * repeats, warmup=1)
     timings = tuple((c, second.get(c, t)) for c, t in first.items())
     best = min((c for c in second if c in eligible), key=second.get, default=None)
     return TuneResult(
