@@ -18,9 +18,9 @@ def _w(*shape, dtype=jnp.float32):
     return jnp.asarray(rng.standard_normal(shape), dtype)
 
 
-CASES = [("int8", dict(block_size=64)), ("int4", dict(block_size=32)), ("fp8_e4m3", {}),
-         ("mxfp4", {}), ("int3", dict(calibration="minmax")), ("nf4", dict(double_quant=True)),
-         ("int8", dict(axis=None)), ("fp4", dict(scale_dtype=jnp.bfloat16))]
+CASES = [("int8", dict(block_size=64)), ("fp8_e4m3", {}), ("mxfp4", {}),
+         ("int3", dict(calibration="minmax")), ("nf4", dict(double_quant=True)),
+         ("fp4", dict(scale_dtype=jnp.bfloat16, axis=None))]
 
 
 @pytest.mark.parametrize("fmt, opts", CASES, ids=[f"{f}-{o}" for f, o in CASES])
@@ -41,7 +41,7 @@ def test_bf16_weights_keep_their_dtype():
     np.testing.assert_array_equal(out, qkern.dequantize(qkern.quantize(w, "int4")))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("fmt", ["nf4"])
 def test_gradient_is_straight_through(fmt):
     w, c = _w(64, 32), _w(64, 32)
     g = jax.grad(lambda w: jnp.sum(qkern.fake_quant(w, fmt) * c))(w)
