@@ -10,7 +10,9 @@
 The forward pass of `fake_quant(w, ...)` is `qkern.dequantize(qkern.quantize(w, ...))`,
 bit for bit, so a model trained with it and then served with `quantize` sees exactly the
 weights it was trained with. The gradient ignores the rounding (the straight-through
-estimator): d fake_quant(w) / dw = identity.
+estimator): d fake_quant(w) / dw = identity. With `kernels=True` (under `quaxify`) the
+training forward pass runs the serving kernels themselves, so it is bit-identical to the
+served model, matmul accumulation order included.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._core import ArrayLike, ArrayValue, register, static_field
 from ._rules import Rule
 
 
@@ -82,7 +85,8 @@ _fake_quant_array = ste(_round_trip)
 
 def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
                axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
-               double_quant: bool = False, rules: Sequence[Rule] | None = None) -> Any:
+               double_quant: bool = False, rules: Sequence[Rule] | None = None,
+               kernels: bool = False) -> Any:
     """Quantise and dequantise in the forward pass; straight-through gradient.
 
         w_q = qkern.fake_quant(w, "int4", block_size=32)     # one array, any format
@@ -92,20 +96,29 @@ def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
     (same options as `quantize`); with `rules`, each leaf is fake-quantised exactly as
     `qkern.quantize(params, rules=rules)` would quantise it, and every other leaf passes
     through. The gradient with respect to `w` is the identity. Works under jit and grad.
+
+    kernels=True: return `FakeQuant` values instead of arrays, for a model run under
+    `qkern.quaxify`. Their matmuls run the very kernels that serving runs (on the weight
+    quantised in the forward pass, activations too for W8A8 rules), with the
+    straight-through gradient, so the trained model's forward pass is bit-identical to
+    `qkern.quaxify(model)(qkern.quantize(params, rules=rules), x)`; any other operation
+    sees the fake-quantised array.
     """
     if rules is not None:
         if fmt is not None:
             raise TypeError("qkern.fake_quant: give either `fmt` or `rules=`, not both.")
-        return _fake_quant_tree(w, tuple(rules))
+        return _fake_quant_tree(w, tuple(rules), kernels)
     fmt = "int8" if fmt is None else fmt
     if isinstance(w, (np.generic, float, int, complex)) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         raise TypeError(f"qkern.fake_quant needs a floating array, got {w!r}.")
-    return _fake_quant_array(jnp.asarray(w), fmt, block_size=block_size, axis=axis,
-                             calibration=calibration, scale_dtype=scale_dtype,
-                             double_quant=double_quant)
+    options = dict(block_size=block_size, axis=axis, calibration=calibration,
+                   scale_dtype=scale_dtype, double_quant=double_quant)
+    if kernels:
+        return _fake_quant_value(jnp.asarray(w), fmt, None, options)
+    return _fake_quant_array(jnp.asarray(w), fmt, **options)
 
 
-def _fake_quant_tree(tree, rules):
+def _fake_quant_tree(tree, rules, kernels=False):
     from ._paths import path_str, selector
     from ._quantize import choose_rule
     from .types.qarray import QArray
@@ -121,9 +134,83 @@ def _fake_quant_tree(tree, rules):
             return v
         r = rules[i]
         try:
+            if kernels:
+                return _fake_quant_value(jnp.asarray(v), r.fmt, r.act_fmt, r.options())
             return _fake_quant_array(jnp.asarray(v), r.fmt, **r.options())
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot fake-quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
                           f"{r.fmt} (rules[{i}] {r.describe()}): {e}") from None
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
+
+
+# -- QAT through the serving kernels -------------------------------------------------------
+class FakeQuant(ArrayValue):
+    """A float weight that, under `qkern.quaxify`, is quantised in the forward pass and
+    multiplied by the serving kernels, with a straight-through gradient to `w`.
+
+    Built by `qkern.fake_quant(..., kernels=True)`. `materialise()` is
+    `fake_quant(w, ...)`: every operation other than a matmul sees the fake-quantised array.
+    """
+
+    w: jax.Array
+    fmt: str = static_field(default="int8")
+    options: tuple = static_field(default=())
+    act_fmt: Any = static_field(default=None)
+
+    def aval(self):
+        return jax.core.ShapedArray(jnp.shape(self.w), jnp.result_type(self.w))
+
+    def materialise(self):
+        return _fake_quant_array(self.w, self.fmt, **dict(self.options))
+
+    def quantised(self, w=None):
+        from ._quantize import _quantize_one
+        return _quantize_one(self.w if w is None else w, self.fmt, act_fmt=self.act_fmt,
+                             **dict(self.options))
+
+
+def _fake_quant_value(w, fmt, act_fmt, options) -> FakeQuant:
+    from ._quantize import _quantize_one
+    from .formats import get_format
+    fq = FakeQuant(w, fmt=get_format(fmt).name, options=tuple(sorted(options.items())),
+                   act_fmt=act_fmt)
+    jax.eval_shape(lambda: _quantize_one(w, fmt, act_fmt=act_fmt, **options))  # fail early
+    return fq
+
+
+def _fq_matmul(lhs, rhs, params):
+    from .pallas import qmatmul_dispatch
+    w_on_right = isinstance(rhs, FakeQuant)
+    fq, x = (rhs, lhs) if w_on_right else (lhs, rhs)
+
+    def product(x, q):
+        return qmatmul_dispatch(x, q, params) if w_on_right else qmatmul_dispatch(q, x, params)
+
+    @jax.custom_vjp
+    def f(x, w):
+        return product(x, fq.quantised(w))
+
+    def f_fwd(x, w):
+        return f(x, w), (x, w)
+
+    def f_bwd(res, dy):
+        x, w = res
+        # Straight through the weight's rounding: the gradient of x @ Wq with respect to Wq,
+        # given to w. (W8A8: also straight through the activations' rounding.)
+        _, vjp = jax.vjp(lambda x, wq: jax.lax.dot_general_p.bind(
+            *((x, wq) if w_on_right else (wq, x)), **params), x, fq.quantised(w).materialise())
+        return vjp(dy)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(x, fq.w)
+
+
+@register(jax.lax.dot_general_p)
+def _(x: ArrayLike, w: FakeQuant, **params):
+    return _fq_matmul(x, w, params)
+
+
+@register(jax.lax.dot_general_p)
+def _(w: FakeQuant, x: ArrayLike, **params):
+    return _fq_matmul(w, x, params)
