@@ -83,9 +83,10 @@ def partition_specs(tree: Any, specs: Any, mesh=None) -> Any:
     """A tree of PartitionSpecs with `tree`'s full structure (QArrays expanded into their
     arrays): for `shard_map` in_specs/out_specs and `NamedSharding`s.
 
-    specs: one PartitionSpec for every array leaf, a tree shaped like `tree` with a
-    PartitionSpec (or None: replicated) where each array or QArray is, or a function
-    `(path, leaf) -> PartitionSpec | None`. A spec shorter than a leaf's rank is padded
+    specs: one PartitionSpec for every array leaf, a tree shaped like `tree` (or a prefix
+    of it) with a PartitionSpec (or None: replicated) where each array or QArray is, or
+    where a subtree is (it applies to the whole subtree), or a function
+    `(path, leaf) -> PartitionSpec | None`. Leaves it does not cover are replicated. A spec shorter than a leaf's rank is padded
     with None; for QArrays it names the dense weight's (logical) axes.
     """
     if isinstance(specs, P) or specs is None:
@@ -98,7 +99,14 @@ def partition_specs(tree: Any, specs: Any, mesh=None) -> Any:
         for kp, s in jax.tree_util.tree_leaves_with_path(
                 specs, is_leaf=lambda v: isinstance(v, P) or v is None):
             flat[path_str(kp)] = s
-        fn = lambda path, v: flat.get(path)
+
+        def fn(path, v):      # the spec at the leaf's path, or at its nearest ancestor
+            parts = path.split("/")
+            for n in range(len(parts), -1, -1):
+                key = "/".join(parts[:n])
+                if key in flat:
+                    return flat[key]
+            return None
 
     def leaf(kp, v):
         s = fn(path_str(kp), v)

@@ -76,6 +76,10 @@ def test_block_axis_of_packed_formats_cannot_be_sharded():
     with pytest.raises(ValueError, match="padded"):
         qkern.partition_specs(qkern.quantize(jnp.ones((100, 64)), "int8", block_size=64),
                               P("x", None))
+    # a spec on a subtree applies to all of it
+    s = qkern.partition_specs({"a": {"w": _q(), "v": _q()}, "b": _q()}, {"a": P(None, "y")})
+    assert s["a"]["w"].data == P(None, "y") and s["a"]["v"].data == P(None, "y")
+    assert s["b"].data == P(None, None)
     # a callable picks specs by path
     s = qkern.partition_specs({"a": _q("nf4")}, lambda path, v: P(None, "y"))
     assert s["a"].data == P(None, "y")
