@@ -36,6 +36,9 @@ def qmatmul_dispatch(lhs, rhs, params):
     if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
     op = stored_operand(w)
+    if op is None and len(w.layout.shape) == 2 and w.layout.axis == 1:
+        w = _rows_blocked(w)
+        op = stored_operand(w)
     if op is None:
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
     physical = w_axis if w.perm is None else w.perm[w_axis]
@@ -64,3 +67,18 @@ def _act_quantised(xm, w, op):
     # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
     scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
     return w8a8_matmul(xm, op, act_scale=scale)
+
+def _rows_blocked(w):
+    """A 2-D QArray blocked along its stored axis 1 (e.g. an Equinox `[out, in]` weight
+    quantised along `in`) as the same QArray stored transposed, blocked along axis 0: the
+    kernels' form. Costs one transpose of the codes and scales (not a dequantisation);
+    4-bit codes stay packed (packing by halves along the block axis transposes with it)."""
+    import dataclasses
+    from ..types._qarray_rules import _without_double_quant
+    w = _without_double_quant(w)
+    lay = w.layout
+    t = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)
+    layout = dataclasses.replace(lay, shape=(lay.shape[1], lay.shape[0]), axis=0)
+    perm = None if w.perm == (1, 0) else (1, 0)
+    return dataclasses.replace(w, data=t(w.data), scales=t(w.scales), zeros=t(w.zeros),
+                               layout=layout, perm=perm)

@@ -188,3 +188,35 @@ def test_rules_model_runs_under_quaxify_like_its_dequantised_reference():
     want = model(qkern.dequantize(q), x)
     # the kernels accumulate in their own order; the bf16 layer rounds its output
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("fmt, opts", [("int8", {}), ("nf4", dict(block_size=32)),
+                                       ("int4", dict(double_quant=True)),
+                                       ("int8", dict(calibration="minmax", block_size=32))])
+def test_out_in_weights_blocked_along_in_run_the_kernels(fmt, opts, monkeypatch):
+    # Equinox stores Linear weights as [out, in] and computes weight @ x: quantised along
+    # `in` (axis -1), the storage is blocked along axis 1; the dispatch hands the kernels
+    # its transpose instead of dequantising.
+    w = _w(48, 96)                                             # [out, in]
+    q = qkern.quantize(w, fmt, axis=-1, **opts)
+    assert q.layout.axis == 1
+    calls = []
+    real = qkern.QArray.materialise
+    monkeypatch.setattr(qkern.QArray, "materialise", lambda self: calls.append(1) or real(self))
+    x = _w(96, 5)
+    got = qkern.quaxify(lambda w, x: w @ x)(q, x)
+    got_t = qkern.quaxify(lambda w, y: y @ w)(q, _w(3, 48))         # contracting `out`
+    assert calls == []
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, qkern.dequantize(q) @ x, rtol=1e-5, atol=1e-4)
+    assert got_t.shape == (3, 96)
+
+
+def test_out_in_w8a8_runs_w8a8():
+    w = _w(48, 96)
+    q = qkern.quantize(w, "int8", axis=-1, act_fmt="int8")
+    x = _w(5, 96)
+    got = qkern.quaxify(lambda w, x: jax.vmap(lambda xi: w @ xi)(x))(q, x)
+    s = jnp.abs(x).max(axis=1, keepdims=True) / 127
+    xq = jnp.clip(jnp.round(x / s), -127, 127) * s
+    np.testing.assert_allclose(got, xq @ qkern.dequantize(q).T, rtol=1e-4, atol=1e-4)
