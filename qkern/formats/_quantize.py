@@ -215,7 +215,8 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
             else:
                 bound = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
                 if cal.method == "rms":
-                    count = _valid_counts(layout, xb.ndim)
+                    # max(., 1): a block that is all padding (even_blocks) has no elements
+                    count = jnp.maximum(_valid_counts(layout, xb.ndim), 1)
                     rms = jnp.sqrt(jnp.sum(xb * xb, axis=red, keepdims=True) / count)
                     bound = jnp.minimum(bound, cal.factor * rms)
             scale_b = bound / fmt.value_max

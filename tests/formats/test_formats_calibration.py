@@ -358,3 +358,16 @@ def test_minmax_roundtrip_ranks_and_axes(fmt):
             step = np.broadcast_to(rngs, xb.shape).reshape(x.shape[:-1] + (nb * block,))[..., :n]
             step = np.moveaxis(step, -1, axis)
         assert np.all(np.abs(got - w) <= step / 2 * (1 + 1e-5) + 1e-6), (shape, axis, block)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_rms_with_an_all_padding_block_gives_no_nan(fmt):
+    """Regression: K = 384 in blocks of 128 pads a fourth block for 4-bit packing; its rms
+    was 0 / 0 = NaN, and the kernels (which read every stored block) returned NaN."""
+    from qkern.pallas import qmatmul, stored_operand
+    w = jax.random.normal(jax.random.PRNGKey(0), (384, 64))
+    q = qkern.quantize(w, fmt, block_size=128, calibration=("rms", 3.0))
+    assert not np.isnan(np.asarray(q.scales)).any()
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 384))
+    np.testing.assert_allclose(qmatmul(x, stored_operand(q)), x @ qkern.dequantize(q),
+                               rtol=1e-4, atol=1e-4)
