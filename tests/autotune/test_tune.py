@@ -169,3 +169,28 @@ def test_impossible_requests_raise_value_error(kwargs, match):
 
 def test_public_name():
     assert qkern.autotune is autotune and "autotune" in qkern.__all__
+
+
+def test_pallas_backends_get_the_cached_config_or_none(monkeypatch):
+    """Triton/Mosaic kernels receive the cached winner, else None (their own default)."""
+    from qkern.pallas._operand import stored_operand
+
+    received = []
+
+    def fake(x, op, config, *, interpret):
+        received.append((config, interpret))
+        return jnp.zeros((x.shape[0], op.n), x.dtype)
+
+    monkeypatch.setattr(qmatmul_module, "_kernels", lambda name: (fake, fake))
+    op = stored_operand(qkern.quantize(jax.random.normal(jax.random.PRNGKey(0), (256, 128)),
+                                       "int8"))
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    jax.clear_caches()
+    qmatmul_module.qmatmul(x, op, backend="triton")
+    winner = MatmulConfig(block_m=16, block_n=32, block_k=64, num_warps=8, num_stages=3,
+                          split_k=2)
+    problem = Problem("triton", "qmatmul", 2, 256, 128, "bfloat16", "int8", 256, False)
+    _cache.write_entries([_cache.make_entry(problem, winner, time_s=1e-5)])
+    qmatmul_module.qmatmul(x, op, backend="triton")
+    qmatmul_module.qmatmul(x, op, backend="triton", interpret=True)   # tests: no cache
+    assert received == [(None, False), (winner, False), (None, True)]
