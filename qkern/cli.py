@@ -50,7 +50,9 @@ def _cmd_info(args) -> int:
     path = _cache.cache_path()
     entries = list(_cache.read_entries(path).values())
     kind, ver = _cache.device_kind(), jax.__version__
-    here = [e for e in entries if e["device_kind"] == kind and e["jax"] == ver]
+    here = sorted((e for e in entries if e["device_kind"] == kind and e["jax"] == ver),
+                  key=lambda e: (e["backend"], e["kernel"], e["fmt"], e["k"], e["n"],
+                                 e["x_dtype"], e["m"]))
     state = "" if _cache.enabled() else f"  (lookups off: {_cache.ENV_ENABLE}=0)"
     print(f"tuning cache   {path}  (set {_cache.ENV_DIR} to move it){state}")
     print(f"               {len(entries)} entries, {len(here)} for this device ({kind}) "
@@ -341,9 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"qkern: warning: {message}\n".replace("qkern: warning: qkern: ", "qkern: warning: ")
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)  # bad arguments: one-line error, exit code 2
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
     except UsageError as err:
@@ -352,6 +361,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nqkern {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -189,3 +189,15 @@ def test_demo_survives_a_broken_real_model_module(monkeypatch, capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "ZeroDivisionError" in out and "random demo" in out
+
+
+def test_corrupt_cache_is_reported_never_fatal(capsys, cache_dir):
+    cache_dir.mkdir(parents=True)
+    (cache_dir / _cache.FILENAME).write_text('{"schema": "qkern-autotune-cache", "version": 7}')
+    with pytest.warns(_cache.CacheWarning, match="version 7"):
+        assert cli.main(["info"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+    with pytest.warns(_cache.CacheWarning):
+        assert cli.main(TINY_TUNE + ["--formats", "int8"]) == 0
+    data = json.loads((cache_dir / _cache.FILENAME).read_text())
+    assert data["version"] == _cache.VERSION and len(data["entries"]) == 1
