@@ -64,6 +64,20 @@ _generation = [0]  # bumped by every registration; caches of traced code key on 
 def generation() -> int:
     return _generation[0]
 
+
+_context_providers: list = []
+
+
+def register_trace_context(provider) -> None:
+    """Register a zero-argument callable returning a hashable value that rules read while
+    tracing (a kernel backend selection, say). Cached traces key on it with `generation()`:
+    a change re-traces instead of reusing code traced under the old value."""
+    _context_providers.append(provider)
+
+
+def trace_context() -> tuple:
+    return (_generation[0], *(p() for p in _context_providers))
+
 _PLAIN_ARRAY_ANNOTATIONS = (jax.Array, np.ndarray)
 
 

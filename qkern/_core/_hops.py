@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 
 from .. import _compat
-from ._dispatch import generation, materialise_checked
+from ._dispatch import materialise_checked, trace_context
 from ._trace import run_with_values
 from ._values import Value
 
@@ -60,7 +60,9 @@ def _jit(values, params):
     closed = params["jaxpr"]
     leaves, in_tree = _flatten(values)
     per_jaxpr = _jit_cache.setdefault(closed, {})
-    key = (in_tree, generation())  # a rule registered later must be seen: re-trace
+    # A rule registered later, or a changed setting that rules read (the kernel backend),
+    # must be seen: re-trace.
+    key = (in_tree, trace_context())
     entry = per_jaxpr.get(key)
     if entry is None:
         out_trees: dict = {}

@@ -14,6 +14,8 @@ import threading
 
 import jax
 
+from .._core._dispatch import register_trace_context
+
 BACKENDS = ("triton", "mosaic_tpu", "xla")
 ENV_VAR = "QKERN_BACKEND"
 
@@ -77,3 +79,7 @@ def resolve(name: str | None = None, interpret: bool | None = None) -> Selection
     else:
         sel = Selection(device_default(), bool(interpret))
     return sel
+
+
+# Code traced under one backend must not be reused under another (quaxify's jit cache).
+register_trace_context(resolve)

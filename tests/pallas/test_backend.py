@@ -37,3 +37,25 @@ def test_unknown_backend_name():
     with pytest.raises(ValueError, match="choose one of"):
         with qkern.backend("vulkan"):
             pass
+
+
+def test_a_backend_change_retraces_code_quaxify_already_traced():
+    """Regression: quaxify's cache of inner jits (jnp's `x @ w` is one) kept the backend
+    of the first trace, so a later `qkern.backend(...)` was ignored."""
+    import jax
+    import jax.numpy as jnp
+
+    import qkern
+
+    w = qkern.quantize(jax.random.normal(jax.random.PRNGKey(0), (256, 128)), "int8")
+    x = jnp.ones((4, 256))
+
+    def jaxpr():  # a fresh function each time (jax caches the trace of the same one)
+        return str(jax.make_jaxpr(qkern.quaxify(lambda x, w: x @ w))(x, w))
+
+    with qkern.backend("xla"):
+        assert "pallas_call" not in jaxpr()
+    with qkern.backend("triton", interpret=True):
+        assert "pallas_call" in jaxpr()
+    with qkern.backend("xla"):
+        assert "pallas_call" not in jaxpr()
