@@ -4,7 +4,7 @@ and both against the dense matmul, all measured in the same run.
     python bench/qlora_table.py                      # K = N = 4096, rank 16, nf4, M = 1, 16, 256
     python bench/qlora_table.py --fmt int4 --rank 64 --m 1,64
 
-Rows (median of repeats, after warm-up, synchronised):
+Rows (median of repeats timed in turns, after warm-up, synchronised):
   dense      x @ W in the dense dtype (bfloat16 on GPU/TPU, float32 on CPU)
   base       the quantised kernel alone, x @ Wq
   separate   x @ Wq + s * (x @ a) @ b as three calls (the unfused way)
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import qkern
-from qkern._bench.timing import median_time
+from qkern._bench.timing import interleaved_medians
 from qkern.pallas import qmatmul, stored_operand
 from qkern.pallas.lora_qmatmul import lora_qmatmul
 
@@ -46,12 +46,12 @@ def measure(fmt: str, m: int, k: int, n: int, rank: int, repeats: int) -> dict:
     def separate():
         return up(base(x, op), down(x, a), b)
 
-    t = {
-        "dense": median_time(lambda: dense(x, w), repeats=repeats),
-        "base": median_time(lambda: base(x, op), repeats=repeats),
-        "separate": median_time(separate, repeats=repeats),
-        "fused": median_time(lambda: fused(x, op, a, b), repeats=repeats),
-    }
+    t = interleaved_medians({            # in turns, so load from elsewhere hits all alike
+        "dense": lambda: dense(x, w),
+        "base": lambda: base(x, op),
+        "separate": separate,
+        "fused": lambda: fused(x, op, a, b),
+    }, repeats=repeats)
     ref = x.astype(jnp.float32) @ qkern.dequantize(qkern.quantize(w, fmt)).astype(jnp.float32) \
         + s * (x.astype(jnp.float32) @ a) @ b
     got = fused(x, op, a, b).astype(jnp.float32)
