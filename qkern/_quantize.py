@@ -11,7 +11,8 @@ import numpy as np
 
 from ._paths import path_str, selector, warn_no_match
 from ._rules import QuantReport, ReportRow, Rule, nbytes
-from .formats import get_format, quantize_array
+from .formats import get_format, parse_calibration, quantize_array
+from .formats._quantize import make_layout
 from .types.qarray import QArray
 
 _PlainArray = (jax.Array, np.ndarray)
@@ -177,13 +178,31 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
     return out, QuantReport(tuple(rows)), used
 
 
-def _quantize_one(w, fmt, *, axis, act_fmt=None, **options) -> QArray:
+def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="absmax",
+                  scale_dtype=None, double_quant=False) -> QArray:
     w = jnp.asarray(w)
     default_axis = axis == -2 and w.ndim == 1
-    fields = quantize_array(w, fmt, axis=axis, default_axis=default_axis, **options)
-    layout = fields.pop("layout")
-    return QArray(**fields, fmt=get_format(fmt).name, layout=layout, dtype=np.dtype(w.dtype),
+    fmt = get_format(fmt)
+    calibration = parse_calibration(calibration)
+    layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
+    fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
+                              block_size=block_size, calibration=calibration,
+                              scale_dtype=scale_dtype, double_quant=double_quant)
+    return QArray(**fields, fmt=fmt.name, layout=layout, dtype=np.dtype(w.dtype),
                   act_fmt=act_fmt)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "default_axis", "block_size",
+                                             "calibration", "scale_dtype", "double_quant"))
+def _quantize_fields(w, fmt, *, axis, default_axis, block_size, calibration, scale_dtype,
+                     double_quant):
+    # One compiled program per (shape, dtype, format, options): quantising a model leaf by
+    # leaf eagerly would compile every primitive of the quantiser for every new shape.
+    fields = quantize_array(w, fmt, axis=axis, default_axis=default_axis, block_size=block_size,
+                            calibration=calibration, scale_dtype=scale_dtype,
+                            double_quant=double_quant)
+    fields.pop("layout")
+    return fields
 
 
 def dequantize(x: Any) -> Any:
