@@ -55,8 +55,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._config import MatmulConfig
-from ._mosaic_qmatmul import (_LANES, _VMEM_MAX, _Plan, _check_activation, _check_operand,
-                              _compiler_params, _dequantise_tile, _dot_precision,
+from ._mosaic_qmatmul import (_LANES, _VMEM_MAX, _Plan, _accumulate, _check_activation,
+                              _check_operand, _compiler_params, _dequantise_tile, _dot_precision,
                               _kernel_activation, _pad_activation, _round_up, _split_refs,
                               _weight_inputs, plan_mosaic)
 from ._operand import QOperand
@@ -136,19 +136,8 @@ def _finish(acc_ref, part, step, last, write):
     """Accumulate `part` over the contraction steps; write(total) at the last one."""
     if acc_ref is None:
         write(part)
-        return
-
-    @pl.when(step == 0)
-    def _():
-        acc_ref[...] = part
-
-    @pl.when(step > 0)
-    def _():
-        acc_ref[...] += part
-
-    @pl.when(step == last)
-    def _():
-        write(acc_ref[...])
+    else:
+        _accumulate(acc_ref, part, step, last, write)
 
 
 def _fwd_kernel(*refs, lp: _LoraPlan, fmt, has_zeros: bool, scale: float):
