@@ -132,3 +132,25 @@ def scan_counts(params: dict) -> tuple[int, int]:
 def eval_open_jaxpr(jaxpr, *args):
     """Evaluate a remat-style jaxpr (an open Jaxpr; newer JAX may attach its consts)."""
     return eval_jaxpr(jaxpr, tuple(getattr(jaxpr, "consts", ()) or ()), *args)
+
+
+def _vma(x: Any) -> frozenset:
+    """The manual mesh axes `x` varies over inside `shard_map` (empty elsewhere)."""
+    try:
+        return frozenset(getattr(jax.typeof(x), "vma", frozenset()) or ())
+    except TypeError:
+        return frozenset()
+
+
+def vary_like(x: Any, *refs: Any) -> Any:
+    """`x` marked as varying over every manual mesh axis any of `refs` varies over.
+
+    A `lax.scan` carry initialised with `jnp.zeros` is replicated; inside `shard_map` with
+    `check_vma=True` its body output varies like the operands, and scan refuses the
+    mismatch. Outside `shard_map` this returns `x` unchanged.
+    """
+    want = frozenset().union(*(_vma(r) for r in refs))
+    missing = tuple(sorted(want - _vma(x)))
+    if not missing:
+        return x
+    return jax.lax.pcast(x, missing, to="varying")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._compat import vary_like
 from ._config import MatmulConfig
 from ._decode import decode_nibbles, split_nibbles
 from ._operand import QOperand
@@ -108,7 +109,8 @@ def _scan_single_scale(x_chunks, d_chunks, nibble, op):
         xc, dc = inp
         return acc + jnp.dot(xc, _decode_chunk(dc, nibble, op)), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), (x_chunks, d_chunks))
+    init = vary_like(jnp.zeros((m, n), jnp.float32), x_chunks, d_chunks)
+    acc, _ = jax.lax.scan(body, init, (x_chunks, d_chunks))
     return acc
 
 
@@ -134,8 +136,8 @@ def _scan_blocked(x_chunks, d_chunks, s_chunks, z_chunks, nibble, op, g, b):
         w = (w * sc[:, None, :]).reshape(g * b, n)
         return acc + jnp.dot(xc, w), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32),
-                          (x_chunks, d_chunks, s_chunks, z_chunks))
+    init = vary_like(jnp.zeros((m, n), jnp.float32), x_chunks, d_chunks, s_chunks, z_chunks)
+    acc, _ = jax.lax.scan(body, init, (x_chunks, d_chunks, s_chunks, z_chunks))
     return acc
 
 

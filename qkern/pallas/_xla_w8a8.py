@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compat import vary_like
 from ._config import MatmulConfig, default_config
 from ._operand import QOperand
 from ._xla_qmatmul import _chunk_rows
@@ -143,9 +144,8 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
             def body(acc, inp):
                 return acc + jnp.dot(inp[0], inp[1], preferred_element_type=jnp.int32), None
 
-            acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.int32),
-                                  (xq.reshape(m, c, t).transpose(1, 0, 2),
-                                   op.data.reshape(c, t, n)))
+            xs = (xq.reshape(m, c, t).transpose(1, 0, 2), op.data.reshape(c, t, n))
+            acc, _ = jax.lax.scan(body, vary_like(jnp.zeros((m, n), jnp.int32), *xs), xs)
         return acc.astype(jnp.float32) * op.scales
     # blocks per chunk (divides nb), their int32 partials [g, M, N] kept near cache size
     g_cap = max(1, _PARTIAL_BYTES // (4 * m * n))
@@ -158,9 +158,9 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
                                    preferred_element_type=jnp.int32)        # [g, M, N]
         return acc + jnp.einsum("gmn,gn->mn", part.astype(jnp.float32), sc), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32),
-                          (xq.reshape(m, c, g, b).transpose(1, 2, 0, 3),
-                           op.data.reshape(c, g, b, n), op.scales.reshape(c, g, n)))
+    xs = (xq.reshape(m, c, g, b).transpose(1, 2, 0, 3), op.data.reshape(c, g, b, n),
+          op.scales.reshape(c, g, n))
+    acc, _ = jax.lax.scan(body, vary_like(jnp.zeros((m, n), jnp.float32), *xs), xs)
     return acc
 
 
