@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._compat import vary_like
 from ._config import MatmulConfig, default_config
 from ._operand import QOperand
-from ._xla_qmatmul import _chunk_rows
+from ._xla_qmatmul import _chunk_rows, chunk_target, dot, product_sharding, zero_acc
 
 _INT8_MAX = 127.0
 _PARTIAL_BYTES = 4 << 20     # xla, per-block scales: bound on one chunk's int32 partials
@@ -117,7 +116,7 @@ def w8a8_xla(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None,
         raise ValueError(f"x has K={k} but the quantised weight has K={op.k}.")
     xq, sx = quantize_activations(x, act_scale)
     xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - k)))
-    target = (config or default_config("xla", m)).block_k
+    target = chunk_target(op, (config or default_config("xla", m)).block_k)
     return (_int8_product(xq, op, target) * sx).astype(x.dtype)
 
 
@@ -139,28 +138,31 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
         t = _chunk_rows(kp, kp, 1, target)
         c = kp // t
         if c == 1:
-            acc = jnp.dot(xq, op.data, preferred_element_type=jnp.int32)
+            acc = dot(xq, op.data, jnp.int32)
         else:
             def body(acc, inp):
-                return acc + jnp.dot(inp[0], inp[1], preferred_element_type=jnp.int32), None
+                return acc + dot(inp[0], inp[1], jnp.int32), None
 
             xs = (xq.reshape(m, c, t).transpose(1, 0, 2), op.data.reshape(c, t, n))
-            acc, _ = jax.lax.scan(body, vary_like(jnp.zeros((m, n), jnp.int32), *xs), xs)
+            acc, _ = jax.lax.scan(body, zero_acc(*xs, jnp.int32), xs)
         return acc.astype(jnp.float32) * op.scales
     # blocks per chunk (divides nb), their int32 partials [g, M, N] kept near cache size
     g_cap = max(1, _PARTIAL_BYTES // (4 * m * n))
-    g = _chunk_rows(kp, b, nb, min(target, g_cap * b)) // b
+    g = nb if target >= kp else _chunk_rows(kp, b, nb, min(target, g_cap * b)) // b
     c = nb // g
+
+    xs = (xq.reshape(m, c, g, b).transpose(1, 2, 0, 3), op.data.reshape(c, g, b, n),
+          op.scales.reshape(c, g, n))
+    sharding = product_sharding(xs[0], xs[1])     # Explicit mesh: sum sharded blocks
+    kw = {} if sharding is None else {"out_sharding": sharding}
 
     def body(acc, inp):
         xc, dc, sc = inp                        # [g, M, B], [g, B, N], [g, N]
         part = jax.lax.dot_general(xc, dc, (((2,), (1,)), ((0,), (0,))),
                                    preferred_element_type=jnp.int32)        # [g, M, N]
-        return acc + jnp.einsum("gmn,gn->mn", part.astype(jnp.float32), sc), None
+        return acc + jnp.einsum("gmn,gn->mn", part.astype(jnp.float32), sc, **kw), None
 
-    xs = (xq.reshape(m, c, g, b).transpose(1, 2, 0, 3), op.data.reshape(c, g, b, n),
-          op.scales.reshape(c, g, n))
-    acc, _ = jax.lax.scan(body, vary_like(jnp.zeros((m, n), jnp.float32), *xs), xs)
+    acc, _ = jax.lax.scan(body, zero_acc(xs[0], xs[1]), xs)
     return acc
 
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from . import _backend
 from ._config import MatmulConfig
 from ._operand import QOperand, reference_dequantize
-from .qmatmul import _run, _zero_cotangent
+from ._xla_qmatmul import dot, explicit_sharding
+from .qmatmul import _run, _zero_cotangent, like_input
 
 _F32 = jnp.float32
 _FACTOR_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -64,8 +65,8 @@ def _kernel(name: str):
 
 def _xla(x2, op, u, v, scale, sel, config, transposed):
     base = _run(x2, op, sel, config, transposed)
-    xu = jnp.dot(x2, u, preferred_element_type=_F32)
-    y = base.astype(_F32) + scale * jnp.dot(xu, v.astype(_F32), preferred_element_type=_F32)
+    xu = dot(x2, u)
+    y = base.astype(_F32) + scale * dot(xu, v.astype(_F32))
     return y.astype(x2.dtype), xu
 
 
@@ -93,10 +94,13 @@ def _lora2_bwd(scale, sel, config, transposed, res, dy):
     # The backward direction picks its own config: the forward's was chosen for its shape.
     dx, g = _fused(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
                    not transposed)
-    du = scale * jnp.dot(x2.T.astype(_F32), g, preferred_element_type=_F32)
-    dv = scale * jnp.dot(xu.T, dy, preferred_element_type=_F32)
-    return (dx.astype(x2.dtype), jax.tree_util.tree_map(_zero_cotangent, op),
-            du.astype(u.dtype), dv.astype(v.dtype))
+    du = scale * dot(x2.T.astype(_F32), g)
+    dv = scale * dot(xu.T, dy)
+    # On an Explicit mesh each cotangent takes its input's sharding.
+    return (like_input(dx.astype(x2.dtype), explicit_sharding(x2)),
+            jax.tree_util.tree_map(_zero_cotangent, op),
+            like_input(du.astype(u.dtype), explicit_sharding(u)),
+            like_input(dv.astype(v.dtype), explicit_sharding(v)))
 
 
 _lora2.defvjp(_lora2_fwd, _lora2_bwd)

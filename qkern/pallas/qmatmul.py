@@ -15,10 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .._compat import vary_like
 from . import _backend
 from ._config import MatmulConfig, Problem, config_for
 from ._operand import QOperand
-from ._xla_qmatmul import qmatmul_t_xla, qmatmul_xla
+from ._xla_qmatmul import explicit_sharding, qmatmul_t_xla, qmatmul_xla
 
 
 def _kernels(name: str):
@@ -45,23 +46,31 @@ def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
 
 def _zero_cotangent(a):
     if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.zeros_like(a)
+        sharding = explicit_sharding(a)      # Explicit mesh: the zero has a's sharding
+        zero = jnp.zeros(a.shape, a.dtype, **({} if sharding is None else {"out_sharding": sharding}))
+        return vary_like(zero, a)           # and inside shard_map, a's varying axes
     return jnp.zeros(a.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _qmatmul2(x2, op, sel, config, transposed):
+def like_input(dx, x_sharding):
+    """A cotangent given its input's type: on an Explicit mesh (`x_sharding`, static, from
+    `explicit_sharding(x)`) the kernel's result is resharded to x's sharding."""
+    return dx if x_sharding is None else jax.sharding.reshard(dx, x_sharding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _qmatmul2(x2, op, sel, config, transposed, x_sharding):
     return _run(x2, op, sel, config, transposed)
 
 
-def _qmatmul2_fwd(x2, op, sel, config, transposed):
+def _qmatmul2_fwd(x2, op, sel, config, transposed, x_sharding):
     return _run(x2, op, sel, config, transposed), op
 
 
-def _qmatmul2_bwd(sel, config, transposed, op, dy):
+def _qmatmul2_bwd(sel, config, transposed, x_sharding, op, dy):
     # d(x @ W)/dx is (dy @ W.T), and the other way round: the same family, flipped. The
     # config was chosen for the forward direction, so the backward picks its own.
-    dx = _run(dy, op, sel, None, not transposed)
+    dx = like_input(_run(dy, op, sel, None, not transposed), x_sharding)
     return dx, jax.tree_util.tree_map(_zero_cotangent, op)
 
 
@@ -84,5 +93,5 @@ def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: st
     x2 = x.reshape(-1, k)
     if config is None:  # here, not only in _run: jax caches the custom_vjp's traced forward
         config = config_for(Problem.of(sel.name, x2, op, transposed), interpret=sel.interpret)
-    y = _qmatmul2(x2, op, sel, config, transposed)
+    y = _qmatmul2(x2, op, sel, config, transposed, explicit_sharding(x2))
     return y.reshape(*lead, y.shape[-1])

@@ -29,7 +29,8 @@ from . import _backend
 from ._config import MatmulConfig
 from ._operand import QOperand
 from ._xla_w8a8 import check_act_scale, check_w8a8_operand, w8a8_xla
-from .qmatmul import _run, _zero_cotangent
+from ._xla_qmatmul import explicit_sharding
+from .qmatmul import _run, _zero_cotangent, like_input
 
 __all__ = ["w8a8_matmul"]
 
@@ -44,20 +45,20 @@ def _forward(x2, op, act_scale, sel: _backend.Selection, config):
     return w8a8_xla(x2, op, act_scale, config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _w8a8_2d(x2, op, act_scale, sel, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _w8a8_2d(x2, op, act_scale, sel, config, x_sharding):
     return _forward(x2, op, act_scale, sel, config)
 
 
-def _fwd(x2, op, act_scale, sel, config):
+def _fwd(x2, op, act_scale, sel, config, x_sharding):
     return _forward(x2, op, act_scale, sel, config), (op, act_scale)
 
 
-def _bwd(sel, config, res, dy):
+def _bwd(sel, config, x_sharding, res, dy):
     op, act_scale = res
     # Straight-through: the rounding of x is treated as the identity. The forward config
     # was chosen for W8A8, so the transposed weight-only kernel picks its own.
-    dx = _run(dy, op, sel, None, transposed=True)
+    dx = like_input(_run(dy, op, sel, None, transposed=True), x_sharding)
     d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
     return dx, jax.tree_util.tree_map(_zero_cotangent, op), d_scale
 
@@ -92,5 +93,6 @@ def w8a8_matmul(x: jax.Array, op: QOperand, *, act_scale=None, backend: str | No
     if k != op.k:
         raise ValueError(f"w8a8_matmul: x has {k} columns but the weight's K is {op.k} "
                          f"(x shape {x.shape}, weight [K={op.k}, N={op.n}]).")
-    y = _w8a8_2d(x.reshape(-1, k), op, act_scale, sel, config)
+    x2 = x.reshape(-1, k)
+    y = _w8a8_2d(x2, op, act_scale, sel, config, explicit_sharding(x2))
     return y.reshape(*lead, op.n)
