@@ -17,7 +17,10 @@ configs that the planner turns into the same tiling are timed once:
   and duplicates of the same plan.
 
 The space is capped at `max_configs`: the heuristic's config plus those nearest to it (in
-log2 steps of each field), a local search around a known-good point.
+log2 steps of each field), a local search around a known-good point. For M > DECODE_M every
+backend also times `dequantize=True` (dequantise W to x's dtype, then XLA's dot), so a
+problem where the kernel loses to the dense dot is served by the dot instead
+(`space={"dequantize": (False,)}` leaves it out).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _compact(c: MatmulConfig) -> str:
 
 def _distance(a: MatmulConfig, b: MatmulConfig) -> float:
     return sum(abs(math.log2(getattr(a, f.name) / getattr(b, f.name)))
-               for f in dataclasses.fields(MatmulConfig))
+               for f in dataclasses.fields(MatmulConfig) if f.name != "dequantize")
 
 
 def _cap(configs: list[MatmulConfig], anchor: MatmulConfig | None, max_configs: int | None,
@@ -227,7 +230,13 @@ def candidates(problem: Problem, op, *, space: dict | None = None,
     else:
         raise ValueError(f"unknown backend {problem.backend!r}; choose xla, triton or "
                          "mosaic_tpu.")
-    return _cap(configs, anchor, max_configs, pruned), pruned
+    configs = _cap(configs, anchor, max_configs, pruned)
+    if problem.m > DECODE_M and (space or {}).get("dequantize", (False, True)) != (False,):
+        # Dequantise-then-dot, the fallback that keeps large M from losing to the dense dot
+        # (it reads no block field; those of a legal candidate keep every entry plannable).
+        base = configs[0] if configs else (anchor or MatmulConfig())
+        configs.append(dataclasses.replace(base, dequantize=True))
+    return configs, pruned
 
 
 # --------------------------------------------------------------------------------------

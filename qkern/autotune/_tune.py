@@ -291,6 +291,8 @@ def describe_config(cfg: MatmulConfig | None, backend: str) -> str:
     """A config in the fields its backend reads."""
     if cfg is None:
         return "kernel default"
+    if cfg.dequantize:
+        return "dequantise + XLA dot"
     if backend == "xla":
         return f"block_k={cfg.block_k}"
     if backend == "mosaic_tpu":

@@ -1,7 +1,8 @@
 """Block configurations of the quantised-matmul kernels, and their shipped defaults.
 
 One config type for every backend; each backend reads the fields it uses (Triton: all;
-Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan). Defaults come from a
+Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan); `dequantize=True` on any
+backend runs dequantise-then-dot instead of the kernel. Defaults come from a
 heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M); the
 autotuner (`qkern tune`) replaces them with measured winners per device: kernels ask
 `config_for(problem)`, which returns the autotune cache's winner for this device, or the
@@ -22,11 +23,18 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1
+    # Dequantise the weight to x's dtype and run XLA's own dot instead of the kernel: for
+    # large M, where a kernel that decodes W once per row tile can lose to the dense dot.
+    # The autotuner times it for every M > DECODE_M problem and keeps it where it wins.
+    dequantize: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or v <= 0:
+            if f.name == "dequantize":
+                if not isinstance(v, bool):
+                    raise ValueError(f"MatmulConfig.dequantize must be True or False, got {v!r}.")
+            elif isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"MatmulConfig.{f.name} must be a positive int, got {v!r}.")
 
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from .._compat import vary_like
 from . import _backend
 from ._config import MatmulConfig, Problem, config_for
-from ._operand import QOperand
-from ._xla_qmatmul import explicit_sharding, qmatmul_t_xla, qmatmul_xla
+from ._operand import QOperand, reference_dequantize
+from ._xla_qmatmul import dot, explicit_sharding, qmatmul_t_xla, qmatmul_xla
 
 
 def _kernels(name: str):
@@ -38,10 +38,20 @@ def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
         return jnp.zeros((0, op.k if transposed else op.n), x2.dtype)
     if config is None:  # the autotune cache's winner for this device, else the heuristic
         config = config_for(Problem.of(sel.name, x2, op, transposed), interpret=sel.interpret)
+    if config is not None and config.dequantize:
+        return _dequantize_dot(x2, op, transposed)
     if sel.name == "xla":
         return (qmatmul_t_xla if transposed else qmatmul_xla)(x2, op, config)
     fwd, bwd = _kernels(sel.name)
     return (bwd if transposed else fwd)(x2, op, config, interpret=sel.interpret)
+
+
+def _dequantize_dot(x2, op, transposed: bool):
+    """x @ W (or dy @ W.T) with W dequantised to x's dtype and XLA's dot (float32
+    accumulation): `MatmulConfig(dequantize=True)`, for large M where it beats a kernel."""
+    w = reference_dequantize(op).astype(x2.dtype)
+    y = dot(x2, w.T if transposed else w, jnp.float32)
+    return y.astype(x2.dtype)
 
 
 def _zero_cotangent(a):
