@@ -137,7 +137,7 @@ def eval_open_jaxpr(jaxpr, *args):
 def _vma(x: Any) -> frozenset:
     """The manual mesh axes `x` varies over inside `shard_map` (empty elsewhere)."""
     try:
-        return frozenset(getattr(jax.typeof(x), "vma", frozenset()) or ())
+        return aval_vma(jax.typeof(x))
     except TypeError:
         return frozenset()
 
@@ -154,3 +154,113 @@ def vary_like(x: Any, *refs: Any) -> Any:
     if not missing:
         return x
     return jax.lax.pcast(x, missing, to="varying")
+
+
+# -- varying manual axes (shard_map with check_vma=True) --------------------------------
+# jax 0.10 keeps them in `aval.manual_axis_type.varying` (`aval.mat` for short); earlier
+# releases had `aval.vma`, and later ones may again.
+pvary_p = getattr(_core, "pvary_p", None)
+
+
+def aval_vma(aval: Any) -> frozenset:
+    """The manual mesh axes an abstract value varies over (empty outside `shard_map`)."""
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()) or ())
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def aval_with_vma(aval: Any, vma: frozenset, like: Any) -> Any:
+    """`aval` varying over `vma`, on the mesh of the abstract value `like` (one that
+    varies over those axes: a leaf of the same Value). The sharding spec is replicated,
+    which is what every value inside a fully manual `shard_map` has."""
+    if not vma or aval_vma(aval) == vma or not hasattr(aval, "update"):
+        return aval
+    sharding = getattr(like, "sharding", None)
+    kw: dict = {}
+    if sharding is not None and hasattr(sharding, "update"):
+        ndim = len(aval.shape)
+        kw["sharding"] = sharding.update(
+            spec=jax.sharding.PartitionSpec(*[None] * ndim))
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        kw["manual_axis_type"] = mat.update(varying=frozenset(vma))
+    else:
+        kw["vma"] = frozenset(vma)
+    return aval.update(**kw)
+
+
+def pvary_leaf(x: Any, axes: tuple, params: dict) -> Any:
+    """`pvary_p` on one array, over those of `axes` it does not vary over yet (the leaves
+    of one Value may vary over fewer axes than the Value: a replicated scale beside
+    sharded codes)."""
+    have = _vma(x)
+    todo = tuple(a for a in axes if a not in have)
+    if not todo:
+        return x
+    return pvary_p.bind(x, **dict(params, axes=todo))
+
+
+# -- explicit-axis meshes (jax.make_mesh's default: AxisType.Explicit) ------------------
+def _explicit(sharding: Any) -> Any:
+    """`sharding` if it is on a mesh with Explicit axes, else None."""
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    if explicit is None or not any(t == explicit for t in types):
+        return None
+    return sharding
+
+
+def explicit_sharding(x: Any) -> Any:
+    """The sharding in `x`'s type when it lives on a mesh with Explicit axes, else None.
+
+    On such meshes the sharding is part of the type: operations whose output sharding JAX
+    cannot infer (a gather from a replicated table with sharded indices) need it spelled
+    out, e.g. `table.at[idx].get(out_sharding=explicit_sharding(idx))`."""
+    try:
+        return _explicit(getattr(jax.typeof(x), "sharding", None))
+    except TypeError:
+        return None
+
+
+def _cast_like(x: Any, want: Any) -> Any:
+    """`x` (an array) made to vary and, on an Explicit mesh, be sharded like `want` (an
+    abstract value of the same shape)."""
+    missing = tuple(sorted(aval_vma(want) - _vma(x)))
+    if missing:
+        x = jax.lax.pcast(x, missing, to="varying")
+    sharding = _explicit(getattr(want, "sharding", None))
+    if sharding is not None and getattr(explicit_sharding(x), "spec", None) != sharding.spec:
+        x = jax.sharding.reshard(x, sharding.spec)
+    return x
+
+
+def fit_carry(body: Callable, init: Any, xs: Any) -> Any:
+    """`init`, typed as the carry `body(init, xs[0])` returns it, for `lax.scan`.
+
+    scan wants its carry's type to be a fixed point of the body. An accumulator started
+    with `jnp.zeros` is replicated and invariant, while the body's output varies over
+    every manual mesh axis its operands vary over (`shard_map`, check_vma=True) and, on a
+    mesh with Explicit axes, is sharded like them. This casts `init` to that type (a
+    `pcast(..., to="varying")` and a `reshard`); outside those settings it returns `init`.
+
+        acc, _ = jax.lax.scan(body, fit_carry(body, jnp.zeros((m, n)), xs), xs)
+    """
+    leaves = jax.tree_util.tree_leaves((init, xs))
+    if not any(_vma(a) or explicit_sharding(a) is not None for a in leaves):
+        return init        # the common case: no extra trace of the body
+    x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
+    out = jax.eval_shape(lambda c, x: body(c, x)[0], init, x0)
+    return jax.tree_util.tree_map(_cast_like, init, out)
+
+
+def sum_like(ct: Any, primal: Any) -> Any:
+    """A custom_vjp cotangent `ct` summed over the manual mesh axes it varies over and
+    `primal` (its input) does not: the input was replicated over them (pvary), so its
+    cotangent is the sum of every shard's contribution, as JAX's own transpose of pvary
+    gives. Outside `shard_map` this returns `ct` unchanged.
+
+        return (sum_like(du, u), sum_like(dv, v))       # the end of a bwd rule
+    """
+    extra = tuple(sorted(_vma(ct) - _vma(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct

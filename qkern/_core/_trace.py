@@ -22,8 +22,7 @@ class _QTracer(_compat.Tracer):
     __slots__ = ("value",)
 
     def __init__(self, trace: "_QTrace", value: Value):
-        aval = value.aval()
-        super().__init__(trace, aval)
+        super().__init__(trace, value_aval(value))
         self.value = value
 
     def full_lower(self):
@@ -94,11 +93,41 @@ class _QTrace(_compat.Trace):
         return self.parent_trace.process_shard_map(primitive, fun, arrays, **params)
 
 
+def value_aval(value: Value):
+    """`value.aval()`, varying over every manual mesh axis any of its leaves varies over.
+
+    Inside `shard_map` (check_vma=True) JAX types each array with the mesh axes it varies
+    over, and inserts `pvary` where varying and invariant operands meet; a Value's tracer
+    must say what its leaves say, or JAX mistakes it for a replicated array.
+    """
+    aval = value.aval()
+    vma, like = frozenset(), None
+    for leaf in jax.tree_util.tree_leaves(value):
+        try:
+            leaf_aval = jax.typeof(leaf)
+        except TypeError:
+            continue
+        leaf_vma = _compat.aval_vma(leaf_aval)
+        if leaf_vma - vma:
+            vma, like = vma | leaf_vma, leaf_aval
+    return _compat.aval_with_vma(aval, vma, like) if vma else aval
+
+
+def _pvary_leaves(primitive, values, params):
+    """`pvary` (invariant -> varying, a no-op on data) of a Value: of each of its leaves."""
+    axes = tuple(params["axes"])
+    out = [jax.tree_util.tree_map(lambda l: _compat.pvary_leaf(l, axes, params), v)
+           if isinstance(v, Value) else _compat.pvary_leaf(v, axes, params) for v in values]
+    return out if primitive.multiple_results else out[0]
+
+
 def _process_values(primitive, values, params):
     """Dispatch a primitive with at least one Value operand (runs under the parent trace)."""
     rule = _dispatch.resolve(primitive, _dispatch.arg_types(values))
     if rule is not None:
         return rule.fn(*values, **params)
+    if primitive is _compat.pvary_p and primitive is not None:
+        return _pvary_leaves(primitive, values, params)
     from ._hops import HIGHER_ORDER
     handler = HIGHER_ORDER.get(primitive)
     if handler is not None:

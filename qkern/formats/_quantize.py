@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compat import explicit_sharding
 from ._packing import pack_halves, unpack_halves
 from ._spec import Format, get_format
 
@@ -315,7 +316,9 @@ def decode(data: jnp.ndarray, fmt: Format, axis: int) -> jnp.ndarray:
         if fmt.kind == "int":
             return (nib.astype(jnp.int32) - 16 * (nib >= 8)).astype(jnp.float32)
         if fmt.kind == "codebook":
-            return jnp.asarray(fmt.codebook)[nib]
+            # On a mesh with Explicit axes JAX cannot infer the sharding of a lookup in
+            # a replicated table by sharded codes: it is the codes'.
+            return jnp.asarray(fmt.codebook).at[nib].get(out_sharding=explicit_sharding(nib))
         return jax.lax.bitcast_convert_type(nib.astype(jnp.uint4), fmt.float_dtype).astype(jnp.float32)
     return data.astype(jnp.float32)
 

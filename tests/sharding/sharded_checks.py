@@ -3,7 +3,8 @@ because XLA_FLAGS must be set before JAX starts):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding/sharded_checks.py
 
-Each check asserts; the script prints "ok <name>" per check and "ALL OK" at the end.
+Each check asserts; the script prints "ok <name>" (or "FAIL <name>" and the error) per check,
+and "ALL OK" at the end when every check passed (else "FAILED: ..." and exit status 1).
 """
 
 from __future__ import annotations
@@ -50,10 +51,19 @@ x = _w(16, 256)
 want = qkern.quaxify(model)(q, x)
 
 
+FAILED = []
+
+
 def check(name):
+    """Run the check now; print "ok <name>", or "FAIL <name>" and the error, and go on."""
     def deco(f):
-        f()
-        print("ok", name, flush=True)
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001 - reported; the script then exits 1
+            FAILED.append(name)
+            print(f"FAIL {name}\n    {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        else:
+            print("ok", name, flush=True)
         return f
     return deco
 
@@ -97,8 +107,8 @@ def _():
     print(f"   bytes per device: {max(per.values())} of {total} quantised ({dense} dense)")
 
 
-# shard_map: QArray avals carry no varying-manual-axes type yet, so these bodies run with
-# check_vma=False (JAX's documented switch); see docs/models.md.
+# shard_map bodies run with JAX's default check_vma=True: a QArray's tracer varies over
+# the manual axes its leaves vary over, and pvary reaches its leaves (qkern/_core/_trace.py).
 @check("shard_map: each device runs its own QArray shard")
 def _():
     def body(p, x):
@@ -113,7 +123,7 @@ def _():
     want_wo = qkern.quaxify(model)(q_wo, x)
     f_wo = jax.jit(jax.shard_map(qkern.quaxify(body), mesh=mesh,
                                  in_specs=(qkern.partition_specs(q_wo, SPECS), P("data", None)),
-                                 out_specs=P("data", "model"), check_vma=False))
+                                 out_specs=P("data", "model")))
     np.testing.assert_allclose(f_wo(qkern.shard(q_wo, mesh, SPECS), x), want_wo,
                                rtol=1e-5, atol=1e-5)
 
@@ -125,7 +135,7 @@ def _():
     ref = qkern.quaxify(lambda w, h: h @ w)(w, h)
     f = jax.jit(jax.shard_map(qkern.quaxify(lambda w, h: h @ w), mesh=mesh,
                               in_specs=(qkern.partition_specs(w, P(None, "model")), P("data")),
-                              out_specs=P("data", "model"), check_vma=False))
+                              out_specs=P("data", "model")))
     np.testing.assert_array_equal(f(w, h), ref)
 
 
@@ -140,8 +150,156 @@ def _():
     ref = qkern.quaxify(body)(stack, x[:, :128])
     f = jax.jit(jax.shard_map(qkern.quaxify(body), mesh=mesh,
                               in_specs=(qkern.partition_specs(stack, P()), P("data")),
-                              out_specs=P("data"), check_vma=False))
+                              out_specs=P("data")))
     np.testing.assert_allclose(f(stack, x[:, :128]), ref, rtol=1e-6, atol=1e-6)
+
+
+def _sm(body, in_specs, out_specs):
+    return jax.jit(jax.shard_map(qkern.quaxify(body), mesh=mesh, in_specs=in_specs,
+                                 out_specs=out_specs))
+
+
+def _max_err(got, want):
+    return float(jnp.max(jnp.abs(jnp.asarray(got) - jnp.asarray(want))))
+
+
+# Column parallel: [in, out] weights split along out, x whole. Row parallel: split along
+# in, x split alike, partial products summed with psum. 4-bit formats pack the two halves
+# of their block axis into one byte, so row-parallel 4-bit weights are blocked along out.
+# W8A8 row parallel uses a calibrated static activation scale (dynamic per-row scales
+# would be taken over each device's quarter of a row); its act_scale leaf is replicated
+# while the codes vary over "model": one Value with leaves of different varying axes.
+COL_FORMATS = [("int8", {}), ("int4", dict(block_size=64)), ("nf4", dict(block_size=64)),
+               ("w8a8", dict(act_fmt="int8"))]
+ROW_FORMATS = [("int8", dict(block_size=128)), ("int4", dict(axis=-1, block_size=64)),
+               ("nf4", dict(axis=-1, block_size=64)),
+               ("w8a8", dict(act_fmt="int8", block_size=128))]
+mm = lambda w, h: h @ w
+
+
+def _q(w, name, kw, h):
+    fmt = "int8" if name == "w8a8" else name
+    qw = qkern.quantize(w, fmt, **kw)
+    if name == "w8a8" and kw.get("block_size"):
+        qw = qkern.calibrate(mm, qw, [h])
+    return qw
+
+
+@check("shard_map check_vma: column-parallel int8/int4/nf4/W8A8 equal unsharded")
+def _():
+    h = _w(16, 512)
+    for name, kw in COL_FORMATS:
+        w = _q(params["w2"], name, kw, h)
+        want = qkern.quaxify(mm)(w, h)
+        for x_spec, out_spec in [(P("data"), P("data", "model")), (P(), P(None, "model"))]:
+            f = _sm(mm, (qkern.partition_specs(w, P(None, "model")), x_spec), out_spec)
+            got = f(w, h)
+            if name == "w8a8":      # whole rows on each device: the same codes and scales
+                np.testing.assert_array_equal(got, want, err_msg=f"{name} x {x_spec}")
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{name} x {x_spec}")
+
+
+@check("shard_map check_vma: row-parallel with psum, int8/int4/nf4/W8A8 equal unsharded")
+def _():
+    h = _w(16, 512)
+    body = lambda w, h: jax.lax.psum(h @ w, "model")
+    for name, kw in ROW_FORMATS:
+        w = _q(params["w2"], name, kw, h)
+        want = qkern.quaxify(mm)(w, h)
+        f = _sm(body, (qkern.partition_specs(w, P("model", None)), P("data", "model")),
+                P("data"))
+        np.testing.assert_allclose(f(w, h), want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _stacked_mlp(fmt1, kw1, fmt2, kw2, layers=3, d=128, hidden=256):
+    w1 = jnp.stack([_w(d, hidden) / 11 for _ in range(layers)])
+    w2 = jnp.stack([_w(hidden, d) / 16 for _ in range(layers)])
+    x0 = _w(16, d)
+    p = {"w1": _q(w1, fmt1, kw1, x0), "w2": qkern.quantize(w2, "int8" if fmt2 == "w8a8" else fmt2, **kw2)}
+    return p, x0
+
+
+def megatron(p, x, psum=True):
+    """Layers of a column-parallel up projection and a row-parallel down projection."""
+    def layer(h, w):
+        u = jax.nn.relu(h @ w["w1"])
+        y = u @ w["w2"]
+        return h + (jax.lax.psum(y, "model") if psum else y), None
+    return jax.lax.scan(layer, x, p)[0]
+
+
+MEGATRON_SPECS = {"w1": P(None, None, "model"), "w2": P(None, "model", None)}
+MLP_CASES = [("nf4", dict(block_size=64), "int8", dict(block_size=64)),
+             ("int4", dict(block_size=64), "nf4", dict(axis=-1, block_size=64)),
+             ("w8a8", dict(act_fmt="int8"), "w8a8", dict(act_fmt="int8", block_size=64))]
+
+
+@check("shard_map check_vma: lax.scan over stacked column/row-parallel layers")
+def _():
+    for f1, k1, f2, k2 in MLP_CASES:
+        p, x0 = _stacked_mlp(f1, k1, f2, k2)
+        if f2 == "w8a8":
+            p = qkern.calibrate(lambda p, x: megatron(p, x, psum=False), p, [x0])
+        want = qkern.quaxify(lambda p, x: megatron(p, x, psum=False))(p, x0)
+        f = _sm(megatron, (qkern.partition_specs(p, MEGATRON_SPECS), P("data")), P("data"))
+        np.testing.assert_allclose(f(p, x0), want, rtol=1e-5, atol=1e-5, err_msg=f"{f1}/{f2}")
+
+
+@check("shard_map check_vma: grads with respect to x equal unsharded")
+def _():
+    def loss(f):
+        return lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+
+    for f1, k1, f2, k2 in MLP_CASES[:2]:
+        p, x0 = _stacked_mlp(f1, k1, f2, k2)
+        want = jax.grad(loss(qkern.quaxify(lambda p, x: megatron(p, x, psum=False))),
+                        argnums=1)(p, x0)
+        sm = jax.shard_map(qkern.quaxify(megatron), mesh=mesh,
+                           in_specs=(qkern.partition_specs(p, MEGATRON_SPECS), P("data")),
+                           out_specs=P("data"))
+        got = jax.jit(jax.grad(loss(sm), argnums=1))(p, x0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{f1}/{f2}")
+    # one unscanned layer: column parallel into row parallel, W8A8 both (static scales)
+    h = _w(16, 256)
+    p1 = {"up": qkern.quantize(params["w3"], "int8", act_fmt="int8"),               # [256, 128]
+          "down": qkern.quantize(params["w3"].T, "int8", block_size=32, act_fmt="int8")}
+
+    def two(p, x, psum=True):
+        y = jax.nn.relu(x @ p["up"]) @ p["down"]
+        return jax.lax.psum(y, "model") if psum else y
+
+    p1 = qkern.calibrate(lambda p, x: two(p, x, False), p1, [h])
+    want = jax.grad(loss(qkern.quaxify(lambda p, x: two(p, x, False))), argnums=1)(p1, h)
+    specs = qkern.partition_specs(p1, {"up": P(None, "model"), "down": P("model", None)})
+    sm = jax.shard_map(qkern.quaxify(two), mesh=mesh, in_specs=(specs, P("data")),
+                       out_specs=P("data"))
+    got = jax.jit(jax.grad(loss(sm), argnums=1))(p1, h)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@check("shard_map check_vma: QLoRA grads of the factors equal unsharded")
+def _():
+    # data parallel with a column-parallel frozen nf4 base: a [in, r] is replicated over
+    # "model", so its gradient is the sum of every model shard's contribution.
+    base = qkern.quantize(params["w1"], "nf4", block_size=64)
+    a0, b0 = _w(256, 8) / 16, _w(8, 512) / 8
+    h = _w(16, 256)
+    loss = lambda lw, x: jnp.sum(jnp.sin(x @ lw))
+    want = jax.grad(lambda a, b: qkern.quaxify(loss)(qkern.LoraArray(base, a, b, 2.0), h),
+                    argnums=(0, 1))(a0, b0)
+    is_p = lambda v: isinstance(v, P)
+    specs = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(qkern.LoraArray(base, a0, b0, 2.0)),
+        jax.tree_util.tree_leaves(qkern.partition_specs(base, P(None, "model")), is_leaf=is_p)
+        + [P(), P(None, "model")])
+    sm = jax.shard_map(lambda lw, x: jax.lax.psum(qkern.quaxify(loss)(lw, x), ("data", "model")),
+                       mesh=mesh, in_specs=(specs, P("data")), out_specs=P())
+    got = jax.jit(jax.grad(lambda a, b: sm(qkern.LoraArray(base, a, b, 2.0), h),
+                           argnums=(0, 1)))(a0, b0)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)
 
 
 @check("bad shardings name the QArray and the reason")
@@ -156,5 +314,48 @@ def _():
             raise AssertionError(f"{spec} should fail")
 
 
+# Explicit-axis meshes (jax.make_mesh's default): the sharding is part of every type.
+explicit = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+
+@check("explicit mesh: materialise a sharded nf4 QArray under jit")
+def _():
+    w = qkern.shard(q["w1"], explicit, P(None, "model"))
+    with jax.set_mesh(explicit):
+        got = jax.jit(qkern.dequantize)(w)
+    assert got.sharding.spec == P(None, "model"), got.sharding
+    np.testing.assert_array_equal(got, qkern.dequantize(q["w1"]))
+
+
+@check("explicit mesh: jit with NamedSharding, every format, equals unsharded")
+def _():
+    h = _w(16, 512)
+    hs = jax.device_put(h, NamedSharding(explicit, P("data", None)))
+    for name, kw in COL_FORMATS + [("fp4", dict(block_size=64))]:
+        w = _q(params["w2"], name, kw, h)
+        want = qkern.quaxify(mm)(w, h)
+        with jax.set_mesh(explicit):
+            got = jax.jit(qkern.quaxify(mm))(qkern.shard(w, explicit, P(None, "model")), hs)
+        assert got.sharding.spec == P("data", "model"), (name, got.sharding)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@check("explicit mesh: row-parallel, several K chunks per device, equals unsharded")
+def _():
+    h = _w(16, 2048)
+    hs = jax.device_put(h, NamedSharding(explicit, P("data", None)))
+    w = _w(2048, 256) / 45
+    for name, kw in [("int8", dict(block_size=128)), ("w8a8", dict(act_fmt="int8", block_size=128))]:
+        qw = _q(w, name, kw, h)
+        want = qkern.quaxify(mm)(qw, h)
+        with jax.set_mesh(explicit):
+            got = jax.jit(qkern.quaxify(mm))(qkern.shard(qw, explicit, P("model", None)), hs)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+if FAILED:
+    print("FAILED:", "; ".join(FAILED))
+    sys.exit(1)
 print("ALL OK")
 sys.exit(0)
