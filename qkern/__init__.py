@@ -18,7 +18,8 @@ from ._core import (
 from ._quantize import dequantize, quantize
 from ._rules import QuantReport, Rule
 from ._qat import fake_quant, ste
-from ._calibrate import calibrate
+from ._calibrate import Hessians, calibrate, hessians
+from ._gptq import GPTQ
 from ._checkpoint import CheckpointError, load, save
 from ._sharding import partition_specs, per_device_bytes, shard, shardings
 from .types import LoraArray, QArray
@@ -48,6 +49,9 @@ __all__ = [
     "fake_quant",
     "ste",
     "calibrate",
+    "hessians",
+    "Hessians",
+    "GPTQ",
     "save",
     "load",
     "CheckpointError",

@@ -13,14 +13,15 @@ import functools
 import itertools
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._core import quaxify, static_field
-from ._paths import path_str
+from ._core import ArrayLike, ArrayValue, Value, quaxify, register, static_field
+from ._paths import path_str, selector
 from .types.qarray import QArray
 
 _sessions = itertools.count()
@@ -120,3 +121,185 @@ def calibrate(fn: Callable, params: Any, batches: Iterable[Any], *, margin: floa
             v, act_scale=jnp.full(tuple(v.shape[:-2]), scale, jnp.float32))
 
     return jax.tree_util.tree_map_with_path(fill, params, is_leaf=is_q)
+
+
+# -- Hessians for GPTQ ---------------------------------------------------------------------
+class Hessians(Mapping):
+    """What `qkern.hessians` recorded: for each weight, H = X^T X / rows over the rows of
+    the inputs X that met it in an `x @ W` (the contracted axis of W indexes H).
+
+    A read-only mapping from key path ("layers/0/attn/query/kernel") to a float32 numpy
+    `[K, K]` array; `rows[path]` is how many input rows it averages, `axis[path]` the axis of
+    the weight that the matmuls contracted (the axis GPTQ blocks along). Pass it to
+    `qkern.quantize(..., gptq=hessians)`.
+    """
+
+    def __init__(self, h: dict, rows: dict, axis: dict, order: tuple = ()):
+        self._h, self.rows, self.axis, self.order = dict(h), dict(rows), dict(axis), tuple(order)
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        return self._h[path]
+
+    def __iter__(self):
+        return iter(self._h)
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __repr__(self) -> str:
+        rows = sorted(set(self.rows.values()))
+        span = f"{rows[0]}" if len(rows) == 1 else f"{rows[0]}-{rows[-1]}" if rows else "0"
+        return f"Hessians({len(self)} weights, {span} rows each)"
+
+
+class _GramRecorder:
+    def __init__(self):
+        self.gram: dict[str, np.ndarray] = {}
+        self.rows: dict[str, float] = {}
+        self.axis: dict[str, set] = {}
+        self.order: list[str] = []          # first use at trace time: the model's order
+
+    def traced(self, tag: str, axis: int) -> None:
+        with _lock:
+            self.axis.setdefault(tag, set()).add(axis)
+            if tag not in self.order:
+                self.order.append(tag)
+
+    def observe(self, tag: str, gram, rows) -> None:
+        gram = np.asarray(gram, np.float64)
+        gram = gram.reshape((-1,) + gram.shape[-2:]).sum(axis=0)   # vmap: one per element
+        rows = float(np.sum(np.asarray(rows)))
+        with _lock:
+            if tag in self.gram:
+                self.gram[tag] += gram
+                self.rows[tag] += rows
+            else:
+                self.gram[tag], self.rows[tag] = gram, rows
+
+
+class _Probe(ArrayValue):
+    """A dense weight under `hessians`: its matmuls run as usual and report X^T X of the
+    activations they see."""
+
+    w: jax.Array
+    tag: str = static_field(default="")
+    session: int = static_field(default=-1)
+    transposed: bool = static_field(default=False)     # w is the weight's transpose (W.T)
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def materialise(self):
+        return self.w
+
+
+def _probe_matmul(lhs, rhs, params):
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    right = isinstance(rhs, _Probe)
+    w, x = (rhs, lhs) if right else (lhs, rhs)
+    w_axes, x_axes = (rc, lc) if right else (lc, rc)
+    if (not lb and len(w_axes) == 1 and w.w.ndim == 2
+            and jnp.issubdtype(jnp.result_type(x), jnp.floating)):
+        recorder = _recorders[w.session]
+        axis = int(w_axes[0])
+        recorder.traced(w.tag, 1 - axis if w.transposed else axis)
+        xm = jnp.moveaxis(jnp.asarray(x), x_axes[0], -1)
+        xm = xm.reshape(-1, xm.shape[-1]).astype(jnp.float32)
+        gram = jnp.dot(xm.T, xm, precision=jax.lax.Precision.HIGHEST)
+        rows = jnp.sum(jnp.ones_like(xm[:, 0]))     # batched with x under vmap
+        jax.debug.callback(functools.partial(recorder.observe, w.tag), gram, rows)
+    plain = lambda v: v.w if isinstance(v, _Probe) else v
+    return jax.lax.dot_general_p.bind(plain(lhs), plain(rhs), **params)
+
+
+@register(jax.lax.transpose_p)
+def _(w: _Probe, *, permutation):
+    # W.T stays a probe (x @ W.T records W's axis 1), as a QArray's transpose stays quantised
+    return dataclasses.replace(w, w=jax.lax.transpose(w.w, permutation),
+                               transposed=w.transposed != (tuple(permutation) == (1, 0)))
+
+
+@register(jax.lax.convert_element_type_p)
+def _(w: _Probe, **params):
+    return dataclasses.replace(w, w=jax.lax.convert_element_type_p.bind(w.w, **params))
+
+
+@register(jax.lax.dot_general_p)
+def _(x: ArrayLike, w: _Probe, **params):
+    return _probe_matmul(x, w, params)
+
+
+@register(jax.lax.dot_general_p)
+def _(w: _Probe, x: ArrayLike, **params):
+    return _probe_matmul(w, x, params)
+
+
+def _probe_tree(params, where, session):
+    select = selector(where)
+    tags = []
+
+    def wrap(path, v):
+        if (isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, Value) and v.ndim == 2
+                and jnp.issubdtype(v.dtype, jnp.floating)):
+            tag = path_str(path)
+            if select(tag, v):
+                tags.append(tag)
+                return _Probe(jnp.asarray(v), tag=tag, session=session)
+        return v
+
+    tree = jax.tree_util.tree_map_with_path(wrap, params, is_leaf=lambda v: isinstance(v, Value))
+    return tree, tags
+
+
+def hessians(fn: Callable, params: Any, batches: Iterable[Any], *,
+             where: str | Callable | None = None) -> Hessians:
+    """Record, for GPTQ, the inputs of every `x @ W` in `fn(params, batch)` over `batches`.
+
+        hs = qkern.hessians(model, params, batches, where=r".*kernel")
+        qparams = qkern.quantize(params, rules=rules, gptq=hs)
+
+    fn: the model, called as `fn(params, batch)` for each batch (qkern quaxifies it; it may
+    use jit, scan, vmap inside). params: the float model. where: which 2-D floating leaves
+    to record (a regex matched in full against the key path, or a predicate `(path, leaf)
+    -> bool`; default every 2-D floating leaf). For each selected weight W, every matmul
+    that contracts one axis of W with the activations x (`x @ W`, `x @ W.T`, einsum)
+    adds x^T x over all rows of x (leading axes flattened) to H; the result is divided
+    by the number of rows. Every row counts, padding tokens included: batch sentences of
+    similar length (or unpadded) to keep padding out of H.
+
+    Returns a `qkern.Hessians` (path -> float32 numpy [K, K]). Selected weights that no
+    matmul reached are absent, with a warning when `where` was given.
+    """
+    session = next(_sessions)
+    recorder = _GramRecorder()
+    probed, tags = _probe_tree(params, where, session)
+    if not tags:
+        raise ValueError(
+            f"hessians: where={where!r} selects no 2-D floating leaf of params (GPTQ records the "
+            "inputs of float weights; pass the model's float parameters, not quantised ones).")
+    run = quaxify(fn)
+    _recorders[session] = recorder
+    try:
+        n = 0
+        for batch in batches:
+            jax.block_until_ready(run(probed, batch))
+            n += 1
+        jax.effects_barrier()
+    finally:
+        del _recorders[session]
+    if n == 0:
+        raise ValueError("hessians: `batches` was empty; give at least one sample batch.")
+    missed = [t for t in tags if t not in recorder.gram]
+    if missed and where is not None:
+        warnings.warn(f"hessians: no x @ W matmul reached {', '.join(missed)} in {n} batch(es); "
+                      "they have no Hessian.", stacklevel=2)
+    h, axis = {}, {}
+    for tag, gram in recorder.gram.items():
+        axes = recorder.axis[tag]
+        if len(axes) > 1:
+            raise ValueError(f"hessians: {tag!r} was contracted along axes {sorted(axes)} in "
+                             "different matmuls; GPTQ needs one contracted axis per weight.")
+        axis[tag] = axes.pop()
+        h[tag] = (gram / max(recorder.rows[tag], 1.0)).astype(np.float32)
+    return Hessians(h, {t: int(r) for t, r in recorder.rows.items()}, axis,
+                    tuple(t for t in recorder.order if t in h))

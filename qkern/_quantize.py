@@ -26,7 +26,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
              axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
              double_quant: bool = False, where: str | Callable | None = None,
              min_size: int = 1024, act_fmt: str | None = None,
-             rules: Sequence[Rule] | None = None, report: bool = False) -> Any:
+             rules: Sequence[Rule] | None = None, report: bool = False, gptq: Any = None) -> Any:
     """Quantise an array to a `QArray`, or every selected weight of a pytree.
 
         qw = qkern.quantize(w, "nf4")                                   # one array
@@ -59,6 +59,11 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     that quantises nothing warns with the available paths; a format that does not fit a
     leaf raises, naming the leaf, the rule and the reason. `report=True` returns
     `(tree, qkern.QuantReport)`, which prints as a table.
+
+    gptq: choose the codes with GPTQ instead of rounding to nearest (same formats and
+    storage): a `qkern.Hessians` from `qkern.hessians(fn, params, batches)` (or a dict of
+    path -> [K, K] array; one [K, K] array for a single weight), or `qkern.GPTQ(hessians,
+    damp=..., act_order=...)`. Every leaf quantised must have its Hessian. See docs/gptq.md.
     """
     if rules is not None:
         if fmt is not None or where is not None or act_fmt is not None:
@@ -82,11 +87,18 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), got {scale_dtype!r}.")
     if isinstance(x, (np.generic, float, int, complex)):
         raise TypeError(f"qkern.quantize needs an array of rank >= 1 or a pytree of arrays, got the scalar {x!r}.")
+    if gptq is not None:
+        from ._gptq import GPTQ
+        gptq = gptq if isinstance(gptq, GPTQ) else GPTQ(gptq)
     if _is_array(x):
         if where is not None:
             raise TypeError("`where` selects leaves of a pytree; quantize got a single array.")
         if report:
             raise TypeError("report=True applies to the pytree form of qkern.quantize.")
+        if gptq is not None:
+            return _gptq_one(x, fmt, gptq, None, axis=axis, block_size=block_size,
+                             calibration=calibration, scale_dtype=scale_dtype,
+                             double_quant=double_quant, act_fmt=act_fmt)
         return _quantize_one(x, fmt, axis=axis, block_size=block_size, calibration=calibration,
                              scale_dtype=scale_dtype, double_quant=double_quant, act_fmt=act_fmt)
     if isinstance(x, QArray):
@@ -97,7 +109,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         rules = (Rule(where=where, fmt=fmt, block_size=block_size, axis=axis,
                       calibration=calibration, scale_dtype=scale_dtype,
                       double_quant=double_quant, act_fmt=act_fmt, min_size=min_size),)
-    out, rep, used = apply_rules(x, rules, name_rules=not legacy)
+    out, rep, used = apply_rules(x, rules, name_rules=not legacy, gptq=gptq)
     for i, r in enumerate(rules):
         if used[i] or (legacy and where is None):
             continue
@@ -134,7 +146,7 @@ def choose_rule(path: str, v, rules: Sequence[Rule], selects) -> tuple[int | Non
     return i, None
 
 
-def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
+def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq: Any = None):
     """(quantised tree, QuantReport, [whether rule i quantised (or, fmt=None, kept) a leaf])."""
     selects = [selector(r.where) for r in rules]
     used = [False] * len(rules)
@@ -160,8 +172,11 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
             return v
         r = rules[i]
         try:
-            q = _quantize_one(v, r.fmt, act_fmt=r.act_fmt, **r.options())
-        except (ValueError, TypeError) as e:
+            if gptq is None:
+                q = _quantize_one(v, r.fmt, act_fmt=r.act_fmt, **r.options())
+            else:
+                q = _gptq_one(v, r.fmt, gptq, p, act_fmt=r.act_fmt, **r.options())
+        except (ValueError, TypeError, FloatingPointError) as e:
             by = f" (rules[{i}] {r.describe()})" if name_rules else ""
             raise type(e)(f"cannot quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
                           f"{r.fmt}{by}: {e}") from None
@@ -171,11 +186,24 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True):
                 "per channel" if lay.num_blocks == 1 else f"block {lay.block_size}"]
         if r.act_fmt:
             note.append(f"act {r.act_fmt}")
+        if gptq is not None:
+            note.append("gptq")
         rows.append(row(q.fmt, i, size, nbytes(q), ", ".join(note)))
         return q
 
     out = jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
     return out, QuantReport(tuple(rows)), used
+
+
+def _gptq_one(w, fmt, gptq, path, *, axis, **options) -> QArray:
+    from ._gptq import check_supported, gptq_quantize
+    w = jnp.asarray(w)
+    check_supported(fmt, options.get("calibration", "absmax"), options.get("double_quant"),
+                    w.shape, axis)
+    k_axis = axis % w.ndim
+    h = gptq.lookup(path, k_axis, w.shape[k_axis])
+    return gptq_quantize(w, h, fmt, axis=axis, damp=gptq.damp, act_order=gptq.act_order,
+                         **options)
 
 
 def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="absmax",

@@ -42,11 +42,12 @@ from .. import _rules
 from .._core import quaxify
 from .._quantize import quantize as _quantize
 from . import _hf
-from ._sentences import SENTENCES
+from ._sentences import CALIBRATION, SENTENCES
 from ._bert import BertConfig as Config
 from ._bert import forward, init as _init
 
-__all__ = ["Config", "SENTENCES", "load", "embed", "encode", "tokenize", "quantize", "init"]
+__all__ = ["Config", "SENTENCES", "CALIBRATION", "load", "embed", "encode", "tokenize", "quantize",
+           "calibration_batches", "hessians", "init"]
 
 MAX_SEQ_LENGTH = 256
 
@@ -71,29 +72,68 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def quantize(params: dict[str, Any], fmt: str = "int8", *, last_layer: str | None = None,
-             **options) -> dict[str, Any]:
+             gptq: Any = None, **options) -> dict[str, Any]:
     """Quantise every linear kernel to `fmt`; `last_layer`: another format for the last
     encoder layer's kernels (the recipe for 4-bit formats on this small model).
 
         qparams = minilm.quantize(params, "nf4", last_layer="int8")   # mean cosine 0.98
         qparams = minilm.quantize(params, "int4", last_layer="int8",
                                   calibration="minmax", block_size=64)
+        qparams = minilm.quantize(params, "nf4", gptq=minilm.hessians(params))   # GPTQ
 
     options: `qkern.quantize` options for `fmt` (block_size, calibration, ...). Embeddings,
     biases and LayerNorms stay float32. The 4-bit formats lose more on all-MiniLM-L6-v2 than
-    int8 (docs/minilm.md has the numbers), most of it in the last layer, which costs 1/6 of
-    the linear weights to keep at 8 bits.
+    int8 with round-to-nearest (docs/minilm.md has the numbers), most of it in the last
+    layer, which costs 1/6 of the linear weights to keep at 8 bits. gptq: choose the codes
+    with GPTQ instead (`qkern.quantize(..., gptq=...)`): the `qkern.Hessians` of
+    `minilm.hessians(params)`, or a `qkern.GPTQ(hessians, damp=..., act_order=...)`.
     """
     cfg = _config(params)
     rules = []
     if last_layer is not None:
         rules.append(_rules.Rule(where=rf"layers/{cfg.num_layers - 1}/.*kernel", fmt=last_layer))
     rules.append(_rules.Rule(where=r"layers/\d+/.*kernel", fmt=fmt, **options))
+    if gptq is not None:        # jitted per kernel shape inside; needs concrete Hessians
+        layers = _quantize({"layers": params["layers"]}, rules=rules, gptq=gptq)["layers"]
+        return {**params, "layers": layers}
     # One compiled program for the 36 kernels: eager quantisation compiles every op for
     # every kernel shape and format (3-4x slower on a CPU).
     layers = jax.jit(lambda layers: _quantize({"layers": layers}, rules=rules)["layers"])(
         params["layers"])
     return {**params, "layers": layers}
+
+
+def calibration_batches(params: dict[str, Any], sentences: Sequence[str] = CALIBRATION, *,
+                        batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`(input_ids, attention_mask)` batches of `sentences` for calibration: sorted by
+    length (little padding: padded tokens count as rows of GPTQ's statistics), each padded
+    to a power of two of at least 16 tokens (few compiled shapes)."""
+    cfg = _config(params)
+    sentences = _as_sentences(sentences)
+    ids, mask = tokenize(params, sentences)
+    order = np.argsort(mask.sum(axis=1), kind="stable")
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        seq = _bucket(int(mask[rows].sum(axis=1).max()), cfg.max_seq_length, 16)
+        pad = ((0, 0), (0, max(seq - ids.shape[1], 0)))
+        out.append((np.pad(ids[rows], pad)[:, :seq], np.pad(mask[rows], pad)[:, :seq]))
+    return out
+
+
+def hessians(params: dict[str, Any], sentences: Sequence[str] = CALIBRATION, *,
+             batch_size: int = 16):
+    """GPTQ's statistics for the 36 linear kernels (`qkern.hessians`), from calibration
+    sentences: by default the 96 built-in `CALIBRATION` sentences (16 topics), none of
+    which is in `SENTENCES`, the demo's and the tests' evaluation set.
+
+        hs = minilm.hessians(params)
+        qparams = minilm.quantize(params, "nf4", gptq=hs)
+    """
+    from .._calibrate import hessians as _hessians
+    batches = calibration_batches(params, sentences, batch_size=batch_size)
+    return _hessians(lambda p, batch: forward(p, *batch), params, batches,
+                     where=r"layers/\d+/.*kernel")
 
 
 def init(seed: int = 0, config: Config = Config()) -> dict[str, Any]:
