@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._compat import vary_like
+from .._compat import explicit_sharding, vary_like
 from ._config import MatmulConfig
 from ._decode import split_nibbles
 from ._operand import QOperand
@@ -72,17 +72,6 @@ def _decode_chunk(codes, nibble, op: QOperand):
     # Pallas kernels use, ran 5-15% slower at M = 1); nibbles are in range by construction.
     table = jnp.asarray(_nibble_table(op.fmt))
     return table.at[nib].get(mode="promise_in_bounds", **_gather_sharding(nib))
-
-
-def explicit_sharding(x):
-    """x's NamedSharding when it lives on a mesh with Explicit axes (sharding in types),
-    else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-    if mesh is None or explicit is None or getattr(mesh, "empty", True):
-        return None
-    return sharding if explicit in tuple(getattr(mesh, "axis_types", ())) else None
 
 
 def _gather_sharding(index) -> dict:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from . import _backend
 from ._config import MatmulConfig
 from ._operand import QOperand, reference_dequantize
-from ._xla_qmatmul import dot, explicit_sharding
+from .._compat import explicit_sharding
+from ._xla_qmatmul import dot
 from .qmatmul import _run, _zero_cotangent, like_input
 
 _F32 = jnp.float32

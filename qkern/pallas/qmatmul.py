@@ -15,11 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .._compat import vary_like
+from .._compat import explicit_sharding, vary_like
 from . import _backend
 from ._config import MatmulConfig, Problem, config_for
 from ._operand import QOperand, reference_dequantize
-from ._xla_qmatmul import dot, explicit_sharding, qmatmul_t_xla, qmatmul_xla
+from ._xla_qmatmul import dot, qmatmul_t_xla, qmatmul_xla
 
 
 def _kernels(name: str):

@@ -29,7 +29,7 @@ from . import _backend
 from ._config import MatmulConfig
 from ._operand import QOperand
 from ._xla_w8a8 import check_act_scale, check_w8a8_operand, w8a8_xla
-from ._xla_qmatmul import explicit_sharding
+from .._compat import explicit_sharding
 from .qmatmul import _run, _zero_cotangent, like_input
 
 __all__ = ["w8a8_matmul"]
