@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from . import _backend
 from ._config import MatmulConfig
 from ._operand import QOperand, reference_dequantize
-from .._compat import explicit_sharding
+from .._compat import explicit_sharding, sum_like
 from ._xla_qmatmul import dot
 from .qmatmul import _run, _zero_cotangent, like_input
 
@@ -97,11 +97,13 @@ def _lora2_bwd(scale, sel, config, transposed, res, dy):
                    not transposed)
     du = scale * dot(x2.T.astype(_F32), g)
     dv = scale * dot(xu.T, dy)
-    # On an Explicit mesh each cotangent takes its input's sharding.
+    # On an Explicit mesh each cotangent takes its input's sharding; inside shard_map a
+    # factor replicated over an axis the activations vary over gets the sum of every
+    # shard's contribution (as JAX's transpose of the implicit pvary would give).
     return (like_input(dx.astype(x2.dtype), explicit_sharding(x2)),
             jax.tree_util.tree_map(_zero_cotangent, op),
-            like_input(du.astype(u.dtype), explicit_sharding(u)),
-            like_input(dv.astype(v.dtype), explicit_sharding(v)))
+            like_input(sum_like(du, u).astype(u.dtype), explicit_sharding(u)),
+            like_input(sum_like(dv, v).astype(v.dtype), explicit_sharding(v)))
 
 
 _lora2.defvjp(_lora2_fwd, _lora2_bwd)
