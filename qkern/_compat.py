@@ -223,37 +223,6 @@ def explicit_sharding(x: Any) -> Any:
         return None
 
 
-def _cast_like(x: Any, want: Any) -> Any:
-    """`x` (an array) made to vary and, on an Explicit mesh, be sharded like `want` (an
-    abstract value of the same shape)."""
-    missing = tuple(sorted(aval_vma(want) - _vma(x)))
-    if missing:
-        x = jax.lax.pcast(x, missing, to="varying")
-    sharding = _explicit(getattr(want, "sharding", None))
-    if sharding is not None and getattr(explicit_sharding(x), "spec", None) != sharding.spec:
-        x = jax.sharding.reshard(x, sharding.spec)
-    return x
-
-
-def fit_carry(body: Callable, init: Any, xs: Any) -> Any:
-    """`init`, typed as the carry `body(init, xs[0])` returns it, for `lax.scan`.
-
-    scan wants its carry's type to be a fixed point of the body. An accumulator started
-    with `jnp.zeros` is replicated and invariant, while the body's output varies over
-    every manual mesh axis its operands vary over (`shard_map`, check_vma=True) and, on a
-    mesh with Explicit axes, is sharded like them. This casts `init` to that type (a
-    `pcast(..., to="varying")` and a `reshard`); outside those settings it returns `init`.
-
-        acc, _ = jax.lax.scan(body, fit_carry(body, jnp.zeros((m, n)), xs), xs)
-    """
-    leaves = jax.tree_util.tree_leaves((init, xs))
-    if not any(_vma(a) or explicit_sharding(a) is not None for a in leaves):
-        return init        # the common case: no extra trace of the body
-    x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
-    out = jax.eval_shape(lambda c, x: body(c, x)[0], init, x0)
-    return jax.tree_util.tree_map(_cast_like, init, out)
-
-
 def sum_like(ct: Any, primal: Any) -> Any:
     """A custom_vjp cotangent `ct` summed over the manual mesh axes it varies over and
     `primal` (its input) does not: the input was replicated over them (pvary), so its

@@ -30,22 +30,10 @@ CHECKS = ["jit with NamedSharding equals unsharded", "scales are sharded alongsi
           "shard_map check_vma: lax.scan over stacked column/row-parallel layers",
           "shard_map check_vma: grads with respect to x equal unsharded",
           "bad shardings name the QArray and the reason",
-          "explicit mesh: materialise a sharded nf4 QArray under jit"]
-# Checks of a known gap, with the reason; they pass once it is closed (xfail, not strict).
-KNOWN_GAPS = {
-    "explicit mesh: jit with NamedSharding, every format, equals unsharded":
-        "the xla kernels start their lax.scan accumulators with replicated jnp.zeros; on an "
-        "Explicit mesh the body's output is sharded, so scan refuses the carry "
-        "(fix: _compat.fit_carry(body, init, xs), see docs/models.md)",
-    "shard_map check_vma: QLoRA grads of the factors equal unsharded":
-        "the fused QLoRA kernel's bwd (qkern/pallas/lora_qmatmul.py) returns du varying over "
-        "'model' for a factor u replicated over it; custom_vjp refuses the type (fix: "
-        "_compat.sum_like(du, u), a psum over the extra axes)",
-    "explicit mesh: row-parallel, several K chunks per device, equals unsharded":
-        "the xla kernels scan over K chunks; with K sharded over an Explicit axis the chunk "
-        "axis is sharded and lax.scan refuses it ('0th dimension of all xs should be "
-        "replicated'); see docs/models.md",
-}
+          "shard_map check_vma: QLoRA grads of the factors equal unsharded",
+          "explicit mesh: materialise a sharded nf4 QArray under jit",
+          "explicit mesh: jit with NamedSharding, every format, equals unsharded",
+          "explicit mesh: row-parallel, several K chunks per device, equals unsharded"]
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +57,10 @@ def test_sharded_check(run, check):
         f"stderr (tail):\n{run.stderr[-4000:]}")
 
 
-@pytest.mark.parametrize("check", sorted(KNOWN_GAPS))
-def test_known_gap(run, check):
-    if not _check_passed(run, check):
-        pytest.xfail(KNOWN_GAPS[check])
-
-
 def test_script_finished(run):
-    failed = {line[len("FAIL "):] for line in run.stdout.splitlines() if line.startswith("FAIL ")}
-    assert failed <= set(KNOWN_GAPS), (failed, run.stderr[-4000:])
-    assert (run.returncode == 0 and "ALL OK" in run.stdout) or failed, run.stderr[-4000:]
-    ran = {line[3:] for line in run.stdout.splitlines() if line.startswith("ok ")} | failed
-    assert ran == set(CHECKS) | set(KNOWN_GAPS), ran ^ (set(CHECKS) | set(KNOWN_GAPS))
+    assert run.returncode == 0 and "ALL OK" in run.stdout, (run.stdout[-4000:], run.stderr[-4000:])
+    ran = {line[3:] for line in run.stdout.splitlines() if line.startswith("ok ")}
+    assert ran == set(CHECKS), ran ^ set(CHECKS)
 
 
 def _q(fmt="int8", **kw):
