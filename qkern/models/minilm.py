@@ -105,9 +105,10 @@ def quantize(params: dict[str, Any], fmt: str = "int8", *, last_layer: str | Non
 
 def calibration_batches(params: dict[str, Any], sentences: Sequence[str] = CALIBRATION, *,
                         batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`(input_ids, attention_mask)` batches of `sentences` for calibration: sorted by
-    length (little padding: padded tokens count as rows of GPTQ's statistics), each padded
-    to a power of two of at least 16 tokens (few compiled shapes)."""
+    """`(input_ids, attention_mask)` batches of `sentences` for calibration, sorted by
+    length and each padded to a power of two of at least 16 tokens (few compiled shapes).
+    Padded tokens count as rows of GPTQ's statistics: 23% of the rows for the built-in
+    set, measured no worse than one unpadded sentence at a time (docs/gptq.md)."""
     cfg = _config(params)
     sentences = _as_sentences(sentences)
     ids, mask = tokenize(params, sentences)

@@ -11,12 +11,11 @@ import pytest
 
 import qkern
 
-# (format, options): every kind of format the quantiser rounds (int symmetric, int with
-# zero points, emulated int, NF4 and FP4 codebooks, fp8, MX).
+# (format, options): every kind of format the quantiser rounds (int symmetric, packed and
+# not, int with zero points, NF4 and FP4 codebooks, fp8, MX).
 FORMATS = [
     ("int4", {}),
     ("int4", {"calibration": "minmax", "block_size": 32}),
-    ("int3", {"block_size": 32}),
     ("nf4", {"block_size": 32}),
     ("fp4", {"block_size": 32}),
     ("int8", {}),
