@@ -108,7 +108,7 @@ def measure(f, params, qparams, ids, mask, ref, timed=True) -> dict[str, Any]:
 
 
 def run(print: Callable[..., Any] = builtins.print) -> None:
-    """Print the demo table (about 30-60 s on a 2-core CPU, mostly compilation)."""
+    """Print the demo table (about 1-2 minutes on a 2-core CPU, mostly compilation and GPTQ)."""
     from ..models import minilm
 
     start = time.perf_counter()
