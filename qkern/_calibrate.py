@@ -39,12 +39,43 @@ class _Recorder:
     def __init__(self):
         self.absmax: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.pending: list = []             # (tag, amax) as the callbacks got them
 
     def observe(self, tag: str, amax) -> None:
-        v = float(np.max(np.asarray(amax)))      # under vmap, one value per batch element
+        # Only keep the array: converting it here, inside the callback, can wait on the
+        # runtime thread that runs the callback (see _GramRecorder.observe).
         with _lock:
+            self.pending.append((tag, amax))
+
+    def collect(self) -> None:
+        """Fold the pending observations into the running maxima (on the calling thread)."""
+        with _lock:
+            pending, self.pending = self.pending, []
+        for tag, amax in pending:
+            v = float(np.max(np.asarray(amax)))      # under vmap, one value per batch element
             self.absmax[tag] = max(self.absmax.get(tag, 0.0), v)
             self.calls[tag] = self.calls.get(tag, 0) + 1
+
+
+def _run_recording(name: str, fn: Callable, tree: Any, batches: Iterable[Any], session: int,
+                   recorder) -> int:
+    """Run the quaxified `fn(tree, batch)` over `batches` with `recorder` registered for
+    `session`, folding each batch's observations in as it finishes; returns the number of
+    batches (an error when there were none)."""
+    run = quaxify(fn)
+    _recorders[session] = recorder
+    try:
+        n = 0
+        for batch in batches:
+            jax.block_until_ready(run(tree, batch))
+            jax.effects_barrier()
+            recorder.collect()           # one batch's observations at a time in memory
+            n += 1
+    finally:
+        del _recorders[session]
+    if n == 0:
+        raise ValueError(f"{name}: `batches` was empty; give at least one sample batch.")
+    return n
 
 
 class _Recording(QArray):
@@ -95,18 +126,7 @@ def calibrate(fn: Callable, params: Any, batches: Iterable[Any], *, margin: floa
         raise ValueError(
             "calibrate: no quantised weight in params quantises its activations; quantise with "
             "qkern.Rule(..., fmt='int8', act_fmt='int8') first.")
-    run = quaxify(fn)
-    _recorders[session] = recorder
-    try:
-        n = 0
-        for batch in batches:
-            jax.block_until_ready(run(recording, batch))
-            n += 1
-        jax.effects_barrier()
-    finally:
-        del _recorders[session]
-    if n == 0:
-        raise ValueError("calibrate: `batches` was empty; give at least one sample batch.")
+    n = _run_recording("calibrate", fn, recording, batches, session, recorder)
 
     missed = sorted(set(targets) - set(recorder.absmax))
     if missed:
@@ -293,19 +313,7 @@ def hessians(fn: Callable, params: Any, batches: Iterable[Any], *,
         raise ValueError(
             f"hessians: where={where!r} selects no 2-D floating leaf of params (GPTQ records the "
             "inputs of float weights; pass the model's float parameters, not quantised ones).")
-    run = quaxify(fn)
-    _recorders[session] = recorder
-    try:
-        n = 0
-        for batch in batches:
-            jax.block_until_ready(run(probed, batch))
-            jax.effects_barrier()
-            recorder.collect()           # one batch's Gram matrices at a time in memory
-            n += 1
-    finally:
-        del _recorders[session]
-    if n == 0:
-        raise ValueError("hessians: `batches` was empty; give at least one sample batch.")
+    n = _run_recording("hessians", fn, probed, batches, session, recorder)
     missed = [t for t in tags if t not in recorder.gram]
     if missed and where is not None:
         warnings.warn(f"hessians: no x @ W matmul reached {', '.join(missed)} in {n} batch(es); "

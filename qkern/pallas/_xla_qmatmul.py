@@ -33,22 +33,6 @@ def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> i
     return g * block
 
 
-def _streams(x32: jax.Array | None, op: QOperand):
-    """[(x part [M, R] or None, which nibble or None, scales [nbs, N], zeros or None)]."""
-    nb = op.num_blocks
-    if not op.fmt.packed:
-        return [(x32, None, op.scales, op.zeros)]
-    half = op.data.shape[0]
-    if nb == 1:
-        s_lo = s_hi = op.scales
-        z_lo = z_hi = op.zeros
-    else:
-        s_lo, s_hi = op.scales[: nb // 2], op.scales[nb // 2:]
-        z_lo, z_hi = (None, None) if op.zeros is None else (op.zeros[: nb // 2], op.zeros[nb // 2:])
-    lo, hi = (None, None) if x32 is None else (x32[:, :half], x32[:, half:])
-    return [(lo, 0, s_lo, z_lo), (hi, 1, s_hi, z_hi)]
-
-
 def _nibble_table(fmt) -> np.ndarray:
     """The 16 float32 values a 4-bit code stands for (codebook formats, FP4 E2M1)."""
     if fmt.kind == "codebook":
@@ -150,102 +134,117 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None) 
         raise ValueError(f"{op.fmt.name} operand has {op.num_blocks} blocks: the high-nibble "
                          "half must start on a block boundary (an even number of blocks, or one).")
     x32 = _pad_k(x.astype(jnp.float32), op.k_padded)
-    n, b, nb = op.n, op.block_size, op.num_blocks
-    rows = op.data.shape[0]                       # stored rows: Kp, or Kp / 2 for 4-bit
-    halves = 2 if op.fmt.packed else 1
-    nibbles = (0, 1) if op.fmt.packed else (None,)
-    per_stream = 1 if nb == 1 else nb // halves
-    t = _chunk_rows(rows, b, per_stream, chunk_target(op, config.block_k))
-    c = rows // t
+    ch = _Chunks(op, config)
     # x as [c, halves, M, t]: step i, half h multiplies stored rows i*t .. i*t+t-1.
-    x_chunks = x32.reshape(m, halves, c, t).transpose(2, 1, 0, 3)
-    d_chunks = op.data.reshape(c, t, n)
-    if nb == 1:
-        acc = _scan_unscaled(x_chunks, d_chunks, nibbles, op)
+    x_chunks = x32.reshape(m, ch.halves, ch.c, ch.t).transpose(2, 1, 0, 3)
+    if ch.s_chunks is None:
+        acc = _scan_unscaled(x_chunks, ch, op)
         if op.zeros is not None:
             acc = acc - jnp.sum(x32, axis=1, keepdims=True) * op.zeros[0].astype(jnp.float32)
         return (acc * op.scales[0]).astype(x.dtype)
-    g = t // b
-    s_chunks = op.scales.reshape(halves, c, g, n).transpose(1, 0, 2, 3)
-    z_chunks = None
-    if op.zeros is not None:
-        z_chunks = op.zeros.reshape(halves, c, g, n).transpose(1, 0, 2, 3).astype(jnp.float32)
-    return _scan_blocked(x_chunks, d_chunks, s_chunks, z_chunks, nibbles, op, g, b).astype(x.dtype)
+    return _scan_blocked(x_chunks, ch, op).astype(x.dtype)
 
 
-def _scan_unscaled(x_chunks, d_chunks, nibbles, op):
+class _Chunks:
+    """How both kernels walk the stored rows: `c` steps of `t` rows; each step covers `t`
+    rows of each of the `halves` streams (the low and high nibbles of 4-bit formats). With
+    one scale block (`s_chunks` None) scales and zero points are applied outside the scan;
+    otherwise `s_chunks`/`z_chunks` [c, halves, g, N] hold each step's `g` blocks."""
+
+    def __init__(self, op: QOperand, config: MatmulConfig):
+        n, b, nb = op.n, op.block_size, op.num_blocks
+        rows = op.data.shape[0]                   # stored rows: Kp, or Kp / 2 for 4-bit
+        self.halves = 2 if op.fmt.packed else 1
+        self.nibbles = (0, 1) if op.fmt.packed else (None,)
+        per_stream = 1 if nb == 1 else nb // self.halves
+        self.rows = rows
+        self.t = t = _chunk_rows(rows, b, per_stream, chunk_target(op, config.block_k))
+        self.c = c = rows // t
+        self.d_chunks = op.data.reshape(c, t, n)
+        self.s_chunks = self.z_chunks = None
+        self.g = t // b
+        if nb > 1:
+            shape = (self.halves, c, self.g, n)
+            self.s_chunks = op.scales.reshape(shape).transpose(1, 0, 2, 3)
+            if op.zeros is not None:
+                self.z_chunks = op.zeros.reshape(shape).transpose(1, 0, 2, 3).astype(jnp.float32)
+
+    def scan_inputs(self):
+        """(d, s, z) per step; an empty z when there are no zero points (scan needs an
+        array per step; an empty one costs nothing)."""
+        z = self.z_chunks if self.z_chunks is not None else jnp.zeros((self.c, 0), jnp.float32)
+        return self.d_chunks, self.s_chunks, z
+
+    def decoded(self, dc, sc, zc, h, op: QOperand):
+        """Half `h` of one step's rows, decoded, zero points and scales applied: [t, N]."""
+        w = _decode_chunk(dc, self.nibbles[h], op)
+        if sc is None:
+            return w
+        n = w.shape[-1]
+        w = w.reshape(self.g, -1, n)
+        if self.z_chunks is not None:
+            w = w - zc[h][:, None, :]
+        return (w * sc[h][:, None, :]).reshape(self.t, n)
+
+
+def _scan_unscaled(x_chunks, ch: _Chunks, op):
     def body(acc, inp):
         xc, dc = inp
-        for h, nibble in enumerate(nibbles):
-            acc = acc + dot(xc[h], _decode_chunk(dc, nibble, op))
+        for h in range(ch.halves):
+            acc = acc + dot(xc[h], ch.decoded(dc, None, None, h, op))
         return acc, None
 
-    acc, _ = jax.lax.scan(body, zero_acc(x_chunks, d_chunks), (x_chunks, d_chunks))
+    acc, _ = jax.lax.scan(body, zero_acc(x_chunks, ch.d_chunks), (x_chunks, ch.d_chunks))
     return acc
 
 
-def _scan_blocked(x_chunks, d_chunks, s_chunks, z_chunks, nibbles, op, g, b):
+def _scan_blocked(x_chunks, ch: _Chunks, op):
     """Scales (and zero points) go on the decoded weights, not on partial products: on
     XLA:CPU the multiply fuses into the decode for free, while per-block partial products
     cost a batched dot (in a standalone timing, int4/nf4 with blocks of 64, K = N = 4096,
     scaling first ran 1.05-1.25x faster at M = 1 and M = 16 on a 2-core CPU)."""
-    n = d_chunks.shape[2]
-    t = g * b
-    has_zeros = z_chunks is not None
-    if not has_zeros:  # scan needs an array per step; an empty one costs nothing
-        z_chunks = jnp.zeros((x_chunks.shape[0], 0), jnp.float32)
-
     def body(acc, inp):
         xc, dc, sc, zc = inp
-        for h, nibble in enumerate(nibbles):
-            w = _decode_chunk(dc, nibble, op).reshape(g, b, n)
-            if has_zeros:
-                w = w - zc[h][:, None, :]
-            w = (w * sc[h][:, None, :]).reshape(t, n)
-            acc = acc + dot(xc[h], w)
+        for h in range(ch.halves):
+            acc = acc + dot(xc[h], ch.decoded(dc, sc, zc, h, op))
         return acc, None
 
-    init = zero_acc(x_chunks, d_chunks)
-    acc, _ = jax.lax.scan(body, init, (x_chunks, d_chunks, s_chunks, z_chunks))
+    init = zero_acc(x_chunks, ch.d_chunks)
+    acc, _ = jax.lax.scan(body, init, (x_chunks,) + ch.scan_inputs())
     return acc
 
 
 def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = None) -> jax.Array:
-    """dx[M, K] = dy[M, N] @ W.T: the gradient with respect to x, from the same storage."""
+    """dx[M, K] = dy[M, N] @ W.T: the gradient with respect to x, from the same storage.
+
+    The same walk as `qmatmul_xla` (both nibble halves of a chunk decoded in one step);
+    each step emits its rows of dx instead of accumulating. With one scale block, dy is
+    scaled first and the zero-point term is a per-row constant."""
     config = config or MatmulConfig(block_k=512)
     m, n = dy.shape
     if n != op.n:
         raise ValueError(f"dy has N={n} but the quantised weight has N={op.n}.")
+    if not op.halves_aligned:
+        raise ValueError(f"{op.fmt.name} operand has {op.num_blocks} blocks: the high-nibble "
+                         "half must start on a block boundary (an even number of blocks, or one).")
     dy32 = dy.astype(jnp.float32)
-    b = op.block_size
-    pieces = []
-    rows = op.data.shape[0]  # stored rows per stream: Kp, or Kp/2 for each nibble half
-    for _, nibble, scales, zeros in _streams(None, op):
-        nbs = scales.shape[0] if scales.shape[0] > 1 else 1
-        t = _chunk_rows(rows, b, nbs, chunk_target(op, config.block_k))
-        c = rows // t
-        d_chunks = op.data.reshape(c, t, n)
-        if nbs == 1:
-            s_rows = jnp.broadcast_to(scales[0], (c, 1, n))
-            z_rows = None if zeros is None else jnp.broadcast_to(zeros[0], (c, 1, n))
-            g, bb = 1, t
-        else:
-            g, bb = t // b, b
-            s_rows = scales.reshape(c, g, n)
-            z_rows = None if zeros is None else zeros.reshape(c, g, n)
+    ch = _Chunks(op, config)
+    if ch.s_chunks is None:
+        dy32 = dy32 * op.scales[0]
 
-        has_zeros = z_rows is not None
-        zs = z_rows if has_zeros else jnp.zeros((c, 0), jnp.int8)
+    def body(_, inp):
+        dc, sc, zc = inp
+        sc = None if ch.s_chunks is None else sc
+        return None, jnp.stack([dot(dy32, ch.decoded(dc, sc, zc, h, op).T)
+                                for h in range(ch.halves)])        # [halves, M, t]
 
-        def body(_, inp, g=g, bb=bb, nibble=nibble, has_zeros=has_zeros):
-            dc, sc, zc = inp
-            w = _decode_chunk(dc, nibble, op).reshape(g, bb, n)
-            if has_zeros:
-                w = w - zc.astype(jnp.float32)[:, None, :]
-            w = (w * sc[:, None, :]).reshape(g * bb, n)
-            return None, dot(dy32, w.T)                     # [M, t]
-
-        _, out = jax.lax.scan(body, None, (d_chunks, s_rows, zs))   # [c, M, t]
-        pieces.append(out.transpose(1, 0, 2).reshape(m, rows))
-    dx = jnp.concatenate(pieces, axis=1)[:, : op.k]
-    return dx.astype(dy.dtype)
+    if ch.s_chunks is None:
+        empty = jnp.zeros((ch.c, 0), jnp.float32)
+        inputs = (ch.d_chunks, empty, empty)
+    else:
+        inputs = ch.scan_inputs()
+    _, out = jax.lax.scan(body, None, inputs)                     # [c, halves, M, t]
+    dx = out.transpose(2, 1, 0, 3).reshape(m, ch.halves * ch.rows)
+    if ch.s_chunks is None and op.zeros is not None:
+        dx = dx - jnp.sum(dy32 * op.zeros[0].astype(jnp.float32), axis=1, keepdims=True)
+    return dx[:, : op.k].astype(dy.dtype)
