@@ -26,7 +26,7 @@ from .types import LoraArray, QArray
 from . import lora
 from .lora import loraify
 from .pallas import backend
-from .autotune import autotune  # the function; the package stays at qkern.autotune in sys.modules
+from . import autotune  # a package you can call: qkern.autotune(...) runs autotune.autotune
 
 __version__ = "0.1.0"
 

@@ -119,7 +119,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    # (not `from . import autotune`: qkern.autotune is the function, the package is private)
     from .autotune import SpecError, autotune, cache_path, clear, device_kind
 
     if args.clear:

@@ -10,6 +10,10 @@ at trace time, which returns the cached winner for this device or the shipped he
 See docs/autotuning.md.
 """
 
+import inspect
+import sys
+import types
+
 from ._cache import (
     CacheWarning,
     cache_dir,
@@ -25,3 +29,16 @@ from ._tune import SpecError, TuneResult, autotune, find_problems, load_function
 __all__ = ["autotune", "TuneResult", "find_problems", "load_function", "SpecError",
            "CacheWarning", "cache_dir", "cache_path", "read_entries", "lookup", "clear",
            "invalidate", "device_kind"]
+
+
+class _CallableModule(types.ModuleType):
+    """`qkern.autotune` is both this package and the tuning function: calling the package
+    calls `autotune`, so `qkern.autotune(m=1, ...)`, `import qkern.autotune as m` and
+    `import qkern.autotune._cache` all work."""
+
+    def __call__(self, *args, **kwargs):
+        return autotune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(autotune)     # what inspect and help() show for the call

@@ -167,8 +167,18 @@ def test_impossible_requests_raise_value_error(kwargs, match):
         autotune(**{"m": 1, "k": 256, "n": 128, "formats": "int8", **kwargs})
 
 
-def test_public_name():
-    assert qkern.autotune is autotune and "autotune" in qkern.__all__
+def test_public_name_is_the_function_and_the_package(monkeypatch):
+    """`qkern.autotune(...)` calls the function; the package and its modules import too."""
+    import inspect
+
+    assert "autotune" in qkern.__all__
+    seen = []
+    monkeypatch.setattr(qkern.autotune, "autotune", lambda *a, **kw: seen.append((a, kw)) or [])
+    assert qkern.autotune(m=1, k=256) == [] and seen == [((), {"m": 1, "k": 256})]
+    cache_module = importlib.import_module("qkern.autotune._cache")
+    import qkern.autotune._cache as via_statement
+    assert via_statement is cache_module and qkern.autotune.cache_path is cache_module.cache_path
+    assert "formats" in inspect.signature(qkern.autotune).parameters
 
 
 def test_pallas_backends_get_the_cached_config_or_none(monkeypatch):
