@@ -54,7 +54,9 @@ def qarray_specs(q: QArray, spec: P, mesh=None) -> QArray:
             why = "double-quantised scales are blocked over the whole array"
         elif mesh is not None:
             n = _axis_size(mesh, stored[a])
-            if lay.num_blocks % n and not lay.per_tensor:
+            # One block along the axis (per-tensor or per-channel scales): every shard
+            # shares the scales, so any split of the codes works.
+            if lay.num_blocks % n and lay.num_blocks != 1:
                 why = f"its {lay.num_blocks} blocks of {lay.block_size} do not split into {n} shards"
         if why:
             raise ValueError(f"cannot shard {q!r} along its block axis (spec {P(*spec)}): {why}. "

@@ -142,8 +142,8 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> Layout:
         if lay.padded != lay.length:
             raise ValueError(f"{what}: the block axis is padded from {lay.length} to "
                              f"{lay.padded}; shard it only when blocks fill it exactly.")
-        if lay.per_tensor:
-            block = got
+        if lay.per_tensor or lay.num_blocks == 1:
+            block = got          # one block (per tensor or per channel): shards share scales
         elif got % block:
             raise ValueError(f"{what}: a shard of the block axis must hold whole blocks of "
                              f"{block}; got {got} rows.")

@@ -314,6 +314,27 @@ def _():
             raise AssertionError(f"{spec} should fail")
 
 
+@check("per-channel weights shard along K (row-parallel): jit and shard_map equal unsharded")
+def _():
+    w = params["w2"]                                              # [512, 256], K sharded
+    h = _w(16, 512)
+    for fmt, kw in [("int8", {}), ("int8", {"act_fmt": "int8"}), ("fp8_e4m3", {})]:
+        qw = qkern.quantize(w, fmt, block_size=None, **kw)        # one block along K
+        assert qw.layout.num_blocks == 1, qw
+        ws = qkern.shard(qw, mesh, P("model", None))
+        assert ws.scales.sharding.spec == P(None, None), ws.scales.sharding   # shared scales
+        ref = qkern.quaxify(lambda w, h: h @ w)(qw, h)
+        got = jax.jit(qkern.quaxify(lambda w, h: h @ w))(ws, h)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4, err_msg=f"{fmt} {kw} jit")
+        if kw:   # dynamic per-row activation scales differ per K shard (docs/models.md)
+            continue
+        sm = jax.jit(jax.shard_map(
+            lambda w, h: jax.lax.psum(qkern.quaxify(lambda w, h: h @ w)(w, h), "model"),
+            mesh=mesh, in_specs=(qkern.partition_specs(qw, P("model", None)), P(None, "model")),
+            out_specs=P()))
+        np.testing.assert_allclose(sm(qw, h), ref, rtol=1e-5, atol=1e-4, err_msg=f"{fmt} shard_map")
+
+
 # Explicit-axis meshes (jax.make_mesh's default): the sharding is part of every type.
 explicit = jax.make_mesh((2, 4), ("data", "model"),
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)

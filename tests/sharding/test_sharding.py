@@ -30,6 +30,7 @@ CHECKS = ["jit with NamedSharding equals unsharded", "scales are sharded alongsi
           "shard_map check_vma: lax.scan over stacked column/row-parallel layers",
           "shard_map check_vma: grads with respect to x equal unsharded",
           "bad shardings name the QArray and the reason",
+          "per-channel weights shard along K (row-parallel): jit and shard_map equal unsharded",
           "shard_map check_vma: QLoRA grads of the factors equal unsharded",
           "explicit mesh: materialise a sharded nf4 QArray under jit",
           "explicit mesh: jit with NamedSharding, every format, equals unsharded",
