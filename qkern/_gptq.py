@@ -120,6 +120,7 @@ class _Job:
     dtype: Any
     act_fmt: str | None
     key: tuple                    # weights with equal keys run as one batched program
+    perm: tuple | None = None     # (1, 0) for an [N, K] weight, stored as [K, N]
 
 
 def _prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_dtype=None,
@@ -142,10 +143,13 @@ def _prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale
         raise ValueError(f"GPTQ: the Hessian for the weight of shape {tuple(w.shape)} has "
                          "non-finite entries (NaN or inf in the calibration activations?).")
     wk = w.astype(jnp.float32)
-    if layout.axis == 1:                              # [N, K]: run on [K, N]
+    perm = None
+    if layout.axis == 1:          # [N, K]: run on [K, N], stored so (as `quantize` does)
         wk = wk.T
+        layout = dataclasses.replace(layout, shape=tuple(wk.shape), axis=0)
+        perm = (1, 0)
     key = (wk.shape, fmt.name, cal, scale_dtype, layout.block_size, layout.padded)
-    return _Job(wk, h, layout, np.dtype(w.dtype), act_fmt, key)
+    return _Job(wk, h, layout, np.dtype(w.dtype), act_fmt, key, perm)
 
 
 def _run(jobs: list[_Job], damp: float, act_order: bool) -> list:
@@ -175,9 +179,9 @@ def _run(jobs: list[_Job], damp: float, act_order: bool) -> list:
                     f"{tuple(job.layout.shape)} (H is too ill-conditioned in float32); raise "
                     f"damp (now {damp}), or calibrate with more rows.")
                 continue
-            f = {n: None if a is None else (a[b].T if job.layout.axis == 1 else a[b])
-                 for n, a in fields.items()}
-            out[i] = QArray(**f, fmt=fmt, layout=job.layout, dtype=job.dtype, act_fmt=job.act_fmt)
+            f = {n: None if a is None else a[b] for n, a in fields.items()}
+            out[i] = QArray(**f, fmt=fmt, layout=job.layout, dtype=job.dtype, act_fmt=job.act_fmt,
+                            perm=job.perm)
     return out
 
 

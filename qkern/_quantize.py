@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Any, Callable, Sequence
 
@@ -217,6 +219,14 @@ def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="a
     fmt = get_format(fmt)
     calibration = parse_calibration(calibration)
     layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
+    if layout.axis == 1 and len(layout.shape) == 2 and not layout.per_tensor:
+        # An [out, in] weight blocked along `in` (Equinox, PyTorch checkpoints): store its
+        # transpose, blocked along axis 0, with a pending transpose (perm). The kernels take
+        # that storage as it is; stored as given, every matmul would transpose the codes.
+        q = _quantize_one(w.T, fmt, axis=0, act_fmt=act_fmt, block_size=block_size,
+                          calibration=calibration, scale_dtype=scale_dtype,
+                          double_quant=double_quant)
+        return dataclasses.replace(q, perm=(1, 0))
     fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
                               block_size=block_size, calibration=calibration,
                               scale_dtype=scale_dtype, double_quant=double_quant)

@@ -133,6 +133,13 @@ def test_codebook_dequantised_values_identical_to_bitsandbytes(weight, fmt):
     np.testing.assert_array_equal(got, ref)
 
 
+def _logical_codes(qw):
+    """The stored codes in the weight's own axis order. A 2-D weight blocked along axis 1
+    is stored transposed (blocked along axis 0, perm=(1, 0)): the kernels' layout."""
+    assert qw.perm == (1, 0) and qw.layout.axis == 0, (qw.perm, qw.layout)
+    return np.asarray(qw.data).T
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 def test_codebook_indices_identical_to_bitsandbytes(weight, fmt):
     """The packed nibbles are the bitsandbytes code indices (low nibble = code i, high
@@ -140,7 +147,7 @@ def test_codebook_indices_identical_to_bitsandbytes(weight, fmt):
     w = weight[:64, :200]  # 200 is not a multiple of 64: exercises the padding as well
     qw = qkern.quantize(w, fmt, block_size=BLOCK, axis=1)
     idx_ref, _ = bnb_4bit_reference(w, CODEBOOKS[fmt], axis=1, block=BLOCK)
-    data = np.moveaxis(np.asarray(qw.data), 1, -1).astype(np.uint8)
+    data = _logical_codes(qw).astype(np.uint8)
     assert data.shape[-1] == 256 // 2
     nib = np.concatenate([data & 0xF, data >> 4], axis=-1)[..., :200]
     got_vals = CODEBOOKS[fmt][nib]
@@ -161,7 +168,7 @@ def test_codebook_default_block_is_64(weight, fmt):
 def test_int8_codes_identical_to_numpy_reference(weight):
     qw = qkern.quantize(weight, "int8", block_size=BLOCK, axis=1)
     q_ref, d_ref = symmetric_int_reference(weight, 8, axis=1, block=BLOCK)
-    data = np.asarray(qw.data)
+    data = _logical_codes(qw)
     assert data.dtype == np.int8
     np.testing.assert_array_equal(data[:, :SHAPE[1]], q_ref)
     _assert_values_close(qkern.dequantize(qw), d_ref)
@@ -170,7 +177,7 @@ def test_int8_codes_identical_to_numpy_reference(weight):
 def test_int4_codes_identical_to_numpy_reference(weight):
     qw = qkern.quantize(weight, "int4", block_size=BLOCK, axis=1)
     q_ref, d_ref = symmetric_int_reference(weight, 4, axis=1, block=BLOCK)
-    data = np.asarray(qw.data)
+    data = _logical_codes(qw)
     assert data.dtype == np.uint8
     assert data.shape == (SHAPE[0], SHAPE[1] // 2)
     np.testing.assert_array_equal(unpack_int4(data, 1, SHAPE[1]), q_ref)

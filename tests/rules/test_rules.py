@@ -195,14 +195,21 @@ def test_rules_model_runs_under_quaxify_like_its_dequantised_reference():
                                        ("int8", dict(calibration="minmax", block_size=32))])
 def test_out_in_weights_blocked_along_in_run_the_kernels(fmt, opts, monkeypatch):
     # Equinox stores Linear weights as [out, in] and computes weight @ x: quantised along
-    # `in` (axis -1), the storage is blocked along axis 1; the dispatch hands the kernels
-    # its transpose instead of dequantising.
+    # `in` (axis -1), the codes are stored transposed ([in, out], blocked along axis 0) with
+    # a pending transpose, so the kernels take them as they are: no dequantisation, and no
+    # transpose of the codes per call.
+    import qkern.pallas as qp
+
     w = _w(48, 96)                                             # [out, in]
     q = qkern.quantize(w, fmt, axis=-1, **opts)
-    assert q.layout.axis == 1
+    assert q.shape == (48, 96) and q.block_axis == 1
+    assert q.layout.axis == 0 and q.perm == (1, 0) and q.layout.shape == (96, 48)
+    np.testing.assert_array_equal(qkern.dequantize(q),
+                                  qkern.dequantize(qkern.quantize(w.T, fmt, **opts)).T)
     calls = []
     real = qkern.QArray.materialise
     monkeypatch.setattr(qkern.QArray, "materialise", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(qp, "_rows_blocked", lambda w: calls.append("transposed codes") or w)
     x = _w(96, 5)
     got = qkern.quaxify(lambda w, x: w @ x)(q, x)
     got_t = qkern.quaxify(lambda w, y: y @ w)(q, _w(3, 48))         # contracting `out`
@@ -210,6 +217,41 @@ def test_out_in_weights_blocked_along_in_run_the_kernels(fmt, opts, monkeypatch)
     monkeypatch.undo()
     np.testing.assert_allclose(got, qkern.dequantize(q) @ x, rtol=1e-5, atol=1e-4)
     assert got_t.shape == (3, 96)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_weights_stored_blocked_along_axis_1_still_run_the_kernels(fmt, monkeypatch):
+    # QArrays stored blocked along axis 1 with no pending transpose (older checkpoints;
+    # bench/out_in_layout.py builds them the same way): the dispatch transposes their codes.
+    import dataclasses
+
+    q = qkern.quantize(_w(96, 48), fmt)                          # [in, out], blocks along in
+    t = lambda a: None if a is None else a.T
+    legacy = dataclasses.replace(q, data=t(q.data), scales=t(q.scales), zeros=t(q.zeros),
+                                 layout=dataclasses.replace(q.layout, shape=(48, 96), axis=1))
+    assert legacy.shape == (48, 96) and legacy.block_axis == 1
+    calls = []
+    real = qkern.QArray.materialise
+    monkeypatch.setattr(qkern.QArray, "materialise", lambda self: calls.append(1) or real(self))
+    x = _w(5, 96)
+    got = qkern.quaxify(lambda w, x: x @ w.T)(legacy, x)
+    assert calls == []
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, x @ qkern.dequantize(q), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(qkern.dequantize(legacy), qkern.dequantize(q).T)
+
+
+def test_out_in_layout_bench_script_runs(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "out_in_layout.py"
+    spec = importlib.util.spec_from_file_location("out_in_layout", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--k", "256", "--n", "128", "--m", "3", "--formats", "int8,nf4,int4",
+              "--repeats", "1"])                                   # asserts the results agree
+    assert capsys.readouterr().out.count("stored axis 1 |") == 3
 
 
 def test_out_in_w8a8_runs_w8a8():
