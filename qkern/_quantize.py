@@ -219,14 +219,16 @@ def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="a
     fmt = get_format(fmt)
     calibration = parse_calibration(calibration)
     layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
-    if layout.axis == 1 and len(layout.shape) == 2 and not layout.per_tensor:
-        # An [out, in] weight blocked along `in` (Equinox, PyTorch checkpoints): store its
-        # transpose, blocked along axis 0, with a pending transpose (perm). The kernels take
-        # that storage as it is; stored as given, every matmul would transpose the codes.
-        q = _quantize_one(w.T, fmt, axis=0, act_fmt=act_fmt, block_size=block_size,
-                          calibration=calibration, scale_dtype=scale_dtype,
-                          double_quant=double_quant)
-        return dataclasses.replace(q, perm=(1, 0))
+    nd = len(layout.shape)
+    if nd >= 2 and layout.axis == nd - 1 and not layout.per_tensor:
+        # An [..., out, in] weight blocked along `in` (Equinox, PyTorch checkpoints): store
+        # it with its last two axes swapped, blocked along the second-last, and a pending
+        # transpose (perm). The kernels take that storage as it is (stacked layers: each
+        # scan step's slice); stored as given, every matmul would transpose the codes.
+        q = _quantize_one(jnp.swapaxes(w, -1, -2), fmt, axis=nd - 2, act_fmt=act_fmt,
+                          block_size=block_size, calibration=calibration,
+                          scale_dtype=scale_dtype, double_quant=double_quant)
+        return dataclasses.replace(q, perm=tuple(range(nd - 2)) + (nd - 1, nd - 2))
     fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
                               block_size=block_size, calibration=calibration,
                               scale_dtype=scale_dtype, double_quant=double_quant)

@@ -60,7 +60,8 @@ class QArray(ArrayValue):
         shape = getattr(self.data, "shape", None)
         if shape is None or tuple(shape) == _data_shape(self.layout, self.format):
             return self
-        return dataclasses.replace(self, layout=_fit_layout(self, tuple(shape)))
+        layout, perm = _fit_layout(self, tuple(shape))
+        return dataclasses.replace(self, layout=layout, perm=perm)
 
     @property
     def logical_shape(self) -> tuple[int, ...]:
@@ -122,10 +123,15 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> Layout:
         raise ValueError(f"{what}: double-quantised scales are blocked over the whole array and "
                          "cannot be split; quantise without double_quant to scan or shard it.")
     drop = len(lay.shape) - len(shape)
-    if drop < 0 or (drop and (q.perm is not None or lay.axis < drop)):
+    perm = q.perm
+    if drop < 0 or (drop and (lay.axis < drop or (
+            perm is not None and tuple(perm[:drop]) != tuple(range(drop))))):
         raise ValueError(f"{what}: only leading stacked axes may be scanned over.")
     if drop:
         lay = dataclasses.replace(lay, shape=lay.shape[drop:], axis=lay.axis - drop)
+        if perm is not None:       # the stacked axes lead in both orders: renumber the rest
+            perm = tuple(p - drop for p in perm[drop:])
+            perm = None if perm == tuple(range(len(perm))) else perm
     full = _data_shape(lay, fmt)
     new = list(lay.shape)
     block = lay.block_size
@@ -148,4 +154,4 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> Layout:
             raise ValueError(f"{what}: a shard of the block axis must hold whole blocks of "
                              f"{block}; got {got} rows.")
         new[ax] = got
-    return dataclasses.replace(lay, shape=tuple(new), block_size=block)
+    return dataclasses.replace(lay, shape=tuple(new), block_size=block), perm

@@ -219,6 +219,38 @@ def test_out_in_weights_blocked_along_in_run_the_kernels(fmt, opts, monkeypatch)
     assert got_t.shape == (3, 96)
 
 
+@pytest.mark.parametrize("fmt, opts", [("int8", {}), ("nf4", dict(block_size=32)),
+                                       ("int4", dict(calibration="minmax", block_size=32))])
+def test_stacked_out_in_layers_scan_with_the_kernels(fmt, opts, monkeypatch):
+    # Equinox's scan-over-layers: stacked [L, out, in] weights quantised along `in`, each
+    # step computing weight @ x. Stored with the last two axes swapped and a pending
+    # transpose, so each step's slice is already the kernels' layout.
+    import qkern.pallas as qp
+
+    w = _w(3, 48, 96)
+    q = qkern.quantize(w, fmt, axis=-1, **opts)
+    assert q.shape == (3, 48, 96) and q.block_axis == 2 and q.perm == (0, 2, 1)
+    np.testing.assert_array_equal(
+        qkern.dequantize(q), jnp.swapaxes(qkern.dequantize(qkern.quantize(
+            jnp.swapaxes(w, 1, 2), fmt, axis=1, **opts)), 1, 2))
+
+    def f(q, x):
+        def step(h, wl):
+            y = jax.vmap(lambda hi: wl @ hi)(h)                 # [5, 48]
+            return jnp.tanh(jnp.concatenate([y, y], axis=1)), None
+        return jax.lax.scan(step, x, q)[0]
+
+    calls = []
+    real = qkern.QArray.materialise
+    monkeypatch.setattr(qkern.QArray, "materialise", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(qp, "_rows_blocked", lambda w: calls.append("transposed codes") or w)
+    x = _w(5, 96)
+    got = jax.jit(qkern.quaxify(f))(q, x)
+    assert calls == []
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, f(qkern.dequantize(q), x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 def test_weights_stored_blocked_along_axis_1_still_run_the_kernels(fmt, monkeypatch):
     # QArrays stored blocked along axis 1 with no pending transpose (older checkpoints;
