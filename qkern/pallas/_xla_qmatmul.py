@@ -130,19 +130,16 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None) 
     m, k = x.shape
     if k != op.k:
         raise ValueError(f"x has K={k} but the quantised weight has K={op.k}.")
-    if not op.halves_aligned:
-        raise ValueError(f"{op.fmt.name} operand has {op.num_blocks} blocks: the high-nibble "
-                         "half must start on a block boundary (an even number of blocks, or one).")
     x32 = _pad_k(x.astype(jnp.float32), op.k_padded)
     ch = _Chunks(op, config)
     # x as [c, halves, M, t]: step i, half h multiplies stored rows i*t .. i*t+t-1.
     x_chunks = x32.reshape(m, ch.halves, ch.c, ch.t).transpose(2, 1, 0, 3)
+    acc = _scan(x_chunks, ch, op)
     if ch.s_chunks is None:
-        acc = _scan_unscaled(x_chunks, ch, op)
         if op.zeros is not None:
             acc = acc - jnp.sum(x32, axis=1, keepdims=True) * op.zeros[0].astype(jnp.float32)
-        return (acc * op.scales[0]).astype(x.dtype)
-    return _scan_blocked(x_chunks, ch, op).astype(x.dtype)
+        acc = acc * op.scales[0]
+    return acc.astype(x.dtype)
 
 
 class _Chunks:
@@ -152,6 +149,9 @@ class _Chunks:
     otherwise `s_chunks`/`z_chunks` [c, halves, g, N] hold each step's `g` blocks."""
 
     def __init__(self, op: QOperand, config: MatmulConfig):
+        if not op.halves_aligned:
+            raise ValueError(f"{op.fmt.name} operand has {op.num_blocks} blocks: the high-nibble "
+                             "half must start on a block boundary (an even number of blocks, or one).")
         n, b, nb = op.n, op.block_size, op.num_blocks
         rows = op.data.shape[0]                   # stored rows: Kp, or Kp / 2 for 4-bit
         self.halves = 2 if op.fmt.packed else 1
@@ -170,8 +170,8 @@ class _Chunks:
                 self.z_chunks = op.zeros.reshape(shape).transpose(1, 0, 2, 3).astype(jnp.float32)
 
     def scan_inputs(self):
-        """(d, s, z) per step; an empty z when there are no zero points (scan needs an
-        array per step; an empty one costs nothing)."""
+        """(d, s, z) per step: s None with one scale block; an empty z when there are no
+        per-block zero points (an empty array costs nothing)."""
         z = self.z_chunks if self.z_chunks is not None else jnp.zeros((self.c, 0), jnp.float32)
         return self.d_chunks, self.s_chunks, z
 
@@ -187,22 +187,12 @@ class _Chunks:
         return (w * sc[h][:, None, :]).reshape(self.t, n)
 
 
-def _scan_unscaled(x_chunks, ch: _Chunks, op):
-    def body(acc, inp):
-        xc, dc = inp
-        for h in range(ch.halves):
-            acc = acc + dot(xc[h], ch.decoded(dc, None, None, h, op))
-        return acc, None
-
-    acc, _ = jax.lax.scan(body, zero_acc(x_chunks, ch.d_chunks), (x_chunks, ch.d_chunks))
-    return acc
-
-
-def _scan_blocked(x_chunks, ch: _Chunks, op):
-    """Scales (and zero points) go on the decoded weights, not on partial products: on
-    XLA:CPU the multiply fuses into the decode for free, while per-block partial products
-    cost a batched dot (in a standalone timing, int4/nf4 with blocks of 64, K = N = 4096,
-    scaling first ran 1.05-1.25x faster at M = 1 and M = 16 on a 2-core CPU)."""
+def _scan(x_chunks, ch: _Chunks, op):
+    """Sum over the steps of x's chunk @ the decoded chunk. Scales (and zero points) go on
+    the decoded weights, not on partial products: on XLA:CPU the multiply fuses into the
+    decode for free, while per-block partial products cost a batched dot (in a standalone
+    timing, int4/nf4 with blocks of 64, K = N = 4096, scaling first ran 1.05-1.25x faster
+    at M = 1 and M = 16 on a 2-core CPU)."""
     def body(acc, inp):
         xc, dc, sc, zc = inp
         for h in range(ch.halves):
@@ -224,9 +214,6 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
     m, n = dy.shape
     if n != op.n:
         raise ValueError(f"dy has N={n} but the quantised weight has N={op.n}.")
-    if not op.halves_aligned:
-        raise ValueError(f"{op.fmt.name} operand has {op.num_blocks} blocks: the high-nibble "
-                         "half must start on a block boundary (an even number of blocks, or one).")
     dy32 = dy.astype(jnp.float32)
     ch = _Chunks(op, config)
     if ch.s_chunks is None:
@@ -234,16 +221,10 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
 
     def body(_, inp):
         dc, sc, zc = inp
-        sc = None if ch.s_chunks is None else sc
         return None, jnp.stack([dot(dy32, ch.decoded(dc, sc, zc, h, op).T)
                                 for h in range(ch.halves)])        # [halves, M, t]
 
-    if ch.s_chunks is None:
-        empty = jnp.zeros((ch.c, 0), jnp.float32)
-        inputs = (ch.d_chunks, empty, empty)
-    else:
-        inputs = ch.scan_inputs()
-    _, out = jax.lax.scan(body, None, inputs)                     # [c, halves, M, t]
+    _, out = jax.lax.scan(body, None, ch.scan_inputs())           # [c, halves, M, t]
     dx = out.transpose(2, 1, 0, 3).reshape(m, ch.halves * ch.rows)
     if ch.s_chunks is None and op.zeros is not None:
         dx = dx - jnp.sum(dy32 * op.zeros[0].astype(jnp.float32), axis=1, keepdims=True)
