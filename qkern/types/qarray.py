@@ -115,7 +115,7 @@ def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
     return tuple(s)
 
 
-def _fit_layout(q: QArray, shape: tuple[int, ...]) -> Layout:
+def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, ...] | None]:
     lay, fmt = q.layout, q.format
     what = (f"a piece of {q!r} with data of shape {shape} (a scan step or a shard_map "
             f"shard; the whole array stores {_data_shape(lay, fmt)})")
