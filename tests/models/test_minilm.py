@@ -22,30 +22,8 @@ REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.jso
 
 
 @pytest.fixture(scope="module")
-def params():
-    return minilm.load()
-
-
-@pytest.fixture(scope="module")
 def reference():
     return json.loads(REFERENCE.read_text())
-
-
-@pytest.fixture(scope="module")
-def builtin(params):
-    """The built-in sentences, tokenised once (one shape, so one compile per format)."""
-    ids, mask = minilm.tokenize(params, list(minilm.SENTENCES), pad_to=32)
-    return ids, mask
-
-
-@pytest.fixture(scope="module")
-def embed_jit():
-    return jax.jit(qkern.quaxify(minilm.embed))
-
-
-@pytest.fixture(scope="module")
-def float_emb(params, builtin, embed_jit):
-    return np.asarray(embed_jit(params, *builtin))
 
 
 def _cos(a, b):

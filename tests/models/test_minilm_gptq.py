@@ -18,26 +18,6 @@ from qkern.models import minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def params():
-    return minilm.load()
-
-
-@pytest.fixture(scope="module")
-def builtin(params):
-    return minilm.tokenize(params, list(minilm.SENTENCES), pad_to=32)
-
-
-@pytest.fixture(scope="module")
-def embed_jit():
-    return jax.jit(qkern.quaxify(minilm.embed))
-
-
-@pytest.fixture(scope="module")
-def float_emb(params, builtin, embed_jit):
-    return np.asarray(embed_jit(params, *builtin))
-
-
-@pytest.fixture(scope="module")
 def hessians(params):
     return minilm.hessians(params)
 
