@@ -17,7 +17,7 @@ own shard (see `QArray.fitted`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np

@@ -27,6 +27,7 @@ def _config_used(x, qw) -> tuple[str, bool]:
     """(the config the kernel runs for x @ qw, whether it came from the autotune cache)."""
     from ..autotune import _cache
     from ..autotune._tune import describe_config
+    from ..pallas import _native
     from ..pallas._backend import resolve
     from ..pallas._config import Problem, config_for
     from ..pallas._operand import stored_operand
@@ -35,7 +36,10 @@ def _config_used(x, qw) -> tuple[str, bool]:
     op = stored_operand(qw)
     if op is None:
         return "", False
-    problem = Problem.of(sel.name, x.reshape(-1, x.shape[-1]), op, False)
+    x2 = x.reshape(-1, x.shape[-1])
+    if sel.name == "xla" and not sel.interpret and _native.eligible(x2, op):
+        return "native", False
+    problem = Problem.of(sel.name, x2, op, False)
     tuned = _cache.lookup(problem) is not None and not sel.interpret
     return describe_config(config_for(problem, interpret=sel.interpret), sel.name), tuned
 

@@ -130,7 +130,7 @@ def run(formats=FORMATS, *, layers: int = 2, width: int = 256, ffn: int = 1024,
           f"weights), {tokens} tokens, on {jax.devices()[0].device_kind} "
           f"(qkern backend: {resolve().name}).")
     print(f"Every projection kernel is quantised with qkern.quantize(params, fmt, "
-          f"where=r\".*kernel\"); the model code runs unchanged under qkern.quaxify.")
+          "where=r\".*kernel\"); the model code runs unchanged under qkern.quaxify.")
     print()
     t0 = time.perf_counter()
     rows = measure(formats, layers=layers, width=width, ffn=ffn, tokens=tokens,

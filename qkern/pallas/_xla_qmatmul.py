@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._compat import explicit_sharding, vary_like
+from . import _native
 from ._config import MatmulConfig
 from ._decode import split_nibbles
 from ._operand import QOperand
@@ -121,15 +122,27 @@ def _pad_k(x: jax.Array, kp: int) -> jax.Array:
 def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None) -> jax.Array:
     """y[M, N] = x[M, K] @ W (float32 accumulation, output in x's dtype).
 
-    One `lax.scan` over chunks of stored rows. Each step decodes its chunk (for 4-bit
-    formats both nibble halves of the same bytes), applies per-block zero points and
-    scales to the decoded weights while they are in cache, and adds the chunk's products.
+    At small M (`_native.max_m`) on an x86-64 CPU this runs the native kernel
+    (qkern/pallas/_native). Otherwise one `lax.scan` over chunks of stored rows: each step
+    decodes its chunk (for 4-bit formats both nibble halves of the same bytes), applies
+    per-block zero points and scales to the decoded weights while they are in cache, and
+    adds the chunk's products.
     Per-channel and per-tensor scales (one block) are applied once, to the result.
     """
     config = config or MatmulConfig(block_k=512)
     m, k = x.shape
     if k != op.k:
         raise ValueError(f"x has K={k} but the quantised weight has K={op.k}.")
+    if _native.eligible(x, op):    # small M on CPU: the native kernel (qkern/pallas/_native)
+        y = _native.qmatmul_small_m(x, op, lambda x, op: _scan_matmul(x, op, config))
+    else:
+        y = _scan_matmul(x, op, config)
+    return y.astype(x.dtype)
+
+
+def _scan_matmul(x: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
+    """float32 x @ W by the scan over chunks of stored rows."""
+    m = x.shape[0]
     x32 = _pad_k(x.astype(jnp.float32), op.k_padded)
     ch = _Chunks(op, config)
     # x as [c, halves, M, t]: step i, half h multiplies stored rows i*t .. i*t+t-1.
@@ -139,7 +152,7 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None) 
         if op.zeros is not None:
             acc = acc - jnp.sum(x32, axis=1, keepdims=True) * op.zeros[0].astype(jnp.float32)
         acc = acc * op.scales[0]
-    return acc.astype(x.dtype)
+    return acc
 
 
 class _Chunks:

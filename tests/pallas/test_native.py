@@ -1,0 +1,170 @@
+"""The native CPU kernels (qkern/pallas/_native): built on this machine, used by the `xla`
+backend at small M, right for every format they take, and out of the way where they
+cannot run (larger M, wide vmaps, batched weights, other platforms, a failed build)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+from qkern.pallas import _native, qmatmul
+from qkern.pallas._native import _build
+
+from .cases import assert_matches, make_case, reference_matmul
+
+FORMATS = [
+    ("nf4", {}),
+    ("nf4", dict(block_size=None)),          # one block: shared lo/hi scale row
+    ("fp4", {}),
+    ("mxfp4", {}),
+    ("int4", {}),
+    ("int4", dict(calibration="minmax")),    # zero points
+    ("int8", {}),
+    ("int8", dict(block_size=64, calibration="minmax")),
+    ("int3", {}),                            # emulated: one int8 per code
+]
+IDS = [f + "".join(f"-{k}={v}" for k, v in o.items()) for f, o in FORMATS]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def _uses_kernel(fn, *args) -> bool:
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return "qkern_packed4_gemv" in hlo or "qkern_int8_gemv" in hlo
+
+
+def test_kernels_build_on_this_machine():
+    """Where there is an x86-64 CPU with AVX2 and FMA and a C++ compiler, the kernels must
+    build; elsewhere `status()` must say why not."""
+    can = (platform.machine().lower() in ("x86_64", "amd64") and _cpu_has("avx2")
+           and _cpu_has("fma") and (shutil.which(os.environ.get("CXX", "c++")) is not None)
+           and os.environ.get(_native.ENV_VAR, "1") != "0")
+    status = _native.status()
+    assert status.startswith("available" if can else "unavailable:"), status
+
+
+needs_native = pytest.mark.skipif(_build.library() is None,
+                                  reason=f"native kernels {_native.status()}")
+
+
+@needs_native
+@pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
+@pytest.mark.parametrize("m,k,n", [(1, 512, 256), (2, 300, 37), (1, 1000, 2100), (4, 192, 130)])
+def test_matches_reference(fmt, opts, m, k, n):
+    x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
+    fn = lambda x, op: qmatmul(x, op, backend="xla")
+    assert _uses_kernel(fn, x, op) == (m <= _native.max_m(op))
+    assert_matches(jax.jit(fn)(x, op), reference_matmul(x, op))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs(dtype):
+    x, _, op = make_case("nf4", {}, 1, 512, 96, dtype)
+    y = jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x)
+    assert y.dtype == dtype
+    assert_matches(y, reference_matmul(x, op))
+
+
+@needs_native
+def test_two_threads_split_columns():
+    # over 2**20 codes: the kernel splits the columns between threads (where there are two)
+    x, _, op = make_case("int8", {}, 1, 1024, 1100, jnp.float32)
+    assert op.data.size >= 1 << 20
+    assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))
+
+
+@needs_native
+def test_vmap_folds_small_batches_into_m_and_falls_back_for_wide_ones():
+    x, qw, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
+    f = lambda x: qmatmul(x, op, backend="xla")
+    for batch in (2, 4, 9):
+        xs = jnp.stack([x * (i + 1) for i in range(batch)])          # [B, 1, K]
+        vf = jax.vmap(f)
+        assert _uses_kernel(vf, xs) == (batch <= _native.max_m(op)), batch
+        want = jnp.stack([reference_matmul(xi, op) for xi in xs])
+        assert_matches(vf(xs), want)
+
+
+@needs_native
+def test_vmap_over_stacked_weights_runs_the_scan():
+    k, n = 128, 48
+    ops = [make_case("int4", {}, 1, k, n, jnp.float32, seed=s)[2] for s in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ops)
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, k))
+    vf = jax.vmap(lambda op: qmatmul(x, op, backend="xla"))
+    assert not _uses_kernel(vf, stacked)
+    assert_matches(vf(stacked), jnp.stack([reference_matmul(x, op) for op in ops]))
+
+
+@needs_native
+def test_under_quaxify_grad_scan_and_cond():
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    w = jax.random.normal(ks[0], (384, 384)) * 0.05
+    qw = qkern.quantize(w, "nf4")
+    x = jax.random.normal(ks[1], (1, 384))
+    dense = qw.materialise()
+
+    def model(w, x, flag):
+        def layer(h, _):
+            return jnp.tanh(h @ w), None
+        h, _ = jax.lax.scan(layer, x, None, length=3)
+        return jax.lax.cond(flag, lambda h: h @ w, lambda h: -h, h).sum()
+
+    q = jax.jit(qkern.quaxify(model))
+    assert _uses_kernel(qkern.quaxify(model), qw, x, True)
+    for flag in (True, False):
+        np.testing.assert_allclose(q(qw, x, flag), model(dense, x, flag), rtol=2e-4, atol=2e-4)
+    g = jax.jit(jax.grad(qkern.quaxify(model), argnums=1))(qw, x, True)
+    np.testing.assert_allclose(g, jax.grad(model, argnums=1)(dense, x, True), rtol=1e-3, atol=1e-4)
+
+
+@needs_native
+def test_exports_for_gpu_without_the_cpu_kernel():
+    # platform_dependent: lowering for CUDA takes the scan, so an exported function that runs
+    # the xla backend still lowers for GPUs.
+    x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
+    exp = jax.export.export(jax.jit(lambda x, op: qmatmul(x, op, backend="xla")),
+                            platforms=["cuda"])(x, op)
+    text = exp.mlir_module()
+    assert "qkern_packed4_gemv" not in text and "while" in text
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(_native.ENV_VAR, "0")
+    x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
+    assert not _native.eligible(x, op)
+    assert _native.status() == f"unavailable: {_native.ENV_VAR}=0"
+    fn = lambda x, op: qmatmul(x, op, backend="xla")
+    assert not _uses_kernel(fn, x, op)
+    assert_matches(jax.jit(fn)(x, op), reference_matmul(x, op))
+
+
+def test_failed_build_falls_back_to_the_scan(monkeypatch, tmp_path):
+    monkeypatch.setattr(_build, "_state", {})
+    monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false") or "false")
+    x, _, op = make_case("int8", {}, 1, 128, 40, jnp.float32)
+    assert not _native.eligible(x, op)
+    assert _native.status().startswith("unavailable:")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "failed" in _native.status()
+    assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))
+
+
+def test_formats_it_does_not_take_run_the_scan():
+    x, _, op = make_case("fp8_e4m3", {}, 1, 256, 64, jnp.float32)
+    assert _native._kernel_for(op) is None and not _native.eligible(x, op)
