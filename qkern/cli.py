@@ -45,6 +45,10 @@ def _cmd_info(args) -> int:
     print(f"python  {platform.python_version()} ({platform.machine()})")
     print(f"jax platform   {jax.default_backend()}")
     print(f"qkern backend  {resolve().name}  (override: QKERN_BACKEND or qkern.backend(...))")
+    if jax.default_backend() == "cpu":
+        from .pallas import _native
+
+        print(f"native CPU kernels  {_native.status()}  (off: {_native.ENV_VAR}=0)")
     for d in jax.devices():
         print(f"device  {d.platform}:{d.id} {getattr(d, 'device_kind', '')}")
     path = _cache.cache_path()

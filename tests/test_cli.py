@@ -12,6 +12,7 @@ import pytest
 
 from qkern import cli
 from qkern.autotune import _cache
+from qkern.pallas import _native
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TUNE = ["tune", "--m", "1", "--k", "256", "--n", "128", "--repeats", "2", "--no-progress"]
@@ -30,7 +31,17 @@ def test_info(capsys, cache_dir):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "jax" in out and "qkern backend  xla" in out
+    assert f"native CPU kernels  {_native.status()}" in out
     assert f"tuning cache   {cache_dir / _cache.FILENAME}" in out and "0 entries" in out
+
+
+def _native_op(fmt):
+    import jax
+
+    import qkern
+    from qkern.pallas._operand import stored_operand
+
+    return stored_operand(qkern.quantize(jax.numpy.ones((256, 128)), fmt))
 
 
 def test_bench_json_has_every_row_and_the_plot(capsys, tmp_path):
@@ -46,7 +57,10 @@ def test_bench_json_has_every_row_and_the_plot(capsys, tmp_path):
         assert 0 < r["quant_error"] < 0.2 and r["gbps"] > 0 and r["dense_gbps"] > 0
         assert r["bytes_moved"] > r["weight_bytes"]
         assert r["peak_gbps"] is None and r["roofline_pct"] is None        # CPU: unknown
-        assert r["config"].startswith("block_k=") and r["tuned"] is False
+        native = _native.runs_for(r["m"], _native_op(r["format"]))
+        assert r["config"] == "native" if native else r["config"].startswith("block_k=")
+        assert r["tuned"] is False
+    assert data["native_cpu_kernels"] == _native.status()
     assert {r["measurement"] for r in data["trace_compile"]} >= {"trace+compile, unrolled",
                                                                   "trace+compile, scanned"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

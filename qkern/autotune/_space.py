@@ -97,6 +97,15 @@ def _xla_chunk(op, block_k: int) -> int:
 
 
 def _xla(problem: Problem, op, block_ks) -> tuple[list, list, MatmulConfig]:
+    from ..pallas import _native
+
+    default = default_config("xla", problem.m)
+    anchor = MatmulConfig(block_k=_xla_chunk(op, default.block_k))
+    if problem.kernel == "qmatmul" and _native.runs_for(problem.m, op):
+        # The native CPU kernel runs at this M and reads no block field: nothing to choose.
+        pruned = [(MatmulConfig(block_k=bk), "the native CPU kernel runs at this M "
+                   "(qkern/pallas/_native); block_k is unused") for bk in block_ks]
+        return [anchor], pruned, anchor
     chosen: dict[int, MatmulConfig] = {}
     pruned = []
     for bk in block_ks:
@@ -106,8 +115,6 @@ def _xla(problem: Problem, op, block_ks) -> tuple[list, list, MatmulConfig]:
                            f"the scan would use the same chunk of {chunk} rows"))
         else:
             chosen[chunk] = MatmulConfig(block_k=chunk)
-    default = default_config("xla", problem.m)
-    anchor = MatmulConfig(block_k=_xla_chunk(op, default.block_k))
     configs = list(chosen.values())
     if anchor not in configs:
         configs.append(anchor)

@@ -26,7 +26,7 @@ def _problem(backend, m, k, n, fmt, op, kernel="qmatmul", dtype="bfloat16"):
 
 def test_xla_space_is_block_k_deduplicated_by_the_chunk_the_scan_uses():
     op = _op(256, 128, "int8")                                    # one block of 256 rows
-    p = _problem("xla", 1, 256, 128, "int8", op, dtype="float32")
+    p = _problem("xla", 16, 256, 128, "int8", op, dtype="float32")  # M past the native kernel
     configs, pruned = _space.candidates(p, op)
     assert [c.block_k for c in configs] == [64, 128, 256]
     assert {c.block_k for c, _ in pruned} == {512, 1024, 2048}
@@ -35,10 +35,27 @@ def test_xla_space_is_block_k_deduplicated_by_the_chunk_the_scan_uses():
 
 def test_xla_space_respects_scale_blocks():
     op = _op(1024, 128, "nf4")                                    # blocks of 64, 2 streams
-    p = _problem("xla", 1, 1024, 128, "nf4", op, dtype="float32")
+    p = _problem("xla", 16, 1024, 128, "nf4", op, dtype="float32")
     configs, _ = _space.candidates(p, op)
     ks = [c.block_k for c in configs]
     assert ks == sorted(set(ks)) and all(k % 64 == 0 and 512 % k == 0 for k in ks)
+
+
+def test_xla_space_is_one_config_where_the_native_kernel_runs():
+    from qkern.pallas import _native
+
+    op = _op(1024, 128, "nf4")
+    p = _problem("xla", 1, 1024, 128, "nf4", op, dtype="float32")
+    configs, pruned = _space.candidates(p, op)
+    if _native.runs_for(1, op):      # built on this machine (tests/pallas/test_native.py)
+        assert len(configs) == 1 and pruned
+        assert all("native CPU kernel" in why for _, why in pruned)
+    else:
+        assert len(configs) > 1
+    # the gradient's kernel (dy @ W.T) is always the scan
+    t_configs, _ = _space.candidates(_problem("xla", 1, 1024, 128, "nf4", op,
+                                              kernel="qmatmul_t", dtype="float32"), op)
+    assert len(t_configs) > 1
 
 
 @pytest.mark.parametrize("m, kernel", [(1, "qmatmul"), (256, "qmatmul"), (4, "qmatmul_t")])

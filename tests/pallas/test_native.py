@@ -62,7 +62,8 @@ needs_native = pytest.mark.skipif(_build.library() is None,
 
 @needs_native
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
-@pytest.mark.parametrize("m,k,n", [(1, 512, 256), (2, 300, 37), (1, 1000, 2100), (4, 192, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 512, 256), (2, 300, 37), (1, 1000, 2100), (4, 192, 130),
+                                   (7, 160, 72), (9, 128, 40)])
 def test_matches_reference(fmt, opts, m, k, n):
     x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")

@@ -27,15 +27,15 @@ import numpy as np
 from ..._compat import _vma, explicit_sharding
 from ._build import ENV_VAR, library, status
 
-__all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "status"]
+__all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "status"]
 
 
 def max_m(op) -> int:
-    """Rows of x at or below which the kernel runs for `op`. It decodes the weight once per
-    row, so its time grows with M while the scan's barely does. Measured on a 2-core EPYC
-    (K = N = 4096, docs/benchmarks.md): the kernel wins up to M = 4 for int8 and the
-    codebook formats (whose lookups cost the scan most) and up to M = 2 for int4."""
-    return 2 if op.fmt.packed and op.fmt.kind == "int" else 4
+    """Rows of x at or below which the kernel runs for `op`. It decodes each code once for
+    up to four rows of x, so its time grows with M faster than the scan's. Measured on a
+    2-core EPYC (K = N = 4096, docs/benchmarks.md): it beats the scan up to M = 8 for nf4,
+    int4 and int8, and is about even with it at M = 16."""
+    return 8
 
 
 def _table(fmt) -> np.ndarray:
@@ -56,14 +56,17 @@ def _kernel_for(op) -> str | None:
     return None
 
 
+def runs_for(m: int, op) -> bool:
+    """Whether an unsharded x[m, K] @ op runs the native kernel on this machine."""
+    return 0 < m <= max_m(op) and _kernel_for(op) is not None and library() is not None
+
+
 def eligible(x2: jax.Array, op) -> bool:
     """Whether `x2 @ op` can run the native kernel (decided at trace time)."""
-    if x2.ndim != 2 or x2.shape[0] > max_m(op) or x2.shape[0] == 0 or _kernel_for(op) is None:
+    if x2.ndim != 2 or not runs_for(x2.shape[0], op):
         return False
     arrays = [x2, op.data, op.scales] + ([op.zeros] if op.zeros is not None else [])
-    if any(explicit_sharding(a) is not None or _vma(a) for a in arrays):
-        return False
-    return library() is not None
+    return not any(explicit_sharding(a) is not None or _vma(a) for a in arrays)
 
 
 def _threads(op) -> int:

@@ -1,10 +1,10 @@
 // qkern's native CPU kernels: y[M, N] = x[M, K] @ W[K, N] for small M with W quantised,
 // called from XLA through the FFI (see __init__.py, which builds and registers this file).
 //
-// x86-64 with AVX2 and FMA. Codes are decoded in registers, eight at a time, and never
-// written out: 4-bit codes go through a 16-entry table held in two registers
-// (vpermps on the low three bits, a blend on the fourth), int8 codes are widened and
-// converted. Per block of rows the products are summed unscaled, then scaled once per
+// x86-64 with AVX2 and FMA. Codes are decoded in registers, eight at a time, once for up
+// to four rows of x, and never written out: 4-bit codes go through a 16-entry table held
+// in two registers (vpermps on the low three bits, a blend on the fourth), int8 codes are
+// widened and converted. Per block of rows the products are summed unscaled, then scaled once per
 // column. Zero points are left to the caller (a [M, nb] @ [nb, N] term).
 //
 // Storage (qkern/pallas/_operand.py): 4-bit codes are uint8 [R, N], byte row r holding
@@ -56,73 +56,81 @@ struct Args4 {
   int64_t m, r, n, nb, block;
 };
 
-// Columns whose partial sums stay in L1 while rows stream past: long contiguous runs of
-// each code row keep the prefetchers busy (256 ran 1.5-2x slower than 2048 at M = 1).
+// Columns of partial sums per row of x, kept in cache while code rows stream past: long
+// contiguous runs of each code row keep the prefetchers busy (256 columns ran 1.5-2x
+// slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
 constexpr int64_t kPanel = 2048;
 
-// Columns [n0, n1) of every row of y. For each group of rows that shares a scale row, a
+// Adds U code rows from row r (columns c0 .. c0 + w) into the partial sums of MR rows of x
+// (panels of pw columns each): each code is decoded once for all MR rows.
+template <int U, int MR>
+inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0, int64_t w,
+                           int64_t pw, float* lo, float* hi, __m256 t0, __m256 t1) {
+  const uint8_t* p = a.codes + r * a.n + c0;
+  const int64_t wv = w / 8 * 8, xs = 2 * a.r;  // xs: from one row of x to the next
+  for (int64_t i = 0; i < wv; i += 8) {
+    __m256 al[MR], ah[MR];
+    for (int k = 0; k < MR; ++k) {
+      al[k] = _mm256_load_ps(lo + k * pw + i);
+      ah[k] = _mm256_load_ps(hi + k * pw + i);
+    }
+    for (int q = 0; q < U; ++q) {
+      __m256 vl, vh;
+      Nibbles(t0, t1, Load8(p + q * a.n + i), &vl, &vh);
+      for (int k = 0; k < MR; ++k) {
+        al[k] = _mm256_fmadd_ps(vl, _mm256_broadcast_ss(x + k * xs + r + q), al[k]);
+        ah[k] = _mm256_fmadd_ps(vh, _mm256_broadcast_ss(x + k * xs + a.r + r + q), ah[k]);
+      }
+    }
+    for (int k = 0; k < MR; ++k) {
+      _mm256_store_ps(lo + k * pw + i, al[k]);
+      _mm256_store_ps(hi + k * pw + i, ah[k]);
+    }
+  }
+  for (int64_t i = wv; i < w; ++i)  // the last columns, one at a time
+    for (int q = 0; q < U; ++q) {
+      const uint8_t b = p[q * a.n + i];
+      for (int k = 0; k < MR; ++k) {
+        lo[k * pw + i] += x[k * xs + r + q] * a.table[b & 15];
+        hi[k * pw + i] += x[k * xs + a.r + r + q] * a.table[b >> 4];
+      }
+    }
+}
+
+// Columns [n0, n1) of MR rows of y. For each group of code rows that shares a scale row, a
 // panel of columns is walked row by row (contiguous bytes), summing unscaled products in
-// an L1 buffer; the panel is then scaled into y.
-void Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
+// L1 buffers; the panel is then scaled into y.
+template <int MR>
+void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1) {
   const __m256 t0 = _mm256_loadu_ps(a.table), t1 = _mm256_loadu_ps(a.table + 8);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
-  alignas(32) float lo[kPanel], hi[kPanel];
-  for (int64_t mi = 0; mi < a.m; ++mi) {
-    const float* x = a.x + mi * 2 * a.r;
-    float* y = a.y + mi * a.n;
-    std::fill(y + n0, y + n1, 0.0f);
-    for (int64_t j = 0; j < groups; ++j) {
-      const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
-      const float* s_hi = a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n;
-      const int64_t r0 = j * g;
-      for (int64_t c0 = n0; c0 < n1; c0 += kPanel) {
-        const int64_t w = std::min(kPanel, n1 - c0), wv = w / 8 * 8;
-        std::fill(lo, lo + w, 0.0f);
-        std::fill(hi, hi + w, 0.0f);
-        int64_t r = r0;
-        for (; r + 4 <= r0 + g; r += 4) {  // four rows per pass over the panel
-          const uint8_t* p = a.codes + r * a.n + c0;
-          __m256 xl[4], xh[4];
-          for (int q = 0; q < 4; ++q) {
-            xl[q] = _mm256_set1_ps(x[r + q]);
-            xh[q] = _mm256_set1_ps(x[a.r + r + q]);
-          }
-          for (int64_t i = 0; i < wv; i += 8) {
-            __m256 al = _mm256_load_ps(lo + i), ah = _mm256_load_ps(hi + i);
-            for (int q = 0; q < 4; ++q) {
-              __m256 vl, vh;
-              Nibbles(t0, t1, Load8(p + q * a.n + i), &vl, &vh);
-              al = _mm256_fmadd_ps(vl, xl[q], al);
-              ah = _mm256_fmadd_ps(vh, xh[q], ah);
-            }
-            _mm256_store_ps(lo + i, al);
-            _mm256_store_ps(hi + i, ah);
-          }
-          for (int64_t i = wv; i < w; ++i)
-            for (int q = 0; q < 4; ++q) {
-              lo[i] += x[r + q] * a.table[p[q * a.n + i] & 15];
-              hi[i] += x[a.r + r + q] * a.table[p[q * a.n + i] >> 4];
-            }
-        }
-        for (; r < r0 + g; ++r) {
-          const uint8_t* p = a.codes + r * a.n + c0;
-          const __m256 xl = _mm256_set1_ps(x[r]), xh = _mm256_set1_ps(x[a.r + r]);
-          for (int64_t i = 0; i < wv; i += 8) {
-            __m256 vl, vh;
-            Nibbles(t0, t1, Load8(p + i), &vl, &vh);
-            _mm256_store_ps(lo + i, _mm256_fmadd_ps(vl, xl, _mm256_load_ps(lo + i)));
-            _mm256_store_ps(hi + i, _mm256_fmadd_ps(vh, xh, _mm256_load_ps(hi + i)));
-          }
-          for (int64_t i = wv; i < w; ++i) {
-            lo[i] += x[r] * a.table[p[i] & 15];
-            hi[i] += x[a.r + r] * a.table[p[i] >> 4];
-          }
-        }
-        for (int64_t i = 0; i < w; ++i) y[c0 + i] += lo[i] * s_lo[c0 + i] + hi[i] * s_hi[c0 + i];
-      }
+  const int64_t pw = kPanel;
+  alignas(32) float lo[MR * kPanel], hi[MR * kPanel];
+  for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
+  for (int64_t j = 0; j < groups; ++j) {
+    const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
+    const float* s_hi = a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n;
+    const int64_t r0 = j * g;
+    for (int64_t c0 = n0; c0 < n1; c0 += pw) {
+      const int64_t w = std::min(pw, n1 - c0);
+      std::fill(lo, lo + MR * kPanel, 0.0f);
+      std::fill(hi, hi + MR * kPanel, 0.0f);
+      int64_t r = r0;
+      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR>(a, x, r, c0, w, pw, lo, hi, t0, t1);
+      for (; r < r0 + g; ++r) Packed4AddRows<1, MR>(a, x, r, c0, w, pw, lo, hi, t0, t1);
+      for (int k = 0; k < MR; ++k)
+        for (int64_t i = 0; i < w; ++i)
+          y[k * a.n + c0 + i] += lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i];
     }
   }
+}
+
+void Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
+  int64_t i = 0;  // rows of x four, then two, then one at a time
+  for (; i + 4 <= a.m; i += 4) Packed4Block<4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
+  for (; i + 2 <= a.m; i += 2) Packed4Block<2>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
+  for (; i < a.m; ++i) Packed4Block<1>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
 }
 
 struct Args8 {
@@ -133,46 +141,52 @@ struct Args8 {
   int64_t m, k, n, nb, block;
 };
 
-void Int8Columns(const Args8& a, int64_t n0, int64_t n1) {
+template <int U, int MR>
+inline void Int8AddRows(const Args8& a, const float* x, int64_t r, int64_t c0, int64_t w,
+                        int64_t pw, float* acc) {
+  const int8_t* p = a.codes + r * a.n + c0;
+  const int64_t wv = w / 8 * 8;
+  for (int64_t i = 0; i < wv; i += 8) {
+    __m256 v[MR];
+    for (int k = 0; k < MR; ++k) v[k] = _mm256_load_ps(acc + k * pw + i);
+    for (int q = 0; q < U; ++q) {
+      const __m256 c = _mm256_cvtepi32_ps(Load8Signed(p + q * a.n + i));
+      for (int k = 0; k < MR; ++k)
+        v[k] = _mm256_fmadd_ps(c, _mm256_broadcast_ss(x + k * a.k + r + q), v[k]);
+    }
+    for (int k = 0; k < MR; ++k) _mm256_store_ps(acc + k * pw + i, v[k]);
+  }
+  for (int64_t i = wv; i < w; ++i)
+    for (int q = 0; q < U; ++q)
+      for (int k = 0; k < MR; ++k) acc[k * pw + i] += x[k * a.k + r + q] * p[q * a.n + i];
+}
+
+template <int MR>
+void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1) {
   const int64_t g = a.nb == 1 ? a.k : a.block;
-  const int64_t groups = a.k / g;
-  alignas(32) float acc[kPanel];
-  for (int64_t mi = 0; mi < a.m; ++mi) {
-    const float* x = a.x + mi * a.k;
-    float* y = a.y + mi * a.n;
-    std::fill(y + n0, y + n1, 0.0f);
-    for (int64_t j = 0; j < groups; ++j) {
-      const float* s = a.scales + (a.nb == 1 ? 0 : j) * a.n;
-      const int64_t r0 = j * g;
-      for (int64_t c0 = n0; c0 < n1; c0 += kPanel) {
-        const int64_t w = std::min(kPanel, n1 - c0), wv = w / 8 * 8;
-        std::fill(acc, acc + w, 0.0f);
-        int64_t r = r0;
-        for (; r + 4 <= r0 + g; r += 4) {
-          const int8_t* p = a.codes + r * a.n + c0;
-          __m256 xv[4];
-          for (int q = 0; q < 4; ++q) xv[q] = _mm256_set1_ps(x[r + q]);
-          for (int64_t i = 0; i < wv; i += 8) {
-            __m256 v = _mm256_load_ps(acc + i);
-            for (int q = 0; q < 4; ++q)
-              v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Load8Signed(p + q * a.n + i)), xv[q], v);
-            _mm256_store_ps(acc + i, v);
-          }
-          for (int64_t i = wv; i < w; ++i)
-            for (int q = 0; q < 4; ++q) acc[i] += x[r + q] * p[q * a.n + i];
-        }
-        for (; r < r0 + g; ++r) {
-          const int8_t* p = a.codes + r * a.n + c0;
-          const __m256 xv = _mm256_set1_ps(x[r]);
-          for (int64_t i = 0; i < wv; i += 8)
-            _mm256_store_ps(acc + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(Load8Signed(p + i)), xv,
-                                                     _mm256_load_ps(acc + i)));
-          for (int64_t i = wv; i < w; ++i) acc[i] += x[r] * p[i];
-        }
-        for (int64_t i = 0; i < w; ++i) y[c0 + i] += acc[i] * s[c0 + i];
-      }
+  const int64_t groups = a.k / g, pw = kPanel;
+  alignas(32) float acc[MR * kPanel];
+  for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
+  for (int64_t j = 0; j < groups; ++j) {
+    const float* s = a.scales + (a.nb == 1 ? 0 : j) * a.n;
+    const int64_t r0 = j * g;
+    for (int64_t c0 = n0; c0 < n1; c0 += pw) {
+      const int64_t w = std::min(pw, n1 - c0);
+      std::fill(acc, acc + MR * kPanel, 0.0f);
+      int64_t r = r0;
+      for (; r + 4 <= r0 + g; r += 4) Int8AddRows<4, MR>(a, x, r, c0, w, pw, acc);
+      for (; r < r0 + g; ++r) Int8AddRows<1, MR>(a, x, r, c0, w, pw, acc);
+      for (int k = 0; k < MR; ++k)
+        for (int64_t i = 0; i < w; ++i) y[k * a.n + c0 + i] += acc[k * pw + i] * s[c0 + i];
     }
   }
+}
+
+void Int8Columns(const Args8& a, int64_t n0, int64_t n1) {
+  int64_t i = 0;
+  for (; i + 4 <= a.m; i += 4) Int8Block<4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
+  for (; i + 2 <= a.m; i += 2) Int8Block<2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
+  for (; i < a.m; ++i) Int8Block<1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
 }
 
 // Splits the columns into `threads` ranges of whole tiles and runs `work` on each.
