@@ -63,7 +63,7 @@ needs_native = pytest.mark.skipif(_build.library() is None,
 @needs_native
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
 @pytest.mark.parametrize("m,k,n", [(1, 512, 256), (2, 300, 37), (1, 1000, 2100), (4, 192, 130),
-                                   (7, 160, 72), (9, 128, 40)])
+                                   (7, 160, 72), (9, 128, 40), (17, 96, 24)])
 def test_matches_reference(fmt, opts, m, k, n):
     x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")
@@ -92,7 +92,7 @@ def test_two_threads_split_columns():
 def test_vmap_folds_small_batches_into_m_and_falls_back_for_wide_ones():
     x, qw, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
     f = lambda x: qmatmul(x, op, backend="xla")
-    for batch in (2, 4, 9):
+    for batch in (2, 4, 17):
         xs = jnp.stack([x * (i + 1) for i in range(batch)])          # [B, 1, K]
         vf = jax.vmap(f)
         assert _uses_kernel(vf, xs) == (batch <= _native.max_m(op)), batch
@@ -169,3 +169,18 @@ def test_failed_build_falls_back_to_the_scan(monkeypatch, tmp_path):
 def test_formats_it_does_not_take_run_the_scan():
     x, _, op = make_case("fp8_e4m3", {}, 1, 256, 64, jnp.float32)
     assert _native._kernel_for(op) is None and not _native.eligible(x, op)
+
+
+@needs_native
+def test_crossover_bench_runs_and_prints_the_table(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "native_crossover.py"
+    spec = importlib.util.spec_from_file_location("native_crossover", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--m", "1,3", "--k", "256", "--n", "72", "--formats", "nf4,int8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| M | dense (ms) | nf4 native | nf4 scan | int8 native | int8 scan |" in out
+    assert out.count("\n| 1 | ") == 1 and out.count("\n| 3 | ") == 1

@@ -33,9 +33,11 @@ __all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "statu
 def max_m(op) -> int:
     """Rows of x at or below which the kernel runs for `op`. It decodes each code once for
     up to four rows of x, so its time grows with M faster than the scan's. Measured on a
-    2-core EPYC (K = N = 4096, docs/benchmarks.md): it beats the scan up to M = 8 for nf4,
-    int4 and int8, and is about even with it at M = 16."""
-    return 8
+    2-core EPYC (K = N = 4096, `python bench/native_crossover.py`, docs/benchmarks.md): it
+    beats the scan up to M = 8 for every format it takes; at M = 16 it still beats it for
+    the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a gather) and not for int4
+    and int8."""
+    return 16 if op.fmt.kind in ("codebook", "mx") else 8
 
 
 def _table(fmt) -> np.ndarray:
