@@ -184,3 +184,14 @@ def test_crossover_bench_runs_and_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "| M | dense (ms) | nf4 native | nf4 scan | int8 native | int8 scan |" in out
     assert out.count("\n| 1 | ") == 1 and out.count("\n| 3 | ") == 1
+
+
+@needs_native
+def test_builds_from_scratch_into_an_empty_cache(monkeypatch, tmp_path):
+    # what a fresh machine does on first use (the other tests may reuse a cached library)
+    monkeypatch.setattr(_build, "_state", {})
+    monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
+    assert _native.status().startswith(f"available ({tmp_path / 'native'}")
+    assert list((tmp_path / "native").glob("qgemv-*.so"))
+    x, _, op = make_case("nf4", {}, 2, 256, 40, jnp.float32)
+    assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))

@@ -31,6 +31,7 @@ TARGETS = {"QkernPacked4Gemv": "qkern_packed4_gemv", "QkernInt8Gemv": "qkern_int
 
 _lock = threading.Lock()
 _state: dict = {}
+_registered: set = set()   # FFI target names registered in this process
 
 
 def _disabled() -> bool:
@@ -90,7 +91,12 @@ def _load():
     if not lib.qkern_native_supported():
         return None, "this CPU lacks AVX2 or FMA"
     for symbol, name in TARGETS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        # Once per process: XLA refuses a second handler under the same name (and a refused
+        # registration breaks the CPU backend), so a rebuilt library keeps the first one's.
+        if name not in _registered:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+            _registered.add(name)
     return lib, None
 
 
