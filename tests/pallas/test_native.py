@@ -195,3 +195,16 @@ def test_builds_from_scratch_into_an_empty_cache(monkeypatch, tmp_path):
     assert list((tmp_path / "native").glob("qgemv-*.so"))
     x, _, op = make_case("nf4", {}, 2, 256, 40, jnp.float32)
     assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))
+
+
+@needs_native
+def test_kernel_refuses_inconsistent_shapes():
+    # The Python side never passes these; the kernel still checks rather than read past
+    # its buffers.
+    x = jnp.ones((1, 64), jnp.float32)
+    codes = jnp.zeros((16, 8), jnp.uint8)            # 32 logical rows, x has 64
+    scales = jnp.ones((1, 8), jnp.float32)
+    call = jax.ffi.ffi_call("qkern_packed4_gemv", jax.ShapeDtypeStruct((1, 8), jnp.float32))
+    with pytest.raises(Exception, match="inconsistent shapes"):
+        jax.block_until_ready(call(x, codes, scales, jnp.zeros(16, jnp.float32),
+                                   block_size=np.int64(64), threads=np.int64(1)))

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -61,6 +64,17 @@ struct Args4 {
 // slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
 constexpr int64_t kPanel = 2048;
 
+// Partial sums for up to four rows of x: on the heap (64 KB would strain small thread
+// stacks), 32-byte aligned for the aligned vector loads.
+struct Buffer {
+  explicit Buffer(int64_t n)
+      : data(static_cast<float*>(std::aligned_alloc(32, (n * sizeof(float) + 31) / 32 * 32))) {}
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* data;
+};
+
 // Adds U code rows from row r (columns c0 .. c0 + w) into the partial sums of MR rows of x
 // (panels of pw columns each): each code is decoded once for all MR rows.
 template <int U, int MR>
@@ -101,12 +115,12 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
 // panel of columns is walked row by row (contiguous bytes), summing unscaled products in
 // L1 buffers; the panel is then scaled into y.
 template <int MR>
-void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1) {
+void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1,
+                  float* lo, float* hi) {
   const __m256 t0 = _mm256_loadu_ps(a.table), t1 = _mm256_loadu_ps(a.table + 8);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
   const int64_t pw = kPanel;
-  alignas(32) float lo[MR * kPanel], hi[MR * kPanel];
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
   for (int64_t j = 0; j < groups; ++j) {
     const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
@@ -126,11 +140,17 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   }
 }
 
-void Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
+bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
+  Buffer lo(4 * kPanel), hi(4 * kPanel);
+  if (lo.data == nullptr || hi.data == nullptr) return false;
   int64_t i = 0;  // rows of x four, then two, then one at a time
-  for (; i + 4 <= a.m; i += 4) Packed4Block<4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
-  for (; i + 2 <= a.m; i += 2) Packed4Block<2>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
-  for (; i < a.m; ++i) Packed4Block<1>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1);
+  for (; i + 4 <= a.m; i += 4)
+    Packed4Block<4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+  for (; i + 2 <= a.m; i += 2)
+    Packed4Block<2>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+  for (; i < a.m; ++i)
+    Packed4Block<1>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+  return true;
 }
 
 struct Args8 {
@@ -162,10 +182,9 @@ inline void Int8AddRows(const Args8& a, const float* x, int64_t r, int64_t c0, i
 }
 
 template <int MR>
-void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1) {
+void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1, float* acc) {
   const int64_t g = a.nb == 1 ? a.k : a.block;
   const int64_t groups = a.k / g, pw = kPanel;
-  alignas(32) float acc[MR * kPanel];
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
   for (int64_t j = 0; j < groups; ++j) {
     const float* s = a.scales + (a.nb == 1 ? 0 : j) * a.n;
@@ -182,31 +201,41 @@ void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1)
   }
 }
 
-void Int8Columns(const Args8& a, int64_t n0, int64_t n1) {
+bool Int8Columns(const Args8& a, int64_t n0, int64_t n1) {
+  Buffer acc(4 * kPanel);
+  if (acc.data == nullptr) return false;
   int64_t i = 0;
-  for (; i + 4 <= a.m; i += 4) Int8Block<4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
-  for (; i + 2 <= a.m; i += 2) Int8Block<2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
-  for (; i < a.m; ++i) Int8Block<1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1);
+  for (; i + 4 <= a.m; i += 4) Int8Block<4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  for (; i + 2 <= a.m; i += 2) Int8Block<2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  for (; i < a.m; ++i) Int8Block<1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  return true;
 }
 
-// Splits the columns into `threads` ranges of whole tiles and runs `work` on each.
+// Splits the columns into `threads` ranges of whole tiles and runs `work` on each; false
+// when any range failed (`work` returns false when it cannot allocate its buffers).
 template <typename F>
-void OverColumns(int64_t n, int64_t threads, F work) {
+bool OverColumns(int64_t n, int64_t threads, F work) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   threads = std::max<int64_t>(1, std::min(threads, tiles));
-  if (threads == 1) {
-    work(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
+  if (threads == 1) return work(0, n);
   const int64_t per = (tiles + threads - 1) / threads;
+  std::vector<char> ok(threads, 1);
+  std::vector<std::thread> pool;
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t n0 = std::min(n, t * per * kTile), n1 = std::min(n, (t + 1) * per * kTile);
-    if (n0 < n1) pool.emplace_back(work, n0, n1);
+    if (n0 >= n1) continue;
+    try {
+      pool.emplace_back([&ok, &work, t, n0, n1] { ok[t] = work(n0, n1); });
+    } catch (const std::system_error&) {  // no thread to be had: do this range here
+      ok[t] = work(n0, n1);
+    }
   }
-  work(0, std::min(n, per * kTile));
+  ok[0] = work(0, std::min(n, per * kTile));
   for (auto& th : pool) th.join();
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
+
+const char kNoMemory[] = "could not allocate the kernel's partial-sum buffers";
 
 ffi::Error Packed4Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> table,
@@ -220,7 +249,9 @@ ffi::Error Packed4Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
   if (xd[1] != 2 * a.r || sd[1] != a.n || (a.nb != 1 && (a.nb * a.block != 2 * a.r ||
                                                         a.nb % 2 != 0)))
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: inconsistent shapes");
-  OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) { Packed4Columns(a, n0, n1); });
+  auto work = [&a](int64_t n0, int64_t n1) { return Packed4Columns(a, n0, n1); };
+  if (!OverColumns(a.n, threads, work))
+    return ffi::Error::Internal(std::string("qkern_packed4_gemv: ") + kNoMemory);
   return ffi::Error::Success();
 }
 
@@ -229,12 +260,15 @@ ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                     int64_t block_size, int64_t threads) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2)
-    return ffi::Error::InvalidArgument("qkern_int8_gemv: expected x[M, K], codes[K, N], scales[nb, N]");
+    return ffi::Error::InvalidArgument(
+        "qkern_int8_gemv: expected x[M, K], codes[K, N], scales[nb, N]");
   Args8 a{x.typed_data(), codes.typed_data(), scales.typed_data(), y->typed_data(),
           xd[0], cd[0], cd[1], sd[0], block_size};
   if (xd[1] != a.k || sd[1] != a.n || (a.nb != 1 && a.nb * a.block != a.k))
     return ffi::Error::InvalidArgument("qkern_int8_gemv: inconsistent shapes");
-  OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) { Int8Columns(a, n0, n1); });
+  auto work = [&a](int64_t n0, int64_t n1) { return Int8Columns(a, n0, n1); };
+  if (!OverColumns(a.n, threads, work))
+    return ffi::Error::Internal(std::string("qkern_int8_gemv: ") + kNoMemory);
   return ffi::Error::Success();
 }
 
