@@ -91,7 +91,8 @@ def test_a_write_in_this_process_reaches_functions_traced_afterwards():
     assert _scan_lengths(1) == [2]
 
 
-def test_default_space_on_cpu_tunes_block_k_and_keeps_a_valid_winner():
+def test_default_space_on_cpu_tunes_block_k_and_keeps_a_valid_winner(monkeypatch):
+    monkeypatch.setenv("QKERN_NATIVE", "0")   # the scan, not the native kernel (one config)
     calls = []
 
     def measure(fn):          # deterministic "timer": later candidates look faster

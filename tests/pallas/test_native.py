@@ -154,15 +154,17 @@ def test_disabled_by_environment(monkeypatch):
     assert_matches(jax.jit(fn)(x, op), reference_matmul(x, op))
 
 
-def test_failed_build_falls_back_to_the_scan(monkeypatch, tmp_path):
+def test_failed_build_falls_back_to_the_scan(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(_build, "_state", {})
     monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false") or "false")
     x, _, op = make_case("int8", {}, 1, 128, 40, jnp.float32)
-    assert not _native.eligible(x, op)
+    with caplog.at_level("INFO", logger="qkern"):
+        assert not _native.eligible(x, op)
     assert _native.status().startswith("unavailable:")
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "failed" in _native.status()
+        assert [r.levelname for r in caplog.records if "unavailable" in r.message] == ["WARNING"]
     assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))
 
 

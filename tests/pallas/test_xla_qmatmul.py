@@ -48,7 +48,7 @@ def test_jit_vmap_grad():
     assert_matches(ys[1], reference_matmul(2 * x, op))
     g = jax.grad(lambda x: jnp.sum(jnp.sin(qmatmul(x, op, backend="xla"))))(x)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(reference_matmul(x, op))))(x)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+    assert_matches(g, g_ref)    # relative to max |g|: y's summation order moves cos(y)
 
 
 def test_frozen_weight_gets_zero_gradient():

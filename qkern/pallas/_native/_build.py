@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -29,6 +30,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI handler symbols in qgemv.cc -> the target names qkern registers them under.
 TARGETS = {"QkernPacked4Gemv": "qkern_packed4_gemv", "QkernInt8Gemv": "qkern_int8_gemv"}
 
+_log = logging.getLogger("qkern")
 _lock = threading.Lock()
 _state: dict = {}
 _registered: set = set()   # FFI target names registered in this process
@@ -84,6 +86,7 @@ def _load():
     path = library_path(cxx)
     try:
         if not path.exists():
+            _log.info("qkern: building the native CPU kernels into %s (once per machine)", path)
             _compile(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -101,12 +104,19 @@ def _load():
 
 
 def library():
-    """The loaded library, building it on first call; None when unavailable."""
+    """The loaded library, building it on first call; None when unavailable (logged once,
+    as a warning when installing something would fix it)."""
     if _disabled():
         return None
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["why"] = _load()
+            why = _state["why"]
+            if why is not None:
+                fixable = why.startswith(("no C++ compiler", "building"))
+                _log.log(logging.WARNING if fixable else logging.INFO,
+                         "qkern: native CPU kernels unavailable (%s); small-M quantised "
+                         "matmuls run the slower XLA scan. `qkern info` shows this.", why)
     return _state["lib"]
 
 
