@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qkern
-from qkern.pallas import MatmulConfig, qmatmul, stored_operand
+from qkern.pallas import MatmulConfig, qmatmul
 from qkern.pallas._xla_qmatmul import qmatmul_t_xla, qmatmul_xla
 
 from .cases import (DTYPES, FORMAT_IDS, FORMATS, SHAPES, assert_matches, make_case,
