@@ -210,3 +210,16 @@ def test_kernel_refuses_inconsistent_shapes():
     with pytest.raises(Exception, match="inconsistent shapes"):
         jax.block_until_ready(call(x, codes, scales, jnp.zeros(16, jnp.float32),
                                    block_size=np.int64(64), threads=np.int64(1)))
+
+
+@needs_native
+def test_nested_vmap_folds_both_batches():
+    x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
+    f = jax.vmap(jax.vmap(lambda x: qmatmul(x, op, backend="xla")))
+    for outer in (2, 6):                      # 2 x 3 rows: the kernel; 6 x 3 = 18 > 16: the scan
+        xs = jnp.stack([jnp.stack([x * (i + 1) * (j + 2) for j in range(3)])
+                        for i in range(outer)])                     # [outer, 3, 1, K]
+        assert _uses_kernel(f, xs) == (outer * 3 <= _native.max_m(op))
+        want = jnp.stack([jnp.stack([reference_matmul(xs[i, j], op) for j in range(3)])
+                          for i in range(outer)])
+        assert_matches(f(xs), want)
