@@ -223,3 +223,13 @@ def test_nested_vmap_folds_both_batches():
         want = jnp.stack([jnp.stack([reference_matmul(xs[i, j], op) for j in range(3)])
                           for i in range(outer)])
         assert_matches(f(xs), want)
+
+
+def test_thread_count_is_bounded(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    wide = make_case("int8", {}, 1, 1024, 4096, jnp.float32)[2]       # 4M codes
+    assert _native._threads(wide) == 4096 // _native.MIN_COLUMNS         # 8, not 64
+    huge = make_case("int8", {}, 1, 256, 65536, jnp.float32)[2]
+    assert _native._threads(huge) == _native.MAX_THREADS
+    small = make_case("int8", {}, 1, 256, 1024, jnp.float32)[2]        # under 1M codes
+    assert _native._threads(small) == 1

@@ -71,13 +71,22 @@ def eligible(x2: jax.Array, op) -> bool:
     return not any(explicit_sharding(a) is not None or _vma(a) for a in arrays)
 
 
+# Threads per call: one per core, but each at least MIN_COLUMNS columns wide (narrower
+# slices of each code row stream badly: 256-column panels ran 1.5-2x slower than 2048 on
+# one core) and at most MAX_THREADS (a GEMV is memory bound long before that; threads
+# are started per call). Only 2 cores have been measured.
+MIN_COLUMNS = 512
+MAX_THREADS = 16
+
+
 def _threads(op) -> int:
     if op.data.size < (1 << 20):  # under ~1M codes a second thread costs more than it saves
         return 1
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, op.n // MIN_COLUMNS, MAX_THREADS))
 
 
 def _native(x2: jax.Array, op) -> jax.Array:
