@@ -233,3 +233,21 @@ def sum_like(ct: Any, primal: Any) -> Any:
     """
     extra = tuple(sorted(_vma(ct) - _vma(primal)))
     return jax.lax.psum(ct, extra) if extra else ct
+
+
+# -- lowering rules that choose by their lowering context ---------------------------------
+from jax._src.interpreters import batching as _batching  # noqa: E402
+
+not_mapped = getattr(_batching, "not_mapped", None)   # a batching rule's "no batch dim"
+
+
+def lowering_is_local(ctx: Any) -> bool:
+    """Whether a lowering rule's context is one device's plain compile: not `jax.export`
+    (whose output may only hold custom calls with compatibility guarantees) and not an
+    SPMD-partitioned program over several devices (whose partitioner would replicate an
+    opaque custom call's operands) or a `shard_map`/`pmap` body."""
+    module = ctx.module_context
+    if getattr(getattr(module, "lowering_parameters", None), "for_export", False):
+        return False
+    axis = getattr(module, "axis_context", None)
+    return type(axis).__name__ == "ShardingContext" and getattr(axis, "num_devices", 0) == 1

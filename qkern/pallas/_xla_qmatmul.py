@@ -134,7 +134,7 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None) 
     if k != op.k:
         raise ValueError(f"x has K={k} but the quantised weight has K={op.k}.")
     if _native.eligible(x, op):    # small M on CPU: the native kernel (qkern/pallas/_native)
-        y = _native.qmatmul_small_m(x, op, lambda x, op: _scan_matmul(x, op, config))
+        y = _native.qmatmul_small_m(x, op, config)
     else:
         y = _scan_matmul(x, op, config)
     return y.astype(x.dtype)

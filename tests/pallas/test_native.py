@@ -134,14 +134,18 @@ def test_under_quaxify_grad_scan_and_cond():
 
 
 @needs_native
-def test_exports_for_gpu_without_the_cpu_kernel():
-    # platform_dependent: lowering for CUDA takes the scan, so an exported function that runs
-    # the xla backend still lowers for GPUs.
+@pytest.mark.parametrize("platforms", [["cuda"], ["cpu"], ["cpu", "cuda"]])
+def test_exports_take_the_scan(platforms):
+    # An exported module may only hold custom calls with compatibility guarantees (and the
+    # kernel is CPU-only): the lowering takes the scan for jax.export, on every platform.
     x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
-    exp = jax.export.export(jax.jit(lambda x, op: qmatmul(x, op, backend="xla")),
-                            platforms=["cuda"])(x, op)
+    f = jax.jit(lambda x: qmatmul(x, op, backend="xla"))
+    assert _uses_kernel(f, x)
+    exp = jax.export.export(f, platforms=platforms)(x)
     text = exp.mlir_module()
     assert "qkern_packed4_gemv" not in text and "while" in text
+    if "cpu" in platforms:
+        assert_matches(exp.call(x), reference_matmul(x, op))
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -194,7 +198,10 @@ def test_builds_from_scratch_into_an_empty_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(_build, "_state", {})
     monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
     assert _native.status().startswith(f"available ({tmp_path / 'native'}")
-    assert list((tmp_path / "native").glob("qgemv-*.so"))
+    (lib,) = (tmp_path / "native").glob("qgemv-*.so")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lib.stat().st_mode & 0o777 == 0o755 & ~umask      # loadable by others too
     x, _, op = make_case("nf4", {}, 2, 256, 40, jnp.float32)
     assert_matches(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x), reference_matmul(x, op))
 
@@ -233,3 +240,11 @@ def test_thread_count_is_bounded(monkeypatch):
     assert _native._threads(huge) == _native.MAX_THREADS
     small = make_case("int8", {}, 1, 256, 1024, jnp.float32)[2]        # under 1M codes
     assert _native._threads(small) == 1
+
+
+def test_compiler_from_cxx_may_carry_arguments(monkeypatch):
+    env = shutil.which("env")
+    monkeypatch.setenv("CXX", "env c++ -v")
+    assert _build._compiler() == [env, "c++", "-v"]
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert _build._compiler() is None

@@ -375,6 +375,23 @@ def _():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@check("decode (M = 1) on a sharded weight: the scan, not the native kernel; equals unsharded")
+def _():
+    # The native CPU kernel is an opaque custom call: under SPMD partitioning over several
+    # devices its lowering picks the scan, so a sharded weight is not gathered whole.
+    from qkern.pallas import _native
+
+    x1 = x[:1]
+    want1 = qkern.quaxify(model)(q, x1)
+    f = jax.jit(qkern.quaxify(model))
+    assert _native.library() is None or "qkern_packed4_gemv" in f.lower(q, x1).compile().as_text()
+    qs = qkern.shard(q, mesh, SPECS)
+    hlo = f.lower(qs, x1).compile().as_text()
+    assert "qkern_packed4_gemv" not in hlo and "qkern_int8_gemv" not in hlo
+    np.testing.assert_allclose(f(qs, x1), want1, rtol=1e-5, atol=1e-5)
+    assert f(qs, x1).sharding.num_devices == 8
+
+
 if FAILED:
     print("FAILED:", "; ".join(FAILED))
     sys.exit(1)

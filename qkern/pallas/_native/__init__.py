@@ -7,24 +7,31 @@ and a blend; int8 widened and converted) and never writes a decoded weight. It c
 4-bit formats (int4, nf4, fp4, mxfp4) and the one-byte integer formats (int8 and the
 emulated int2/3/5/6/7), with per-block or per-channel scales and minmax zero points.
 
-`qmatmul_small_m(x2, op, fallback)` runs it when `eligible(x2, op)`; the library is built on
-first use (_build.py). Where it cannot run, the scan (`fallback`) does:
-- on any platform but CPU (`lax.platform_dependent` picks at lowering, so an exported
-  function still lowers for GPU or TPU);
-- under `vmap` when the weight itself is batched or the batch makes M larger than
-  `max_m(op)` (a custom batching rule folds a batch of x into M while M stays small);
-- on an Explicit mesh or inside `shard_map` (the kernel knows nothing of shardings).
+`qmatmul_small_m(x2, op, config)` runs it when `eligible(x2, op)`; the library is built on
+first use (_build.py). It is bound as a primitive whose lowering picks the kernel or the
+scan (`_xla_qmatmul._scan_matmul`):
+- the kernel only when lowering for CPU, for one device, outside `jax.export`: GPU and
+  TPU lowerings, SPMD programs over several devices (whose partitioner would gather an
+  opaque custom call's operands onto every device) and exported functions (which may only
+  hold custom calls with compatibility guarantees) get the scan;
+- under `vmap` its batching rule folds a batch of x into M while M stays within
+  `max_m(op)`; a batched weight, or a batch that makes M larger, runs the scan;
+- an Explicit mesh or `shard_map` (`eligible` is False) never binds it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 
-from ..._compat import _vma, explicit_sharding
+from ..._compat import _vma, explicit_sharding, lowering_is_local, not_mapped
+from ...formats import FORMATS, get_format
 from ._build import ENV_VAR, library, status
 
 __all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "status"]
@@ -51,6 +58,8 @@ def _table(fmt) -> np.ndarray:
 
 def _kernel_for(op) -> str | None:
     fmt = op.fmt
+    if FORMATS.get(fmt.name) is not fmt:  # the primitive carries the format by its name
+        return None
     if fmt.packed and op.data.dtype == jnp.uint8 and fmt.kind in ("int", "codebook", "mx"):
         return "qkern_packed4_gemv" if op.halves_aligned else None
     if not fmt.packed and fmt.kind == "int" and op.data.dtype == jnp.int8:
@@ -103,29 +112,90 @@ def _native(x2: jax.Array, op) -> jax.Array:
     args = (x32, op.data, op.scales.astype(jnp.float32))
     if target == "qkern_packed4_gemv":
         args += (jnp.asarray(_table(op.fmt)),)
-    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
+    y = jax.ffi.ffi_call(target, out)(*args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
         xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)
         y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
     return y
 
 
-def qmatmul_small_m(x2: jax.Array, op, fallback) -> jax.Array:
-    """x2[M, K] @ W as float32 [M, N]: the native kernel on CPU, `fallback(x2, op)` (the
-    scan, float32 [M, N]) elsewhere and for batches it does not suit."""
+# -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
+# Operands: x2, data, scales[, zeros]; params: fmt (its name), block_size, k (the
+# QOperand's static fields) and block_k (the scan's config).
+small_m_matmul_p = Primitive("qkern_small_m_matmul")
 
-    @jax.custom_batching.custom_vmap
-    def run(x2, op):
-        return jax.lax.platform_dependent(x2, op, cpu=_native, default=fallback)
 
-    @run.def_vmap
-    def _batched(axis_size, in_batched, x2, op):
-        x_b, op_b = in_batched
-        if x_b and not any(jax.tree_util.tree_leaves(op_b)) and axis_size * x2.shape[1] <= max_m(op):
-            m, k = x2.shape[1:]
-            return qmatmul_small_m(x2.reshape(-1, k), op, fallback).reshape(axis_size, m, -1), True
-        op_axes = jax.tree_util.tree_map(lambda b: 0 if b else None, op_b)
-        y = jax.vmap(fallback, in_axes=(0 if x_b else None, op_axes))(x2, op)
-        return y, True
+def _operand(data, scales, zeros, fmt, block_size, k):
+    from .._operand import QOperand
 
-    return run(x2, op)
+    return QOperand(data, scales, zeros, get_format(fmt), block_size, k)
+
+
+def _unpack(args, fmt, block_size, k):
+    x2, data, scales, *zeros = args
+    return x2, _operand(data, scales, zeros[0] if zeros else None, fmt, block_size, k)
+
+
+def _scan_fn(*args, fmt, block_size, k, block_k):
+    from .._config import MatmulConfig
+    from .._xla_qmatmul import _scan_matmul
+
+    x2, op = _unpack(args, fmt, block_size, k)
+    return _scan_matmul(x2, op, MatmulConfig(block_k=block_k))
+
+
+def _native_fn(*args, fmt, block_size, k, block_k):
+    del block_k
+    return _native(*_unpack(args, fmt, block_size, k))
+
+
+def _abstract_eval(x2, data, *_, **__):
+    return jax.core.ShapedArray((x2.shape[0], data.shape[1]), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_bind(**params):
+    return jax.jit(functools.partial(small_m_matmul_p.bind, **params))
+
+
+def _impl(*args, **params):  # eager calls: compile once per static configuration
+    return _jitted_bind(**params)(*args)
+
+
+def _lower_scan(ctx, *args, **params):
+    return mlir.lower_fun(functools.partial(_scan_fn, **params), multiple_results=False)(
+        ctx, *args)
+
+
+def _lower_cpu(ctx, *args, **params):
+    fn = _native_fn if lowering_is_local(ctx) else _scan_fn
+    return mlir.lower_fun(functools.partial(fn, **params), multiple_results=False)(ctx, *args)
+
+
+def _batch(args, dims, **params):
+    x_dim, w_dims = dims[0], dims[1:]
+    if x_dim is not not_mapped and all(d is not_mapped for d in w_dims):
+        x = jnp.moveaxis(args[0], x_dim, 0)                         # [B, M, K]
+        b, m, kk = x.shape
+        op = _operand(args[1], args[2], args[3] if len(args) > 3 else None,
+                      params["fmt"], params["block_size"], params["k"])
+        if b * m <= max_m(op):
+            y = small_m_matmul_p.bind(x.reshape(b * m, kk), *args[1:], **params)
+            return y.reshape(b, m, -1), 0
+    axes = tuple(None if d is not_mapped else d for d in dims)
+    return jax.vmap(functools.partial(_scan_fn, **params), in_axes=axes)(*args), 0
+
+
+small_m_matmul_p.def_impl(_impl)
+small_m_matmul_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(small_m_matmul_p, _lower_scan)
+mlir.register_lowering(small_m_matmul_p, _lower_cpu, platform="cpu")
+batching.primitive_batchers[small_m_matmul_p] = _batch
+
+
+def qmatmul_small_m(x2: jax.Array, op, config) -> jax.Array:
+    """x2[M, K] @ W as float32 [M, N]: the native kernel where the lowering allows it, the
+    scan with `config` elsewhere (see the module docstring). Call it when `eligible`."""
+    zeros = () if op.zeros is None else (op.zeros,)
+    return small_m_matmul_p.bind(x2, op.data, op.scales, *zeros, fmt=op.fmt.name,
+                                 block_size=op.block_size, k=op.k, block_k=config.block_k)

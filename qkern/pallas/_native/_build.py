@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,34 +41,44 @@ def _disabled() -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off")
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX")
-    return shutil.which(cxx) if cxx else (shutil.which("c++") or shutil.which("g++"))
+def _compiler() -> list[str] | None:
+    """The compiler command: `$CXX` (which may carry arguments, e.g. "ccache g++"), else
+    `c++` or `g++` on the PATH."""
+    cxx = shlex.split(os.environ.get("CXX", ""))
+    if cxx:
+        found = shutil.which(cxx[0])
+        return None if found is None else [found, *cxx[1:]]
+    found = shutil.which("c++") or shutil.which("g++")
+    return None if found is None else [found]
 
 
-def library_path(cxx: str) -> Path:
+def library_path(cxx: list[str]) -> Path:
     from ...autotune._cache import cache_dir
 
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join((cxx,) + FLAGS).encode())
+    key.update(" ".join([*cxx, *FLAGS]).encode())
     import jaxlib
 
     key.update(jaxlib.__version__.encode())
     return cache_dir() / "native" / f"qgemv-{key.hexdigest()[:16]}.so"
 
 
-def _compile(cxx: str, out: Path) -> None:
+def _compile(cxx: list[str], out: Path) -> None:
     """Compile to a temporary file beside `out`, then move it into place (concurrent
-    processes may build at once; each move is atomic)."""
+    processes may build at once; each move is atomic). The library gets the usual
+    permissions for the umask, so others sharing the cache directory can load it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, "-lpthread"]
+    cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, "-lpthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -83,12 +94,16 @@ def _load():
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler found (set $CXX or install g++/clang++)"
-    path = library_path(cxx)
     try:
+        path = library_path(cxx)
         if not path.exists():
             _log.info("qkern: building the native CPU kernels into %s (once per machine)", path)
             _compile(cxx, path)
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(path))
+        except OSError:          # a cached library this process cannot load: build it again
+            _compile(cxx, path)
+            lib = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"building {SOURCE.name} failed: {e}"
     if not lib.qkern_native_supported():

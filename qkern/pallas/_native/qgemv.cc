@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -219,14 +218,20 @@ bool OverColumns(int64_t n, int64_t threads, F work) {
   threads = std::max<int64_t>(1, std::min(threads, tiles));
   if (threads == 1) return work(0, n);
   const int64_t per = (tiles + threads - 1) / threads;
-  std::vector<char> ok(threads, 1);
+  std::vector<char> ok;
   std::vector<std::thread> pool;
+  try {
+    ok.assign(threads, 1);
+    pool.reserve(threads);  // no reallocation below, so only thread creation can throw
+  } catch (...) {
+    return false;
+  }
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t n0 = std::min(n, t * per * kTile), n1 = std::min(n, (t + 1) * per * kTile);
     if (n0 >= n1) continue;
     try {
       pool.emplace_back([&ok, &work, t, n0, n1] { ok[t] = work(n0, n1); });
-    } catch (const std::system_error&) {  // no thread to be had: do this range here
+    } catch (...) {  // no thread to be had: do this range here
       ok[t] = work(n0, n1);
     }
   }
