@@ -94,9 +94,9 @@ def _cmd_bench(args) -> int:
         layers=args.layers, width=args.width, rank=args.rank)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
-    if args.json:
-        from .pallas import _native
+    from .pallas import _native
 
+    if args.json:
         print(json.dumps({"device": str(jax.devices()[0].device_kind),
                           "jax": jax.__version__, "native_cpu_kernels": _native.status(),
                           "qmatmul": mm_rows, "trace_compile": tc_rows}, indent=2))
@@ -107,8 +107,6 @@ def _cmd_bench(args) -> int:
           f"{jax.__version__}):")
     print(qmatmul.format_table(mm_rows))
     if jax.default_backend() == "cpu":
-        from .pallas import _native
-
         print(f"(native CPU kernels for small M: {_native.status()})")
     if mm_rows and mm_rows[0]["peak_gbps"] is None:
         print("(% roofline: this device's bandwidth is not known; give it with --bandwidth "
