@@ -126,7 +126,9 @@ def scan_counts(params: dict) -> tuple[int, int]:
     if "num_consts" in params:
         return params["num_consts"], params["num_carry"]
     consts, carry, _ = params["ft_in"].unpack()
-    return len(jax.tree_util.tree_leaves(consts)), len(jax.tree_util.tree_leaves(carry))
+    # Count the FlatTree's values, not pytree leaves: its values may be placeholders
+    # (None), which `tree_leaves` would drop.
+    return len(list(consts.vals)), len(list(carry.vals))
 
 
 def eval_open_jaxpr(jaxpr, *args):
@@ -251,3 +253,54 @@ def lowering_is_local(ctx: Any) -> bool:
         return False
     axis = getattr(module, "axis_context", None)
     return type(axis).__name__ == "ShardingContext" and getattr(axis, "num_devices", 0) == 1
+
+
+# -- lowering for a device this host does not have (jax.export) ----------------------------
+# The Triton lowering asks for the target GPU's compute capability. jax 0.10 lowers for a
+# generic CUDA target on any host; jax 0.12 reads it from the device and, on a host with
+# no GPU, refuses unless an abstract GPU device is named through `use_abstract_mesh`.
+EXPORT_GPU_KIND = "NVIDIA H100 80GB HBM3"   # sm_90: the GPUs qkern's Triton kernels target
+
+
+def _target_device(platform: str):
+    """A context in which lowering for `platform` needs no such local device."""
+    if platform not in ("cuda", "rocm", "gpu"):
+        return contextlib.nullcontext()
+    sharding = jax.sharding
+    if not hasattr(sharding, "AbstractDevice") or not hasattr(sharding, "use_abstract_mesh"):
+        return contextlib.nullcontext()
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()   # a real GPU: lower for it
+    device = sharding.AbstractDevice(device_kind=EXPORT_GPU_KIND, num_cores=132,
+                                     platform="gpu")
+    return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
+
+
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
+
+def export(fn: Callable, platform: str, *args: Any) -> Any:
+    """`jax.export.export(jax.jit(fn), platforms=[platform])(*args)` from any host.
+
+    For `cuda` the Triton custom call's compatibility check is disabled (it carries no
+    export-stability guarantee, and qkern never serialises it) and, on JAX releases that
+    need one, an abstract GPU device (`EXPORT_GPU_KIND`) stands in for the absent GPU.
+    """
+    checks = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+              if platform in ("cuda", "rocm") else [])
+    with _target_device(platform):
+        return jax.export.export(jax.jit(fn), platforms=[platform],
+                                 disabled_checks=checks)(*args)
+
+
+# -- the TPU interpreter's race detector (tests) -------------------------------------------
+def tpu_races_found() -> bool:
+    """Whether the last `pallas_call` run under
+    `pltpu.InterpretParams(detect_races=True)` found a data race.
+
+    Raises AssertionError when the race detector did not run at all, so a test cannot
+    pass by not checking."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interp
+    races = getattr(interp, "races", None)
+    assert races is not None, "the TPU interpreter's race detector did not run"
+    return bool(races.races_found)

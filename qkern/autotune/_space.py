@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import math
 
+from .. import _compat
 from ..pallas._config import DECODE_M, MatmulConfig, Problem, default_config
 
 XLA_BLOCK_K = (64, 128, 256, 512, 1024, 2048)
@@ -268,16 +269,14 @@ def lowering_error(problem: Problem, op, config: MatmulConfig) -> str | None:
 
     if problem.backend == "xla":
         return None
-    platforms = ["cuda"] if problem.backend == "triton" else ["tpu"]
-    checks = ([jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-              if problem.backend == "triton" else [])
+    platform = "cuda" if problem.backend == "triton" else "tpu"
     cols = problem.n if problem.kernel == "qmatmul_t" else problem.k
     x = jax.ShapeDtypeStruct((problem.m, cols), jnp.dtype(problem.x_dtype))
     fn = functools.partial(qmatmul, backend=problem.backend, config=config, interpret=False,
                            transposed=problem.kernel == "qmatmul_t")
     try:
-        jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=checks)(x, op)
+        _compat.export(fn, platform, x, op)
     except Exception as err:  # noqa: BLE001  (any lowering failure prunes the config)
-        return f"does not lower for {platforms[0]}: {type(err).__name__}: " \
+        return f"does not lower for {platform}: {type(err).__name__}: " \
                f"{str(err).splitlines()[0][:160]}"
     return None

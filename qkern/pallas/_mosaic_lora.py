@@ -54,6 +54,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .. import _compat
 from ._config import MatmulConfig
 from ._mosaic_qmatmul import (_LANES, _VMEM_MAX, _Plan, _accumulate, _check_activation,
                               _check_operand, _compiler_params, _dequantise_tile, _dot_precision,
@@ -383,7 +384,7 @@ def main():
             want = reference(x, op, u, v, 0.5, transposed=transposed)[0]
             err = float(jnp.max(jnp.abs(y - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1.0))
             try:
-                txt = jax.export.export(jax.jit(f), platforms=["tpu"])(x, op, u, v).mlir_module()
+                txt = _compat.export(f, "tpu", x, op, u, v).mlir_module()
                 lowers = "yes" if "tpu_custom_call" in txt else "NO"
             except Exception:                          # noqa: BLE001 - reported as "NO"
                 lowers = "NO"

@@ -89,6 +89,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .. import _compat
 from ._config import DECODE_M, MatmulConfig, default_config
 from ._decode import decode_nibbles, decode_unpacked, split_nibbles
 from ._operand import QOperand, reference_dequantize
@@ -714,7 +715,7 @@ def qmatmul_t_reference(dy, op: QOperand):
 
 def _lowers_for_tpu(f, *args) -> bool:
     try:
-        txt = jax.export.export(jax.jit(f), platforms=["tpu"])(*args).mlir_module()
+        txt = _compat.export(f, "tpu", *args).mlir_module()
     except Exception:                                     # noqa: BLE001 - reported as "no"
         return False
     return "tpu_custom_call" in txt

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .. import _compat
 from ._config import DECODE_M, MatmulConfig, default_config
 from ._operand import QOperand
 from ._xla_w8a8 import check_act_scale, check_w8a8_operand, quantize_activations
@@ -364,7 +365,7 @@ def main(argv=None) -> None:
             dt = time.perf_counter() - t0
             err = float(np.max(np.abs(np.asarray(y) - want)) / max(np.max(np.abs(want)), 1.0))
             try:
-                text = jax.export.export(jax.jit(f), platforms=["tpu"])(x, op).mlir_module()
+                text = _compat.export(f, "tpu", x, op).mlir_module()
                 lowers = "yes" if "tpu_custom_call" in text else "NO"
             except Exception as e:                      # noqa: BLE001 - reported as "NO"
                 lowers = f"NO ({type(e).__name__})"

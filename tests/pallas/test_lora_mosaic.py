@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _tpu_interpret
 
+from qkern import _compat
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._mosaic_lora import lora_qmatmul_mosaic, plan_lora_mosaic
 
@@ -78,7 +78,7 @@ def test_vmap_in_shared_mode():
     for b in range(2):
         check_lora(ys[b], xus[b], xs[b], op, u, v, True)
     g = jax.vmap(lambda a: lora_qmatmul_mosaic(a, op, u, v, SCALE, cfg, transposed=True))
-    assert "tpu_custom_call" in jax.export.export(jax.jit(g), platforms=["tpu"])(xs).mlir_module()
+    assert "tpu_custom_call" in _compat.export(g, "tpu", xs).mlir_module()
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,8 +113,7 @@ def test_no_races(name, shape, cfg, transposed, shared, race_params):
     y, xu = jax.block_until_ready(lora_qmatmul_mosaic(x, op, u, v, SCALE, cfg,
                                                       transposed=transposed,
                                                       interpret=race_params))
-    assert _tpu_interpret.races is not None, "the race detector did not run"
-    assert not _tpu_interpret.races.races_found
+    assert not _compat.tpu_races_found()
     check_lora(y, xu, x, op, u, v, transposed)
 
 
@@ -147,7 +146,7 @@ def test_lowers_for_tpu(fmt, opts, kernel):
     assert lp.shared == shared and (lp.base.nk > 1) == multistep
     f = lambda x, op, u, v: lora_qmatmul_mosaic(x, op, u, v, SCALE, cfg,  # noqa: E731
                                                 transposed=transposed)
-    text = jax.export.export(jax.jit(f), platforms=["tpu"])(x, op, u, v).mlir_module()
+    text = _compat.export(f, "tpu", x, op, u, v).mlir_module()
     assert text.count("tpu_custom_call") == 1
 
 

@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from qkern import _compat
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._triton_lora import lora_qmatmul_triton
 
 from .test_lora_qmatmul import SCALE, check_lora, lora_case
 
-_NO_TRITON_CHECK = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 # fmt, opts, (M, K, N), r, dtype, config
 _CASES = [
@@ -85,9 +85,7 @@ _LOWER_FORMATS = [("int8", {}), ("int4", dict(calibration="minmax")), ("nf4", {}
 
 
 def _export_cuda(fn, *args) -> str:
-    exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                            disabled_checks=_NO_TRITON_CHECK)(*args)
-    return exp.mlir_module()
+    return _compat.export(fn, "cuda", *args).mlir_module()
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

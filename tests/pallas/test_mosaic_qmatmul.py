@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _tpu_interpret
 
+from qkern import _compat
 import qkern
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._mosaic_qmatmul import (
@@ -193,8 +193,7 @@ def test_float8_bit_decode_is_exact(dtype):
 # ---------------------------------------------------------------------------------------
 
 def _races_found() -> bool:
-    assert _tpu_interpret.races is not None, "the race detector did not run"
-    return bool(_tpu_interpret.races.races_found)
+    return _compat.tpu_races_found()
 
 
 @pytest.fixture
@@ -250,7 +249,7 @@ def test_no_races(fmt, opts, shape, cfg, kernel, race_params):
 # ---------------------------------------------------------------------------------------
 
 def _tpu_mlir(f, *args) -> str:
-    return jax.export.export(jax.jit(f), platforms=["tpu"])(*args).mlir_module()
+    return _compat.export(f, "tpu", *args).mlir_module()
 
 
 # (m, k, n): one-step K with ragged N (whole scale strip), and multi-step K tiles

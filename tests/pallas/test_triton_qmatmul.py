@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import qkern
+from qkern import _compat
 import qkern.pallas._triton_qmatmul as tq
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._operand import canonical_operand
@@ -53,7 +54,6 @@ CROSS_T = _cross(lambda i, j: (i + j) % 2 == 0)
 
 EXTRA_FORMATS = [("mxfp4", {}), ("mxfp8", {})]
 
-_NO_TRITON_CHECK = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 
 def _dy(m, n, dtype, seed=1):
@@ -194,9 +194,7 @@ KERNELS = {
 
 
 def _export_cuda(fn, *args) -> str:
-    exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                            disabled_checks=_NO_TRITON_CHECK)(*args)
-    return exp.mlir_module()
+    return _compat.export(fn, "cuda", *args).mlir_module()
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from qkern import _compat
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._triton_w8a8 import plan_triton_w8a8, w8a8_triton
 from qkern.pallas._xla_w8a8 import w8a8_reference
@@ -21,7 +22,6 @@ from .cases import assert_matches
 from .test_w8a8_cases import activation, int8_operand
 
 _ref = jax.jit(w8a8_reference)
-_NO_TRITON_CHECK = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 # (m, k, n), dtype, weight block (None: per channel), config, act_scale, expected plan
 # (bk, sub, steps, split)
@@ -71,9 +71,7 @@ def test_tiled_default_config_under_jit_and_vmap():
 
 
 def _export_cuda(fn, *args) -> str:
-    exp = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                            disabled_checks=_NO_TRITON_CHECK)(*args)
-    return exp.mlir_module()
+    return _compat.export(fn, "cuda", *args).mlir_module()
 
 
 _LOWER = {
