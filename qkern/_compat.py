@@ -107,14 +107,24 @@ def call_custom_vjp_bwd(bwd, res: list, cts: list, in_avals: list) -> list:
     return [instantiate(c, a) for c, a in zip(cts_in, in_avals)]
 
 
-def call_custom_jvp(jvp, primals: list, tangents: list) -> tuple[list, list]:
-    """Run custom_jvp's flattened jvp (primals then tangents in, outputs then tangents out)."""
-    outs = jvp.call_wrapped(*primals, *tangents)
+def call_custom_jvp(jvp, primals: list, tangents: list, *, dry_run: bool = False
+                    ) -> tuple[list, list]:
+    """Run custom_jvp's flattened jvp (primals then tangents in, outputs then tangents out).
+
+    Symbolic-zero output tangents come back as None. With `dry_run`, the jvp's output stores
+    are emptied afterwards, so that JAX, which allows either the function or its jvp to
+    have run, still sees neither (qkern runs it only to learn its output types).
+    """
+    try:
+        outs = jvp.call_wrapped(*primals, *tangents)
+    finally:
+        if dry_run:
+            for store in getattr(jvp, "stores", ()) or ():
+                if store is not None:
+                    store.reset()
     n = len(outs) // 2
     outs_p, outs_t = list(outs[:n]), list(outs[n:])
-    outs_t = [instantiate(t, jax.typeof(p)) if is_symbolic_zero(t) else t
-              for p, t in zip(outs_p, outs_t)]
-    return outs_p, outs_t
+    return outs_p, [None if is_symbolic_zero(t) else t for t in outs_t]
 
 
 def scan_counts(params: dict) -> tuple[int, int]:

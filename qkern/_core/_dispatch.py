@@ -33,10 +33,13 @@ class _Rule:
     positional: tuple[tuple[type, ...], ...]  # one tuple of accepted classes per parameter
     varargs: tuple[type, ...] | None
     precedence: int
+    required: int = 0  # positional parameters without a default
 
     def expand(self, n: int) -> tuple[tuple[type, ...], ...] | None:
         if len(self.positional) == n:
             return self.positional
+        if self.varargs is None and self.required <= n < len(self.positional):
+            return self.positional[:n]
         if self.varargs is not None and n > len(self.positional):
             return self.positional + (self.varargs,) * (n - len(self.positional))
         return None
@@ -53,6 +56,7 @@ class _Rule:
 
 def _describe_classes(classes: tuple[type, ...]) -> str:
     names = [c.__name__ if c not in (ArrayLike,) else "ArrayLike" for c in classes]
+    names = ["Any" if n == "object" else n for n in names]
     return " | ".join(names)
 
 
@@ -79,25 +83,50 @@ def trace_context() -> tuple:
     return (_generation[0], *(p() for p in _context_providers))
 
 _PLAIN_ARRAY_ANNOTATIONS = (jax.Array, np.ndarray)
+# Python scalars dispatch on their own type (a rule annotated `k: int` matches a Python int,
+# not an array); NumPy scalars likewise. Every other non-Value operand is `ArrayLike`.
+_SCALAR_TYPES = (bool, int, float, complex, np.generic)
 
 
-def _annotation_classes(annotation: Any, where: str) -> tuple[type, ...]:
-    if annotation is typing.Any or annotation is object:
+def _annotation_classes(annotation: Any, where: str, written: Any = None) -> tuple[type, ...]:
+    """The classes an annotation accepts. `written` is the annotation as the user wrote it
+    (a Union being expanded), named in the error."""
+    written = annotation if written is None else written
+    if annotation is typing.Any or annotation is object or annotation is inspect.Parameter.empty:
         return (object,)
     origin = typing.get_origin(annotation)
     if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         out: list[type] = []
         for arg in typing.get_args(annotation):
-            out.extend(_annotation_classes(arg, where))
+            out.extend(_annotation_classes(arg, where, written))
+        if ArrayLike in out:  # ArrayLike covers every array and scalar member
+            out = [c for c in out if c is ArrayLike or not _is_plain_class(c)]
         return tuple(dict.fromkeys(out))
     if annotation is ArrayLike or annotation in _PLAIN_ARRAY_ANNOTATIONS:
         return (ArrayLike,)
     if isinstance(annotation, type) and issubclass(annotation, Value):
         return (annotation,)
+    if isinstance(annotation, type) and issubclass(annotation, _SCALAR_TYPES):
+        return (annotation,)
+    if annotation is None or annotation is type(None):
+        return (type(None),)
     raise TypeError(
-        f"qkern.register: {where} is annotated {annotation!r}; dispatch annotations must be "
-        "Value subclasses, qkern.ArrayLike, object, or a Union of these."
+        f"qkern.register: {where} is annotated {_annotation_name(written)}; dispatch "
+        "annotations must be Value subclasses, qkern.ArrayLike (or jax.Array, np.ndarray, "
+        "jaxtyping.ArrayLike), Python or NumPy scalar types (int, float, bool, complex, "
+        "np.number), object, or a Union of these. Leave an operand unannotated to accept "
+        "any type."
     )
+
+
+def _is_plain_class(c: type) -> bool:
+    return c is ArrayLike or (isinstance(c, type) and issubclass(c, _SCALAR_TYPES))
+
+
+def _annotation_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return f"{annotation.__module__}.{annotation.__qualname__}".replace("builtins.", "")
+    return repr(annotation)
 
 
 def _parse_rule(fn: Callable, precedence: int) -> _Rule:
@@ -114,22 +143,20 @@ def _parse_rule(fn: Callable, precedence: int) -> _Rule:
         raise TypeError(f"qkern.register: cannot resolve the annotations of {name}: {e}") from None
 
     positional: list[tuple[type, ...]] = []
+    required = 0
     varargs = None
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            if p.name not in hints:
-                raise TypeError(
-                    f"qkern.register: parameter {p.name!r} of {name} has no annotation; "
-                    "annotate every operand with a Value subclass or qkern.ArrayLike."
-                )
-            positional.append(_annotation_classes(hints[p.name], f"parameter {p.name!r} of {name}"))
+            # Unannotated operands accept any type, as in Quax. A parameter with a default
+            # is an optional operand: a primitive parameter of that name (`top_k_p`'s `k`)
+            # arrives by keyword when fewer operands are passed.
+            ann = hints.get(p.name, inspect.Parameter.empty)
+            positional.append(_annotation_classes(ann, f"parameter {p.name!r} of {name}"))
+            if p.default is p.empty:
+                required = len(positional)
         elif p.kind is p.VAR_POSITIONAL:
-            if p.name not in hints:
-                raise TypeError(
-                    f"qkern.register: *{p.name} of {name} has no annotation; annotate it "
-                    "(for example `*args: qkern.ArrayLike | MyArray`)."
-                )
-            varargs = _annotation_classes(hints[p.name], f"*{p.name} of {name}")
+            ann = hints.get(p.name, inspect.Parameter.empty)
+            varargs = _annotation_classes(ann, f"*{p.name} of {name}")
         elif p.kind is p.KEYWORD_ONLY:
             ann = hints.get(p.name)
             if ann is not None and _looks_like_operand(ann):
@@ -143,7 +170,7 @@ def _parse_rule(fn: Callable, precedence: int) -> _Rule:
             f"qkern.register: {name} has no positional parameters to dispatch on; "
             "declare the primitive's operands as annotated positional parameters."
         )
-    return _Rule(fn, tuple(positional), varargs, int(precedence))
+    return _Rule(fn, tuple(positional), varargs, int(precedence), required)
 
 
 def _looks_like_operand(annotation: Any) -> bool:
@@ -185,8 +212,10 @@ def register(primitive: Any, *, precedence: int = 0) -> Callable[[Callable], Cal
 def _class_matches(t: type, c: type) -> bool:
     if c is object:
         return True
-    if t is ArrayLike or c is ArrayLike:
-        return t is c
+    if c is ArrayLike:
+        return t is ArrayLike or issubclass(t, _SCALAR_TYPES)
+    if t is ArrayLike:
+        return False
     return issubclass(t, c)
 
 
@@ -235,7 +264,8 @@ def resolve(primitive: Any, arg_types: tuple[type, ...]) -> _Rule | None:
 
 
 def arg_types(values) -> tuple[type, ...]:
-    return tuple(type(v) if isinstance(v, Value) else ArrayLike for v in values)
+    return tuple(type(v) if isinstance(v, (Value, *_SCALAR_TYPES)) else ArrayLike
+                 for v in values)
 
 
 def has_rule(primitive: Any) -> bool:

@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from .. import _compat
 from ._dispatch import materialise_checked, trace_context
@@ -31,8 +32,31 @@ def _is_value(x):
     return isinstance(x, Value)
 
 
+def _as_array(value: Any) -> Any:
+    """A Value that must become a plain array inside a loop or branch, materialised.
+
+    A type that refuses to materialise (Quax's `Unitful` does) but holds its array as its
+    one leaf, with the Value's own shape and dtype, gives that leaf: what the rules
+    returned, as Quax's trace would use it. Anything else raises a TypeError naming it.
+    """
+    if not isinstance(value, Value):
+        return value
+    try:
+        return materialise_checked(value)
+    except Exception as err:  # noqa: BLE001 - refusing types are retried below
+        leaves = jax.tree_util.tree_leaves(value)
+        aval = value.aval()
+        if len(leaves) == 1 and jax.numpy.shape(leaves[0]) == tuple(aval.shape) \
+                and jax.numpy.result_type(leaves[0]) == aval.dtype:
+            return leaves[0]
+        raise TypeError(
+            f"qkern: a {type(value).__name__} must become a plain array here (a loop "
+            f"carry whose type changes, a loop condition, or a branch output), but it "
+            f"could not be materialised ({type(err).__name__}: {err}).") from err
+
+
 def _materialise_all(xs):
-    return [materialise_checked(x) if isinstance(x, Value) else x for x in xs]
+    return [_as_array(x) for x in xs]
 
 
 def _structure(xs) -> list:
@@ -117,8 +141,7 @@ def _settle_carry(primitive, body, carry: list) -> tuple[list, set]:
     """
     forced: set = set()
     for _ in range(len(carry) + 1):
-        init = [materialise_checked(c) if i in forced and isinstance(c, Value) else c
-                for i, c in enumerate(carry)]
+        init = _materialise_at(carry, forced)
         out = jax.eval_shape(lambda c: body(c, forced), init)
         bad = {i for i, (a, b, x, y) in enumerate(zip(_structure(init), _structure(out), init, out))
                if a != b and (isinstance(x, Value) or isinstance(y, Value))}
@@ -134,25 +157,54 @@ def _settle_carry(primitive, body, carry: list) -> tuple[list, set]:
 
 
 def _materialise_at(xs, positions):
-    return [materialise_checked(x) if i in positions and isinstance(x, Value) else x
-            for i, x in enumerate(xs)]
+    return [_as_array(x) if i in positions else x for i, x in enumerate(xs)]
+
+
+def _predicate(pred):
+    """A while loop's predicate as the loop needs it: a plain boolean array (see
+    `_as_array` for a Value predicate)."""
+    return _as_array(pred)
 
 
 def _while(values, params):
+    """`while_p` bound directly (not the public `lax.while_loop`) on the leaves of the
+    carried Values, with cond and body traced under fresh dispatch traces: JAX's own
+    batching rule produces batched (non-scalar) predicates that only the primitive accepts.
+    """
     nc, nb = params["cond_nconsts"], params["body_nconsts"]
     cconsts, bconsts, carry = values[:nc], values[nc:nc + nb], list(values[nc + nb:])
     cond_fn = _compat.jaxpr_as_fun(params["cond_jaxpr"])
     body_fn = _compat.jaxpr_as_fun(params["body_jaxpr"])
 
-    def body(c, forced):
-        return _materialise_at(run_with_values(body_fn, [*bconsts, *c]), forced)
-
-    def cond(c):
-        (pred,) = run_with_values(cond_fn, [*cconsts, *c])
-        return materialise_checked(pred) if isinstance(pred, Value) else pred
+    def body(c, forced, consts=bconsts):
+        return _materialise_at(run_with_values(body_fn, [*consts, *c]), forced)
 
     init, forced = _settle_carry(_compat.while_p, body, carry)
-    return list(jax.lax.while_loop(cond, lambda c: body(c, forced), init))
+    c_leaves, c_tree = _flatten(list(cconsts))
+    b_leaves, b_tree = _flatten(list(bconsts))
+    i_leaves, i_tree = _flatten(init)
+
+    def cond_leaves(*leaves):
+        consts = _unflatten(c_tree, leaves[:len(c_leaves)])
+        c = _unflatten(i_tree, leaves[len(c_leaves):])
+        (pred,) = run_with_values(cond_fn, [*consts, *c])
+        return _predicate(pred)
+
+    def body_leaves(*leaves):
+        consts = _unflatten(b_tree, leaves[:len(b_leaves)])
+        c = _unflatten(i_tree, leaves[len(b_leaves):])
+        out_leaves, out_tree = _flatten(body(c, forced, consts))
+        if out_tree != i_tree:  # _settle_carry guarantees this; never a silent mismatch
+            raise TypeError(f"qkern: while_loop body changed the carry's structure from "
+                            f"{i_tree} to {out_tree}.")
+        return out_leaves
+
+    cond_jaxpr = jax.make_jaxpr(cond_leaves)(*c_leaves, *i_leaves)
+    body_jaxpr = jax.make_jaxpr(body_leaves)(*b_leaves, *i_leaves)
+    outs = _compat.while_p.bind(*c_leaves, *b_leaves, *i_leaves,
+                                cond_nconsts=len(c_leaves), cond_jaxpr=cond_jaxpr,
+                                body_nconsts=len(b_leaves), body_jaxpr=body_jaxpr)
+    return list(_unflatten(i_tree, outs))
 
 
 def _scan_slices(x: Value, length: int) -> bool:
@@ -223,39 +275,183 @@ def _dense_tangent(value: Any, leaves: list, tangent_leaves: list) -> Any:
     return t
 
 
+def _input_tangent(value: Any, leaves: list, tangent_leaves: list) -> Any:
+    """The tangent a custom_jvp rule sees for an operand given its leaves' tangents.
+
+    For a plain array, its tangent. For a Value, the tangent of its materialised array;
+    for a type that refuses to materialise, a Value of the same type built from the
+    tangents of its leaves (Quax's convention, exact for types linear in their leaves).
+    """
+    if not isinstance(value, Value):
+        return tangent_leaves[0]
+    try:
+        return _dense_tangent(value, leaves, tangent_leaves)
+    except Exception:  # noqa: BLE001 - a type that will not materialise
+        tree = jax.tree_util.tree_structure(value)
+        return _unflatten(tree, [_compat.instantiate(t, jax.typeof(l))
+                                 for l, t in zip(leaves, tangent_leaves)])
+
+
+def _is_int_leaf(x) -> bool:
+    return not jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)
+
+
+def _shape(x) -> tuple:
+    return tuple(getattr(x, "shape", None) or np.shape(x))
+
+
+def _identity_leaf(primal: Value) -> int | None:
+    """The index of the leaf that `primal.materialise()` returns unchanged, if it does (a
+    wrapper type whose materialised array is its field), else None. Read off the jaxpr of
+    `materialise`: no equations, and the output is one of the inputs."""
+    leaves, tree = _flatten(primal)
+    try:
+        closed = jax.make_jaxpr(lambda *ls: materialise_checked(_unflatten(tree, ls)))(*leaves)
+    except Exception:  # noqa: BLE001 - a type that will not materialise
+        return None
+    jaxpr = closed.jaxpr
+    if jaxpr.eqns or len(jaxpr.outvars) != 1 or jaxpr.outvars[0] not in jaxpr.invars:
+        return None
+    return jaxpr.invars.index(jaxpr.outvars[0])
+
+
+def _carriable(primal: Value, tangent: Any) -> bool:
+    """Whether the tangent `tangent` (None: zero) of the Value output `primal` can be
+    carried on `primal`'s leaves: a Value of the same structure, a zero, any tangent of an
+    integer Value (it has none), or a plain array when `materialise` returns one leaf as it
+    is. Works on the abstract values of `jax.eval_shape` too."""
+    p_leaves, p_tree = _flatten(primal)
+    if tangent is None or all(_is_int_leaf(l) for l in p_leaves):
+        return True
+    if not isinstance(tangent, Value):
+        return _identity_leaf(primal) is not None
+    t_leaves, t_tree = _flatten(tangent)
+    return t_tree == p_tree and all(_shape(t) == _shape(l) for t, l in zip(t_leaves, p_leaves))
+
+
+def _tangent_leaves(primal: Value, tangent: Any) -> list:
+    """The tangents of `primal`'s leaves for a tangent that `_carriable` accepts."""
+    p_leaves = jax.tree_util.tree_leaves(primal)
+    zeros = lambda l: (np.zeros(jax.numpy.shape(l), jax.dtypes.float0) if _is_int_leaf(l)
+                       else jax.numpy.zeros_like(l))
+    if tangent is None or all(_is_int_leaf(l) for l in p_leaves):
+        return [zeros(l) for l in p_leaves]
+    if isinstance(tangent, Value):
+        t_leaves = jax.tree_util.tree_leaves(tangent)
+    else:
+        i = _identity_leaf(primal)
+        t_leaves = [tangent if j == i else zeros(l) for j, l in enumerate(p_leaves)]
+    return [zeros(l) if _is_int_leaf(l) or getattr(t, "dtype", None) == jax.dtypes.float0 else
+            jax.numpy.asarray(t).astype(jax.numpy.result_type(l))
+            for l, t in zip(p_leaves, t_leaves)]
+
+
 def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
     """A custom_jvp call under a dispatch trace, rebound at the parent level.
 
     Value operands are flattened into their leaves. `fun` and `jvp` run under fresh
     dispatch traces that share the calling trace's `tag`, so Values they close over (tracers
-    of the calling trace) are recognised too. Outputs are materialised: JAX fixes the custom
-    function's output types from its primal function, and a Value there could not be
-    matched by the tangents.
+    of the calling trace) are recognised too.
+
+    An output that the rules give as a Value keeps its type (as in Quax: `jnp.logaddexp`
+    of a custom type stays that type) whenever the JVP rule's tangent for it is a Value of
+    the same structure, so that it can be carried leaf by leaf; an output whose tangent is
+    a plain array is materialised, since JAX fixes each output's type from the function
+    and the tangents must match it. Without differentiation the JVP rule is only traced
+    abstractly to learn this.
     """
     leaves, in_tree = _flatten(values)
     run_same_tag = functools.partial(run_with_values, tag=tag)
+    out_box: list = []   # (keep, treedefs) of the last trace of `call` or `call_jvp`
 
-    @jax.custom_jvp
-    def call(*leaves):
-        return _materialise_all(run_same_tag(fun.call_wrapped, _unflatten(in_tree, leaves)))
-
-    @call.defjvp
-    def call_jvp(primal_leaves, tangent_leaves):
+    def tangents_for(primal_leaves, tangent_leaves):
         vals = _unflatten(in_tree, list(primal_leaves))
         tans, i = [], 0
         for v in vals:
             n = len(jax.tree_util.tree_leaves(v))
-            ls, ts = list(primal_leaves[i:i + n]), list(tangent_leaves[i:i + n])
-            tans.append(_dense_tangent(v, ls, ts) if isinstance(v, Value) else ts[0])
+            tans.append(_input_tangent(v, list(primal_leaves[i:i + n]),
+                                       list(tangent_leaves[i:i + n])))
             i += n
+        return vals, tans
 
-        def run(*vs):
-            return _compat.call_custom_jvp(jvp, list(vs), tans)
+    def run_jvp(primal_leaves, tangent_leaves, dry_run=False):
+        vals, tans = tangents_for(primal_leaves, tangent_leaves)
+        n = len(vals)
+        # Tangents enter the dispatch trace too: a refusing type's tangent is a Value.
+        return run_same_tag(
+            lambda *vt: _compat.call_custom_jvp(jvp, list(vt[:n]), list(vt[n:]),
+                                                dry_run=dry_run), [*vals, *tans])
 
-        outs_p, outs_t = run_same_tag(run, vals)
-        return _materialise_all(outs_p), _materialise_all(outs_t)
+    def kept(outs_p, outs_t) -> list[bool]:
+        return [isinstance(p, Value) and _carriable(p, t) for p, t in zip(outs_p, outs_t)]
 
-    return list(call(*leaves))
+    def flat_outputs(outs, keep) -> list:
+        flat, trees = [], []
+        for o, k in zip(outs, keep):
+            if k:
+                ls, tree = _flatten(o)
+                flat.extend(ls)
+                trees.append(tree)
+            else:
+                flat.append(materialise_checked(o) if isinstance(o, Value) else o)
+                trees.append(None)
+        out_box[:] = [(list(keep), trees)]
+        return flat
+
+    @jax.custom_jvp
+    def call(*leaves):
+        outs = run_same_tag(fun.call_wrapped, _unflatten(in_tree, leaves))
+        keep = [isinstance(o, Value) for o in outs]
+        # A JVP rule may call its own function (jnp.logaddexp's does): while one probe runs,
+        # nested calls keep their Values without probing again.
+        if any(keep) and not _probing:
+            _probing.append(True)
+            try:
+                probe_p, probe_t = jax.eval_shape(
+                    lambda ls: run_jvp(ls, _zero_tangents(ls), dry_run=True), list(leaves))
+                keep = kept(probe_p, probe_t)
+            except Exception:  # noqa: BLE001 - no usable JVP rule here: keep the types
+                pass
+            finally:
+                _probing.pop()
+        return flat_outputs(outs, keep)
+
+    @call.defjvp
+    def call_jvp(primal_leaves, tangent_leaves):
+        outs_p, outs_t = run_jvp(primal_leaves, tangent_leaves)
+        keep = kept(outs_p, outs_t)
+        flat_p = flat_outputs(outs_p, keep)
+        flat_t = []
+        for p, t, k in zip(outs_p, outs_t, keep):
+            if k:
+                flat_t.extend(_tangent_leaves(p, t))
+            else:
+                dense_p = materialise_checked(p) if isinstance(p, Value) else p
+                if t is None:
+                    t = jax.numpy.zeros_like(dense_p)
+                flat_t.append(materialise_checked(t) if isinstance(t, Value) else t)
+        return flat_p, flat_t
+
+    out_leaves = list(call(*leaves))
+    (keep, trees), = out_box
+    outs, i = [], 0
+    for k, tree in zip(keep, trees):
+        if k:
+            n = tree.num_leaves
+            outs.append(_unflatten(tree, out_leaves[i:i + n]))
+            i += n
+        else:
+            outs.append(out_leaves[i])
+            i += 1
+    return outs
+
+
+_probing: list = []   # non-empty while a custom_jvp's JVP rule is traced to learn its types
+
+
+def _zero_tangents(leaves):
+    return [np.zeros(jax.numpy.shape(l), jax.dtypes.float0) if _is_int_leaf(l)
+            else jax.numpy.zeros_like(l) for l in leaves]
 
 
 def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:

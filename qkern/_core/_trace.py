@@ -22,7 +22,12 @@ class _QTracer(_compat.Tracer):
     __slots__ = ("value",)
 
     def __init__(self, trace: "_QTrace", value: Value):
-        super().__init__(trace, value_aval(value))
+        # `aval()` may apply JAX operations to the Value's fields (`lax.stop_gradient`, say):
+        # run it where those fields live, under the parent trace. JAX calls
+        # `process_primitive` with the plain evaluation trace current.
+        with _compat.set_current_trace(trace.parent_trace):
+            aval = value_aval(value)
+        super().__init__(trace, aval)
         self.value = value
 
     def full_lower(self):
@@ -48,7 +53,12 @@ class _QTrace(_compat.Trace):
         return _QTracer(self, x) if isinstance(x, Value) else x
 
     def stage_value(self, val):
-        return val
+        # `jnp.asarray(1)` and friends lift a literal into the current trace: ours holds no
+        # array of its own, so the parent stages it (as JAX's batching trace does).
+        if isinstance(val, _QTracer) and val._trace.tag is self.tag:
+            return val
+        with _compat.set_current_trace(self.parent_trace):
+            return self.parent_trace.stage_value(val)
 
     # -- primitives -------------------------------------------------------------------
     def process_primitive(self, primitive, tracers, params):
@@ -74,7 +84,8 @@ class _QTrace(_compat.Trace):
         from ._hops import custom_jvp_with_values
         values = [self.to_value(t) for t in tracers]
         with _compat.set_current_trace(self.parent_trace):
-            return custom_jvp_with_values(fun, jvp, values, self.tag)
+            outs = custom_jvp_with_values(fun, jvp, values, self.tag)
+        return [self.wrap(o) for o in outs]
 
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):

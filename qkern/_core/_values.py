@@ -49,10 +49,16 @@ class _AvalAttribute:
         return getattr(obj.aval(), self.name)
 
 
+def _is_static(field: dataclasses.Field) -> bool:
+    # `qkern.static_field()`, or Equinox's `eqx.field(static=True)` (metadata "static"),
+    # which Quax users write on their Values.
+    return bool(field.metadata.get(_STATIC, False) or field.metadata.get("static", False))
+
+
 def _make_pytree(cls: type) -> None:
     fields = dataclasses.fields(cls)
-    children = tuple(f.name for f in fields if not f.metadata.get(_STATIC, False))
-    static = tuple(f.name for f in fields if f.metadata.get(_STATIC, False))
+    children = tuple(f.name for f in fields if not _is_static(f))
+    static = tuple(f.name for f in fields if _is_static(f))
     child_keys = tuple(jax.tree_util.GetAttrKey(n) for n in children)
 
     def flatten_with_keys(obj):

@@ -5,6 +5,7 @@ Every test defines fresh Value types, so the rules it registers (which are globa
 match anything in another test.
 """
 
+import re
 import typing
 
 import jax
@@ -313,18 +314,28 @@ def test_positional_then_varargs_is_more_specific_than_varargs_alone():
 
 
 # -- bad rules at registration ---------------------------------------------------------
-def test_rule_without_annotations_is_a_type_error():
-    with pytest.raises(TypeError, match="'x'"):
-        @qkern.register(jax.lax.sin_p)
-        def _(x, **params):
-            return x
+def test_unannotated_operand_accepts_any_type():
+    # As in Quax: an operand without an annotation matches every type (least specific).
+    Base, _, _ = family()
+
+    @qkern.register(jax.lax.add_p)
+    def rule(x: Base, y, **params):
+        return jnp.full(x.shape, 7.0)
+
+    f = qkern.quaxify(lambda a, b: a + b)
+    assert float(f(Base(X), X)[0]) == 7.0
+    assert float(f(Base(X), Base(X))[0]) == 7.0
 
 
-def test_rule_with_unannotated_varargs_is_a_type_error():
-    with pytest.raises(TypeError):
-        @qkern.register(jax.lax.concatenate_p)
-        def _(*args, **params):
-            return args
+def test_unannotated_varargs_accept_any_type():
+    Base, _, _ = family()
+
+    @qkern.register(jax.lax.concatenate_p)
+    def rule(x: Base, *rest, dimension, **params):
+        return jnp.full((x.shape[0] + sum(a.shape[0] for a in rest),), 4.0)
+
+    f = qkern.quaxify(lambda *xs: jax.lax.concatenate(xs, 0))
+    assert float(f(Base(X), X)[0]) == 4.0
 
 
 def test_rule_with_only_keyword_parameters_is_a_type_error():
@@ -346,11 +357,15 @@ def test_keyword_only_operand_is_a_type_error():
             return x
 
 
-def test_unsupported_annotation_is_a_type_error():
-    with pytest.raises(TypeError):
-        @qkern.register(jax.lax.sin_p)
-        def _(x: int, **params):
-            return x
+@pytest.mark.parametrize("annotation,written", [
+    (str, "str"), (list[int], "list[int]"), (int | str, "int | str"),
+])
+def test_unsupported_annotation_is_a_type_error_naming_it(annotation, written):
+    def rule(x, **params):
+        return x
+    rule.__annotations__ = {"x": annotation}
+    with pytest.raises(TypeError, match=r"annotated " + re.escape(written) + ";"):
+        qkern.register(jax.lax.sin_p)(rule)
 
 
 @pytest.mark.parametrize("not_a_primitive", [
