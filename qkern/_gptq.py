@@ -28,7 +28,7 @@ import numpy as np
 
 from .formats import get_format, parse_calibration, quantize_array
 from .formats._packing import pack_halves
-from .formats._quantize import dequantize_scales, make_layout
+from .formats._quantize import dequantize_scales, make_layout, round_to_float
 
 _CHUNK = 128          # rows per lazy batch update (the paper's B)
 
@@ -278,7 +278,7 @@ def _round(w, scale, zero, fmt):
         c = c.astype(jnp.float32)
     else:  # float and mx elements
         y = jnp.where(scale > 0, y, 0.0)
-        c = jnp.clip(y, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype).astype(jnp.float32)
+        c = round_to_float(y, fmt.float_dtype).astype(jnp.float32)
         v = c
     return c, v * scale
 

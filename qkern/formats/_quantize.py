@@ -194,10 +194,10 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         emax = math.floor(math.log2(fmt.value_max))
         exp = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
         exp = jnp.where(amax > 0, jnp.clip(exp, -127, 127), -127)
-        scale_b = jnp.exp2(exp)
+        scale_b = _pow2(exp)
         # amax == 0 gives scale 2^-127, which may flush to zero: keep such blocks at 0.
         y = jnp.where(amax > 0, xb / jnp.where(amax > 0, scale_b, 1.0), 0.0)
-        codes = jnp.clip(y, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
+        codes = round_to_float(y, fmt.float_dtype)
         scales = _to_scale_shape((exp + 127).astype(jnp.uint8), layout)
     else:
         if asymmetric:
@@ -238,7 +238,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         elif fmt.kind == "codebook":
             codes = nearest_code(y, fmt.codebook)
         else:  # float
-            codes = jnp.clip(y, -fmt.value_max, fmt.value_max).astype(fmt.float_dtype)
+            codes = round_to_float(y, fmt.float_dtype)
         scales = _to_scale_shape(scale_b.astype(scale_dtype or jnp.float32), layout)
 
     codes = codes.reshape(x.shape)
@@ -299,9 +299,36 @@ def _double_quantize(scales: jnp.ndarray):
     return codes.reshape(-1)[:n].reshape(scales.shape), dq_scale, offset
 
 
+def round_to_float(y, float_dtype) -> jnp.ndarray:
+    """`y` (float32) rounded to the nearest value of `float_dtype` (fp8/fp4 elements), ties
+    to even, clipped to its largest finite value; returned in `float_dtype`.
+
+    Rounds explicitly (frexp, a power-of-two spacing, round-half-even) rather than leaving
+    it to XLA's conversion: inside some fusions XLA's CPU backend converts float32 to fp4
+    through a wider float, rounding twice (3.4995 -> 3.5 -> 4.0 in e2m1).
+    """
+    info = jnp.finfo(float_dtype)
+    mant = int(info.nmant)
+    emin = int(info.minexp)                       # exponent of the smallest normal
+    vmax = float(info.max)
+    y = jnp.clip(y.astype(jnp.float32), -vmax, vmax)
+    a = jnp.abs(y)
+    _, e = jnp.frexp(a)                           # a = m * 2**e, m in [0.5, 1): exact
+    e = jnp.maximum(e - 1, emin)                  # subnormals share the smallest spacing
+    spacing = _pow2(e - mant)
+    q = jnp.minimum(jnp.round(a / spacing) * spacing, vmax)
+    return jnp.where(y < 0, -q, q).astype(float_dtype)
+
+
+def _pow2(exp) -> jnp.ndarray:
+    """2**exp in float32, exact. (`jnp.exp2` on XLA's CPU backend is not: 2**13 comes back
+    as 8192.0005, which moved MX codes at rounding ties and every MX scale by ~1e-6.)"""
+    return jnp.ldexp(jnp.float32(1.0), jnp.asarray(exp).astype(jnp.int32))
+
+
 def dequantize_scales(scales, dq_scale, dq_offset, fmt: Format) -> jnp.ndarray:
     if fmt.kind == "mx":
-        return jnp.exp2(scales.astype(jnp.float32) - 127.0)
+        return _pow2(scales.astype(jnp.int32) - 127)
     if dq_scale is None:
         return scales.astype(jnp.float32)
     n = int(np.prod(scales.shape))
