@@ -314,3 +314,15 @@ def tpu_races_found() -> bool:
     races = getattr(interp, "races", None)
     assert races is not None, "the TPU interpreter's race detector did not run"
     return bool(races.races_found)
+
+
+def race_detecting_interpret_params(**kwargs: Any) -> Any:
+    """`pltpu.InterpretParams(detect_races=True, **kwargs)` that records races rather than
+    raising on the first (jax 0.12 raises by default; `tpu_races_found` reads the record)."""
+    import dataclasses
+
+    from jax.experimental.pallas import tpu as pltpu
+    fields = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
+    if "on_race" in fields:
+        kwargs.setdefault("on_race", "warn")
+    return pltpu.InterpretParams(detect_races=True, **kwargs)

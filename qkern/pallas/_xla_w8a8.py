@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compat import explicit_sharding
 from ._config import MatmulConfig, default_config
 from ._operand import QOperand
 from ._xla_qmatmul import _chunk_rows, chunk_target, dot, product_sharding, zero_acc
@@ -153,6 +154,7 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
 
     xs = (xq.reshape(m, c, g, b).transpose(1, 2, 0, 3), op.data.reshape(c, g, b, n),
           op.scales.reshape(c, g, n))
+    xs = (_batch_sharded_like(xs[0], xs[1]), *xs[1:])
     sharding = product_sharding(xs[0], xs[1])     # Explicit mesh: sum sharded blocks
     kw = {} if sharding is None else {"out_sharding": sharding}
 
@@ -164,6 +166,27 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
 
     acc, _ = jax.lax.scan(body, zero_acc(xs[0], xs[1]), xs)
     return acc
+
+
+def _batch_sharded_like(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a` [C, G, ...] resharded so that its block axis G is sharded like `b`'s, on an
+    Explicit mesh (a batched dot_general needs both batch axes sharded alike; jax 0.12
+    refuses otherwise). Unchanged elsewhere."""
+    sb = explicit_sharding(b)
+    if sb is None:
+        return a
+    pad = lambda spec, nd: list(tuple(spec) + (None,) * (nd - len(tuple(spec))))
+    want = pad(sb.spec, b.ndim)[1]
+    sa = explicit_sharding(a)
+    spec = pad(sa.spec, a.ndim) if sa is not None else [None] * a.ndim
+    if spec[1] == want:
+        return a
+    names = set(want) if isinstance(want, tuple) else {want}
+    spec = [None if (e in names or (isinstance(e, tuple) and names & set(e))) else e
+            for e in spec]
+    spec[1] = want
+    return jax.sharding.reshard(a, jax.sharding.NamedSharding(sb.mesh,
+                                                              jax.sharding.PartitionSpec(*spec)))
 
 
 def w8a8_reference(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None

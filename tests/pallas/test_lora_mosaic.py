@@ -88,7 +88,7 @@ def test_vmap_in_shared_mode():
 @pytest.fixture
 def race_params():
     pltpu.reset_tpu_interpret_mode_state()
-    yield pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    yield _compat.race_detecting_interpret_params(num_cores_or_threads=2)
     pltpu.reset_tpu_interpret_mode_state()
 
 
