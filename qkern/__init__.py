@@ -6,6 +6,7 @@
 See docs/ for the guides. Everything not re-exported here is private.
 """
 
+from ._version import __version__
 from ._core import (
     AmbiguousRuleError,
     ArrayLike,
@@ -28,7 +29,6 @@ from .lora import loraify
 from .pallas import backend
 from . import autotune  # a package you can call: qkern.autotune(...) runs autotune.autotune
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Value",

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._paths import path_str
+from ._version import __version__
 from .formats import Layout
 from .types.qarray import QArray
 
@@ -162,7 +163,6 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         structure = _structure(tree, list(range(len(entries))))
     except _Opaque:
         structure = None
-    from . import __version__
     header = {"format": FORMAT, "version": VERSION, "qkern": __version__,
               "structure": structure, "leaves": entries}
     st.save_file(tensors, os.fspath(path), metadata={"qkern": json.dumps(header)})
@@ -196,8 +196,7 @@ def load(path: str | os.PathLike, *, like: Any = None) -> Any:
         raise CheckpointError(f"{path}: unreadable qkern metadata ({e}).") from None
     version = header.get("version")
     if header.get("format") != FORMAT or version not in _READS:
-        from . import __version__
-        raise CheckpointError(
+            raise CheckpointError(
             f"{path}: qkern checkpoint format version {version!r} (written by qkern "
             f"{header.get('qkern', '?')}); this qkern {__version__} reads version(s) "
             f"{', '.join(map(str, _READS))}. Load it with a matching qkern, or re-save it.")

@@ -123,7 +123,7 @@ class _Job:
     perm: tuple | None = None     # (1, 0) for an [N, K] weight, stored as [K, N]
 
 
-def _prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_dtype=None,
+def prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_dtype=None,
              double_quant=False, act_fmt=None) -> _Job:
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -152,7 +152,7 @@ def _prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale
     return _Job(wk, h, layout, np.dtype(w.dtype), act_fmt, key, perm)
 
 
-def _run(jobs: list[_Job], damp: float, act_order: bool) -> list:
+def run(jobs: list[_Job], damp: float, act_order: bool) -> list:
     """QArrays for `jobs` (or the FloatingPointError of a job whose factorisation failed).
     Weights of one shape and format run together, vmapped: one compiled program, and the
     row loop's fixed cost shared (MiniLM's 36 kernels run as 3 programs)."""
@@ -189,44 +189,10 @@ def gptq_quantize(w, h, fmt, *, damp=0.01, act_order=False, **options):
     """One 2-D weight -> a QArray whose codes GPTQ chose, given H (`[K, K]`, K = the block
     axis, the one `x @ W` contracts). options: `qkern.quantize`'s (axis, block_size,
     calibration, scale_dtype, double_quant, act_fmt)."""
-    (q,) = _run([_prepare(w, h, fmt, **options)], damp, act_order)
+    (q,) = run([prepare(w, h, fmt, **options)], damp, act_order)
     if isinstance(q, Exception):
         raise q
     return q
-
-
-def gptq_tree(tree, rules, gptq: GPTQ) -> dict:
-    """GPTQ for every leaf of `tree` that `rules` quantise (as `qkern.quantize` selects
-    them): {path: QArray, or the exception to raise for that leaf}, all leaves of one
-    shape and format in one batched program."""
-    from ._paths import path_str, selector
-    from ._quantize import _is_array, choose_rule
-    from .types.qarray import QArray
-
-    selects = [selector(r.where) for r in rules]
-    done: dict = {}
-    jobs, paths = [], []
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda v: isinstance(v, QArray))
-    for path, v in leaves:
-        if not _is_array(v):
-            continue
-        p = path_str(path)
-        i, why = choose_rule(p, v, rules, selects)
-        if why is not None:
-            continue
-        r = rules[i]
-        try:
-            opts = r.options()
-            check_supported(r.fmt, opts["calibration"], opts["double_quant"], v.shape, r.axis)
-            k_axis = r.axis % v.ndim
-            h = gptq.lookup(p, k_axis, v.shape[k_axis])
-            jobs.append(_prepare(v, h, r.fmt, act_fmt=r.act_fmt, **opts))
-            paths.append(p)
-        except (ValueError, TypeError) as e:
-            done[p] = e
-    for p, q in zip(paths, _run(jobs, gptq.damp, gptq.act_order)):
-        done[p] = q
-    return done
 
 
 def _chunk(n: int, limit: int | None = None) -> int:

@@ -180,7 +180,7 @@ def _fake_quant_value(w, fmt, act_fmt, options) -> FakeQuant:
 
 
 def _fq_matmul(lhs, rhs, params):
-    from .pallas import qmatmul_dispatch
+    from .types._qarray_matmul import qmatmul_dispatch
     w_on_right = isinstance(rhs, FakeQuant)
     fq, x = (rhs, lhs) if w_on_right else (lhs, rhs)
 

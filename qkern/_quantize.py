@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _gptq
+from ._gptq import GPTQ, check_supported, gptq_quantize
 from ._paths import path_str, selector, warn_no_match
 from ._rules import QuantReport, ReportRow, Rule, nbytes
 from .formats import get_format, parse_calibration, quantize_array
@@ -90,7 +92,6 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     if isinstance(x, (np.generic, float, int, complex)):
         raise TypeError(f"qkern.quantize needs an array of rank >= 1 or a pytree of arrays, got the scalar {x!r}.")
     if gptq is not None:
-        from ._gptq import GPTQ
         gptq = gptq if isinstance(gptq, GPTQ) else GPTQ(gptq)
     if _is_array(x):
         if where is not None:
@@ -154,8 +155,7 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
     used = [False] * len(rules)
     rows = []
     if gptq is not None:      # all GPTQ leaves first, batched by shape and format
-        from ._gptq import gptq_tree
-        gptq_done = gptq_tree(tree, rules, gptq)
+        gptq_done = _gptq_tree(tree, rules, gptq)
 
     def leaf(path, v):
         if isinstance(v, QArray):
@@ -203,7 +203,6 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
 
 
 def _gptq_one(w, fmt, gptq, *, axis, **options) -> QArray:
-    from ._gptq import check_supported, gptq_quantize
     w = jnp.asarray(w)
     check_supported(fmt, options.get("calibration", "absmax"), options.get("double_quant"),
                     w.shape, axis)
@@ -255,3 +254,33 @@ def dequantize(x: Any) -> Any:
         return x.materialise()
     return jax.tree_util.tree_map(lambda v: v.materialise() if isinstance(v, QArray) else v,
                                   x, is_leaf=lambda v: isinstance(v, QArray))
+
+
+def _gptq_tree(tree, rules, gptq: GPTQ) -> dict:
+    """GPTQ for every leaf of `tree` that `rules` quantise (as `qkern.quantize` selects
+    them): {path: QArray, or the exception to raise for that leaf}, all leaves of one
+    shape and format in one batched program."""
+    selects = [selector(r.where) for r in rules]
+    done: dict = {}
+    jobs, paths = [], []
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda v: isinstance(v, QArray))
+    for path, v in leaves:
+        if not _is_array(v):
+            continue
+        p = path_str(path)
+        i, why = choose_rule(p, v, rules, selects)
+        if why is not None:
+            continue
+        r = rules[i]
+        try:
+            opts = r.options()
+            _gptq.check_supported(r.fmt, opts["calibration"], opts["double_quant"], v.shape, r.axis)
+            k_axis = r.axis % v.ndim
+            h = gptq.lookup(p, k_axis, v.shape[k_axis])
+            jobs.append(_gptq.prepare(v, h, r.fmt, act_fmt=r.act_fmt, **opts))
+            paths.append(p)
+        except (ValueError, TypeError) as e:
+            done[p] = e
+    for p, q in zip(paths, _gptq.run(jobs, gptq.damp, gptq.act_order)):
+        done[p] = q
+    return done

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from .. import _compat
-from ._values import ArrayLike, Value
+from ._values import ArrayLike, Value, materialise_checked
 
 __all__ = ["register", "dispatch", "materialise_checked", "AmbiguousRuleError"]
 
@@ -270,27 +270,6 @@ def arg_types(values) -> tuple[type, ...]:
 
 def has_rule(primitive: Any) -> bool:
     return primitive in _rules
-
-
-def materialise_checked(value: Value) -> Any:
-    """`value.materialise()`, checked against `value.aval()`.
-
-    A disagreement would otherwise surface as a confusing shape error deep inside JAX.
-    Errors raised by `materialise` itself propagate unchanged.
-    """
-    out = value.materialise()
-    aval = value.aval()
-    want_shape, want_dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
-    got_shape, got_dtype = np.shape(out), getattr(out, "dtype", None)
-    if got_dtype is None:
-        got_dtype = np.result_type(out)
-    if want_shape is not None and (tuple(got_shape) != tuple(want_shape)
-                                   or np.dtype(got_dtype) != np.dtype(want_dtype)):
-        raise TypeError(
-            f"{type(value).__name__}.aval() is {want_dtype}{list(want_shape)} but its "
-            f"materialise() returned {np.dtype(got_dtype)}{list(got_shape)}; they must agree."
-        )
-    return out
 
 
 def _overridden_default(value: Value):

@@ -14,15 +14,16 @@ from __future__ import annotations
 import functools
 import weakref
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from .. import _compat
-from ._dispatch import materialise_checked, trace_context
+from . import _trace
+from ._dispatch import trace_context
 from ._trace import run_with_values
-from ._values import Value
+from ._values import Value, materialise_checked
 
 _flatten = jax.tree_util.tree_flatten
 _unflatten = jax.tree_util.tree_unflatten
@@ -258,13 +259,13 @@ def _remat(values, params):
     return _unflatten(out_tree_box[-1], out_leaves)
 
 
-HIGHER_ORDER: dict[Any, Callable] = {
+_trace.HIGHER_ORDER.update({
     _compat.jit_p: _jit,
     _compat.cond_p: _cond,
     _compat.while_p: _while,
     _compat.scan_p: _scan,
     _compat.remat_p: _remat,
-}
+})
 
 
 # -- custom derivatives ---------------------------------------------------------------
@@ -499,3 +500,6 @@ def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:
 
     call.defvjp(call_fwd, call_bwd)
     return list(call(*leaves))
+
+
+_trace.CUSTOM_DERIVATIVES.update(jvp=custom_jvp_with_values, vjp=custom_vjp_with_values)

@@ -18,6 +18,12 @@ from . import _dispatch
 from ._values import Value
 
 
+# Filled by `_hops` (jit, cond, while, scan, checkpoint; custom_jvp and custom_vjp), which
+# builds on this module: primitive -> handler(values, params), and "jvp"/"vjp" -> handler.
+HIGHER_ORDER: dict[Any, Callable] = {}
+CUSTOM_DERIVATIVES: dict[str, Callable] = {}
+
+
 class _QTracer(_compat.Tracer):
     __slots__ = ("value",)
 
@@ -81,18 +87,16 @@ class _QTrace(_compat.Trace):
     # no Value operand: the function may close over Values (tracers of this trace), which
     # only a trace with this tag can unwrap.
     def process_custom_jvp_call(self, primitive, fun, jvp, tracers, *, symbolic_zeros):
-        from ._hops import custom_jvp_with_values
         values = [self.to_value(t) for t in tracers]
         with _compat.set_current_trace(self.parent_trace):
-            outs = custom_jvp_with_values(fun, jvp, values, self.tag)
+            outs = CUSTOM_DERIVATIVES["jvp"](fun, jvp, values, self.tag)
         return [self.wrap(o) for o in outs]
 
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):
-        from ._hops import custom_vjp_with_values
         values = [self.to_value(t) for t in tracers]
         with _compat.set_current_trace(self.parent_trace):
-            return custom_vjp_with_values(fun, fwd, bwd, out_trees, values, self.tag)
+            return CUSTOM_DERIVATIVES["vjp"](fun, fwd, bwd, out_trees, values, self.tag)
 
     def process_shard_map(self, primitive, fun, tracers, **params):
         values = [self.to_value(t) for t in tracers]
@@ -139,7 +143,6 @@ def _process_values(primitive, values, params):
         return rule.fn(*values, **params)
     if primitive is _compat.pvary_p and primitive is not None:
         return _pvary_leaves(primitive, values, params)
-    from ._hops import HIGHER_ORDER
     handler = HIGHER_ORDER.get(primitive)
     if handler is not None:
         return handler(values, params)

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Value", "ArrayValue", "ArrayLike", "static_field", "is_value"]
+__all__ = ["Value", "ArrayValue", "ArrayLike", "static_field", "is_value",
+           "materialise_checked"]
 
 _STATIC = "qkern.static"
 
@@ -119,8 +120,6 @@ class Value(abc.ABC):
         Value is materialised and the primitive is bound normally; two argument types that
         both override `default` raise a TypeError at trace time.
         """
-        from ._dispatch import materialise_checked
-
         arrays = [materialise_checked(v) if isinstance(v, Value) else v for v in values]
         return primitive.bind(*arrays, **params)
 
@@ -161,3 +160,24 @@ class ArrayLike(metaclass=_ArrayLikeMeta):
 
 def is_value(x: Any) -> bool:
     return isinstance(x, Value)
+
+
+def materialise_checked(value: Value) -> Any:
+    """`value.materialise()`, checked against `value.aval()`.
+
+    A disagreement would otherwise surface as a confusing shape error deep inside JAX.
+    Errors raised by `materialise` itself propagate unchanged.
+    """
+    out = value.materialise()
+    aval = value.aval()
+    want_shape, want_dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    got_shape, got_dtype = np.shape(out), getattr(out, "dtype", None)
+    if got_dtype is None:
+        got_dtype = np.result_type(out)
+    if want_shape is not None and (tuple(got_shape) != tuple(want_shape)
+                                   or np.dtype(got_dtype) != np.dtype(want_dtype)):
+        raise TypeError(
+            f"{type(value).__name__}.aval() is {want_dtype}{list(want_shape)} but its "
+            f"materialise() returned {np.dtype(got_dtype)}{list(got_shape)}; they must agree."
+        )
+    return out

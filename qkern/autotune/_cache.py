@@ -35,19 +35,21 @@ import functools
 import json
 import math
 import os
-import sys
 import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+from .._cache_dir import ENV_DIR, cache_dir  # noqa: F401  (qkern.autotune.cache_dir)
+from .._core import _dispatch
+from .._version import __version__
+from ..pallas import _config
 from ..pallas._config import MatmulConfig, Problem
 
 SCHEMA = "qkern-autotune-cache"
 VERSION = 1
 FILENAME = "autotune.json"
-ENV_DIR = "QKERN_CACHE_DIR"
 ENV_ENABLE = "QKERN_AUTOTUNE"
 
 _KEY_FIELDS = ("device_kind", "jax", "backend", "kernel", "m", "k", "n", "x_dtype", "fmt",
@@ -62,19 +64,6 @@ class CacheWarning(UserWarning):
 # --------------------------------------------------------------------------------------
 # Location and identity
 # --------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """`$QKERN_CACHE_DIR`, else the platform's user cache directory + /qkern."""
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-        return base / "qkern" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "qkern"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qkern"
 
 
 def cache_path() -> Path:
@@ -137,8 +126,6 @@ def make_entry(problem: Problem, config: MatmulConfig, *, time_s: float,
         entry["default_ms"] = round(default_time_s * 1e3, 6)
     entry["tuned_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
-    from .. import __version__
-
     entry["qkern"] = __version__
     entry.update(extra)
     return entry
@@ -270,8 +257,6 @@ def _retrace() -> None:
     rule does. Without it a function traced before `qkern tune` wrote the cache would keep
     the old config in later traces of this process.
     """
-    from .._core import _dispatch
-
     _dispatch._generation[0] += 1
 
 
@@ -383,3 +368,11 @@ def clear(path: Path | None = None) -> bool:
             return False
     invalidate()
     return True
+
+
+def _lookup(problem: Problem) -> MatmulConfig | None:
+    """`lookup`, found by name at each call (so that a test may replace it)."""
+    return lookup(problem)
+
+
+_config.LOOKUPS.append(_lookup)   # kernels ask config_for, which asks this cache

@@ -149,7 +149,7 @@ def find_problems(function, *, backend: str | None = None) -> list[Problem]:
     records every problem the kernels ask a config for: exactly the keys they will look
     up in the cache. Gradients inside fn (jax.grad) bring in the transposed kernel.
     """
-    from .. import quaxify
+    from .._core import quaxify
     from ..pallas._backend import backend as use_backend
 
     fn, args = load_function(function)

@@ -322,7 +322,7 @@ def round_to_float(y, float_dtype) -> jnp.ndarray:
 
 def _pow2(exp) -> jnp.ndarray:
     """2**exp in float32, exact. (`jnp.exp2` on XLA's CPU backend is not: 2**13 comes back
-    as 8192.0005, which moved MX codes at rounding ties and every MX scale by ~1e-6.)"""
+    as 8192.0039, which moved MX codes at rounding ties and MX scales by up to 3e-6 relative.)"""
     return jnp.ldexp(jnp.float32(1.0), jnp.asarray(exp).astype(jnp.int32))
 
 

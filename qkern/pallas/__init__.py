@@ -1,84 +1,19 @@
 """Quantised matmul kernels and their selection.
 
-`qmatmul_dispatch(lhs, rhs, params)` is what QArray's dot_general rule calls: layouts the
-kernels take (a 2-D QArray, one contracting dimension, no batch dimensions) go to
-`qmatmul`, in whichever direction the contraction needs; every other layout is computed
-correctly by dequantising first. A QArray with `act_fmt="int8"` (W8A8) goes to
-`w8a8_matmul` when the contraction runs along its blocks (x @ W); the other direction
-(x @ W.T) has no W8A8 kernel and runs weight-only.
+`qmatmul(x, op)` runs x @ W for a `QOperand` (the kernels' view of a quantised weight) on
+the selected backend; `qkern.pallas.w8a8.w8a8_matmul` with int8 activations, and
+`qkern.pallas.lora_qmatmul.lora_qmatmul` with a fused low-rank update. How a QArray's
+dot_general reaches them is QArray's business: `qkern/types/_qarray_matmul.py`. This
+package knows `QOperand`, never `QArray`.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from .._core import Value
 from ._backend import backend
 from ._config import MatmulConfig
 from ._operand import QOperand, stored_operand
 from .qmatmul import qmatmul
+from .w8a8 import w8a8_matmul
 
-__all__ = ["qmatmul", "qmatmul_dispatch", "backend", "MatmulConfig", "QOperand", "stored_operand"]
-
-
-def qmatmul_dispatch(lhs, rhs, params):
-    from ..types.qarray import QArray
-
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    w_on_right = isinstance(rhs, QArray) and not isinstance(lhs, QArray)
-    w_on_left = isinstance(lhs, QArray) and not isinstance(rhs, QArray)
-    if lb or rb or len(lc) != 1 or not (w_on_right or w_on_left):
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
-    w, x = (rhs, lhs) if w_on_right else (lhs, rhs)
-    w = w.fitted()
-    w_axis, x_axis = (rc[0], lc[0]) if w_on_right else (lc[0], rc[0])
-    if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
-    op = stored_operand(w)
-    if op is None and len(w.layout.shape) == 2 and w.layout.axis == 1:
-        w = _rows_blocked(w)
-        op = stored_operand(w)
-    if op is None:
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
-    physical = w_axis if w.perm is None else w.perm[w_axis]
-    xm = jnp.moveaxis(x, x_axis, -1)
-    if w.act_fmt is not None and physical == 0:
-        y = _act_quantised(xm, w, op)
-    else:
-        y = qmatmul(xm, op, transposed=(physical == 1))      # [...x free..., W free]
-    if w_on_left:                                              # dot_general: lhs free dims first
-        y = jnp.moveaxis(y, -1, 0)
-    out_dtype = params.get("preferred_element_type") or jnp.result_type(x)
-    return y.astype(out_dtype)
-
-
-def _act_quantised(xm, w, op):
-    """x @ W with activations quantised as `w.act_fmt` says: the W8A8 kernel, per-row
-    scales on the fly or the static per-tensor `w.act_scale`. Under `qkern.calibrate` the
-    weight records its activations' absmax instead and runs weight-only."""
-    record = getattr(w, "record_activation", None)
-    if record is not None:
-        record(xm)
-        return qmatmul(xm, op)
-    from .w8a8 import w8a8_matmul
-    if w.act_scale is None:
-        return w8a8_matmul(xm, op)
-    # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
-    scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
-    return w8a8_matmul(xm, op, act_scale=scale)
-
-def _rows_blocked(w):
-    """A 2-D QArray blocked along its stored axis 1 (e.g. an Equinox `[out, in]` weight
-    quantised along `in`) as the same QArray stored transposed, blocked along axis 0: the
-    kernels' form. Costs one transpose of the codes and scales (not a dequantisation);
-    4-bit codes stay packed (packing by halves along the block axis transposes with it)."""
-    import dataclasses
-    from ..types._qarray_rules import _without_double_quant
-    w = _without_double_quant(w)
-    lay = w.layout
-    t = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)
-    layout = dataclasses.replace(lay, shape=(lay.shape[1], lay.shape[0]), axis=0)
-    perm = None if w.perm == (1, 0) else (1, 0)
-    return dataclasses.replace(w, data=t(w.data), scales=t(w.scales), zeros=t(w.zeros),
-                               layout=layout, perm=perm)
+__all__ = ["qmatmul", "w8a8_matmul", "backend", "MatmulConfig", "QOperand",
+           "stored_operand"]

@@ -100,6 +100,11 @@ class Problem:
 OBSERVERS: list[Callable[[Problem], None]] = []
 
 
+# Where tuned configs come from: the autotune cache registers its lookup here when it is
+# imported (qkern/autotune/_cache.py); kernels never import the cache themselves.
+LOOKUPS: list[Callable[[Problem], "MatmulConfig | None"]] = []
+
+
 def config_for(problem: Problem, *, interpret: bool = False) -> MatmulConfig | None:
     """The config a kernel runs when none is given: the autotune cache's winner for this
     device and problem (qkern/autotune), else the shipped heuristic.
@@ -111,9 +116,8 @@ def config_for(problem: Problem, *, interpret: bool = False) -> MatmulConfig | N
     for observe in OBSERVERS:
         observe(problem)
     if not interpret:
-        from ..autotune import _cache  # deferred: the cache is not needed to import qkern
-
-        hit = _cache.lookup(problem)
-        if hit is not None:
-            return hit
+        for lookup in LOOKUPS:
+            hit = lookup(problem)
+            if hit is not None:
+                return hit
     return default_config("xla", problem.m) if problem.backend == "xla" else None

@@ -46,22 +46,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .. import _compat
 from ._config import MatmulConfig
 from ._mosaic_qmatmul import (_LANES, _VMEM_MAX, _Plan, _accumulate, _check_activation,
                               _check_operand, _compiler_params, _dequantise_tile, _dot_precision,
                               _kernel_activation, _pad_activation, _round_up, _split_refs,
                               _weight_inputs, plan_mosaic)
 from ._operand import QOperand
-from .lora_qmatmul import check_factors
+from ._lora_base import check_factors
 
 __all__ = ["lora_qmatmul_mosaic", "plan_lora_mosaic"]
 
@@ -351,50 +348,3 @@ def lora_qmatmul_mosaic(x2: jax.Array, op: QOperand, u: jax.Array, v: jax.Array,
     run = _transposed if transposed else _forward
     y, xu = run(x, op, u, v, float(scale), lp, interpret)
     return y.astype(out_dtype), xu
-
-
-# --------------------------------------------------------------------------------------
-# Sweep
-# --------------------------------------------------------------------------------------
-
-def main():
-    """Run the fused kernels in interpret mode on a few formats, shapes and directions;
-    print the plan, the error against the reference, the time and whether the kernel
-    lowers for TPU. Interpret-mode times say nothing about TPU speed."""
-    import qkern
-    from ._operand import canonical_operand
-    from .lora_qmatmul import reference
-
-    head = ("format", "dir", "MxKxN", "r", "kernel", "xu", "rel err", "interp s", "lowers")
-    rows = []
-    for fmt, (m, k, n), r in [("int8", (1, 1024, 256), 8), ("nf4", (8, 2048, 256), 12),
-                              ("int4", (64, 1024, 384), 16)]:
-        kw, kx, ku, kv = jax.random.split(jax.random.PRNGKey(0), 4)
-        op = canonical_operand(qkern.quantize(jax.random.normal(kw, (k, n)), fmt))
-        for transposed in (False, True):
-            din, dout = (n, k) if transposed else (k, n)
-            x = jax.random.normal(kx, (m, din))
-            u = jax.random.normal(ku, (din, r)) / np.sqrt(din)
-            v = jax.random.normal(kv, (r, dout))
-            f = functools.partial(lora_qmatmul_mosaic, scale=0.5, transposed=transposed)
-            lp = plan_lora_mosaic(op, m, x.dtype, r, transposed=transposed)
-            t0 = time.perf_counter()
-            y, _ = jax.block_until_ready(f(x, op, u, v, interpret=True))
-            dt = time.perf_counter() - t0
-            want = reference(x, op, u, v, 0.5, transposed=transposed)[0]
-            err = float(jnp.max(jnp.abs(y - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1.0))
-            try:
-                txt = _compat.export(f, "tpu", x, op, u, v).mlir_module()
-                lowers = "yes" if "tpu_custom_call" in txt else "NO"
-            except Exception:                          # noqa: BLE001 - reported as "NO"
-                lowers = "NO"
-            rows.append((fmt, "T" if transposed else "F", f"{m}x{k}x{n}", r, lp.base.kernel,
-                         "shared" if lp.shared else "per tile", f"{err:.1e}", f"{dt:.2f}",
-                         lowers))
-    widths = [max(len(str(row[i])) for row in rows + [head]) for i in range(len(head))]
-    for row in [head] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-
-
-if __name__ == "__main__":
-    main()

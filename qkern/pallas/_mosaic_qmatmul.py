@@ -57,7 +57,7 @@ columns that Pallas never writes back; in the transposed kernel (where N is cont
 the weight tile's columns past N are masked to zero and dy is zero-padded along N.
 
 float8 codes are passed bitcast to uint8 and decoded from their bits with integer ops and
-a few selects (`_float8_bits_to_f32`): `.astype(jnp.float32)` on a float8 tile does lower
+a few selects (`_decode.fp8_from_bits`): `.astype(jnp.float32)` on a float8 tile does lower
 for TPU in this jax, but not every TPU generation has float8 vector support and a lowering
 that succeeds does not prove Mosaic's compiler accepts the conversion there; the bit
 decode is exact (all 256 codes, NaN and inf included) and uses only int32/float32 ops.
@@ -81,17 +81,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .. import _compat
 from ._config import DECODE_M, MatmulConfig, default_config
-from ._decode import decode_nibbles, decode_unpacked, split_nibbles
+from ._decode import decode_nibbles, decode_unpacked, fp8_from_bits, split_nibbles
 from ._operand import QOperand, reference_dequantize
 
 __all__ = ["qmatmul_mosaic", "qmatmul_t_mosaic", "qmatmul_reference", "qmatmul_t_reference",
@@ -109,43 +107,13 @@ _ACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.fl
 # Decoding inside the kernel
 # --------------------------------------------------------------------------------------
 
-def _float8_bits_to_f32(b, float_dtype):
-    """float8 bits (int32 0..255) -> float32, exactly as `.astype(jnp.float32)`.
-
-    Normal numbers: the exponent and mantissa bits are moved into float32's fields and the
-    exponent bias corrected with an integer add; subnormals are mantissa * 2^(1-bias-m)
-    (TPUs flush float32 subnormals, so no float32-subnormal trick is used).
-    """
-    dt = jnp.dtype(float_dtype)
-    if dt == jnp.dtype(jnp.float8_e4m3fn):
-        mbits, bias = 3, 7
-    elif dt == jnp.dtype(jnp.float8_e5m2):
-        mbits, bias = 2, 15
-    else:
-        raise ValueError(f"no Mosaic float8 decoder for {dt.name}; supported: "
-                         "float8_e4m3fn, float8_e5m2.")
-    mag = b & 0x7F
-    e = mag >> mbits
-    m = mag & ((1 << mbits) - 1)
-    normal = jax.lax.bitcast_convert_type((mag << (23 - mbits)) + ((127 - bias) << 23),
-                                          jnp.float32)
-    sub = m.astype(jnp.float32) * np.float32(2.0 ** (1 - bias - mbits))
-    v = jnp.where(e == 0, sub, normal)
-    if dt == jnp.dtype(jnp.float8_e4m3fn):
-        v = jnp.where(mag == 0x7F, np.float32(np.nan), v)            # e4m3fn: only NaN
-    else:
-        emax = (1 << 5) - 1
-        v = jnp.where(e == emax, jnp.where(m == 0, np.float32(np.inf), np.float32(np.nan)), v)
-    return jnp.where((b & 0x80) != 0, -v, v)
-
-
 def _decode_raw(raw, fmt):
     """A tile of stored codes -> one unscaled float32 tile per K stream."""
     if fmt.packed:
         lo, hi = split_nibbles(raw)
         return [decode_nibbles(lo, fmt), decode_nibbles(hi, fmt)]
     if fmt.kind in ("float", "mx"):
-        return [_float8_bits_to_f32(raw.astype(jnp.int32), fmt.float_dtype)]
+        return [fp8_from_bits(raw.astype(jnp.int32), fmt.float_dtype)]
     return [decode_unpacked(raw, fmt)]
 
 
@@ -719,45 +687,3 @@ def _lowers_for_tpu(f, *args) -> bool:
     except Exception:                                     # noqa: BLE001 - reported as "no"
         return False
     return "tpu_custom_call" in txt
-
-
-def main():
-    """Sweep a few formats, shapes and configs in interpret mode (this runs anywhere) and
-    print the plan, the error against the reference, the interpret time and whether the
-    kernel lowers for TPU. Interpret-mode times say nothing about TPU speed."""
-    import qkern
-    from ._operand import canonical_operand
-
-    rows = []
-    sweeps = [
-        ("int8", {}, (1, 1024, 512), [None, MatmulConfig(block_n=128, block_k=256)]),
-        ("int4", {}, (8, 4096, 512), [None, MatmulConfig(block_n=256, block_k=1024)]),
-        ("nf4", {}, (1, 2048, 384), [None, MatmulConfig(block_n=128, block_k=512)]),
-        ("fp8_e4m3", {}, (64, 1024, 256), [None, MatmulConfig(block_m=32, block_k=512)]),
-        ("int4", dict(calibration="minmax"), (256, 1024, 256), [None]),
-    ]
-    for fmt, opts, (m, k, n), configs in sweeps:
-        kw, kx = jax.random.split(jax.random.PRNGKey(0))
-        w = jax.random.normal(kw, (k, n), jnp.float32)
-        x = jax.random.normal(kx, (m, k), jnp.float32)
-        op = canonical_operand(qkern.quantize(w, fmt, **opts))
-        want = qmatmul_reference(x, op)
-        for cfg in configs:
-            plan = plan_mosaic(op, m, x.dtype, cfg)
-            f = functools.partial(qmatmul_mosaic, config=cfg)
-            t0 = time.perf_counter()
-            y = jax.block_until_ready(f(x, op, interpret=True))
-            dt = time.perf_counter() - t0
-            err = float(jnp.max(jnp.abs(y - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1.0))
-            rows.append((fmt + ("-minmax" if opts else ""), f"{m}x{k}x{n}", plan.kernel,
-                         f"{plan.bm}/{plan.bn}/{plan.td}", plan.scale_mode, plan.nk,
-                         f"{err:.1e}", f"{dt:.2f}", "yes" if _lowers_for_tpu(f, x, op) else "NO"))
-    head = ("format", "MxKxN", "kernel", "bm/bn/bk", "scales", "k steps", "rel err",
-            "interp s", "lowers")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-
-
-if __name__ == "__main__":
-    main()

@@ -57,7 +57,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .. import _compat
 from ._config import DECODE_M, MatmulConfig, default_config
 from ._operand import QOperand
 from ._xla_w8a8 import check_act_scale, check_w8a8_operand, quantize_activations
@@ -320,62 +319,3 @@ def w8a8_mosaic(x: jax.Array, op: QOperand, config: MatmulConfig | None = None, 
     if x.shape[0] == 0:                                    # no rows: no grid to launch
         return jnp.zeros((0, op.n), x.dtype)
     return _w8a8_mosaic(x, op, act_scale, config, interpret)
-
-
-# --------------------------------------------------------------------------------------
-# Config sweep
-# --------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> None:
-    """Sweep a few shapes and configs in interpret mode (runs anywhere) and print the
-    plan, the error against w8a8_reference, the interpret time and whether the kernel
-    lowers for TPU. Interpret-mode times say nothing about TPU speed."""
-    import argparse
-    import time
-
-    import numpy as np
-
-    from ..formats import get_format
-    from ._xla_w8a8 import w8a8_reference
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--m", default="1,64", help="comma-separated batch sizes")
-    ap.add_argument("--block", type=int, default=0, help="weight block size (0: per channel)")
-    args = ap.parse_args(argv)
-    rng = np.random.default_rng(0)
-    b = args.block or args.k
-    nb = -(-args.k // b)
-    op = QOperand(jnp.asarray(rng.integers(-127, 128, (nb * b, args.n), dtype=np.int8)),
-                  jnp.asarray(rng.uniform(0.004, 0.016, (nb, args.n)).astype(np.float32)),
-                  None, get_format("int8"), b, args.k)
-    configs = [None, MatmulConfig(block_m=32, block_n=128, block_k=1024)]
-    rows = [("M", "config", "kernel", "bm/bn/tk", "scales", "k steps", "rel err",
-             "interp s", "lowers")]
-    for m in map(int, args.m.split(",")):
-        x = jnp.asarray(rng.standard_normal((m, args.k)), jnp.float32)
-        want = np.asarray(w8a8_reference(x, op))
-        for i, cfg in enumerate(configs):
-            p = plan_mosaic_w8a8(op, m, x.dtype, cfg)
-            f = functools.partial(w8a8_mosaic, config=cfg)
-            t0 = time.perf_counter()
-            y = jax.block_until_ready(f(x, op, interpret=True))
-            dt = time.perf_counter() - t0
-            err = float(np.max(np.abs(np.asarray(y) - want)) / max(np.max(np.abs(want)), 1.0))
-            try:
-                text = _compat.export(f, "tpu", x, op).mlir_module()
-                lowers = "yes" if "tpu_custom_call" in text else "NO"
-            except Exception as e:                      # noqa: BLE001 - reported as "NO"
-                lowers = f"NO ({type(e).__name__})"
-            rows.append((m, "default" if cfg is None else f"#{i}", p.kernel,
-                         f"{p.bm}/{p.bn}/{p.tk}", p.scale_mode, p.nk, f"{err:.1e}",
-                         f"{dt:.2f}", lowers))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-
-
-if __name__ == "__main__":
-    main()

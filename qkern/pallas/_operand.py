@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from ..formats import Format, get_format
 from ..formats._quantize import dequantize_scales
+from ._decode import decode_codes
 
 
 @jax.tree_util.register_dataclass
@@ -80,7 +81,6 @@ def canonical_operand(w) -> QOperand | None:
 
 def reference_dequantize(op: QOperand) -> jax.Array:
     """[K, N] float32: the plain-jnp meaning of a QOperand (for references and tests)."""
-    from ._decode import decode_codes
     codes = decode_codes(op.data, op.fmt)                       # [Kp, N]
     b = op.block_size
     v = codes.reshape(op.num_blocks, b, op.n)

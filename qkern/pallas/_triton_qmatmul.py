@@ -52,19 +52,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..formats import Format
 from ._config import DECODE_M, MatmulConfig, default_config
-from ._decode import decode_nibbles, decode_unpacked, split_nibbles
+from ._decode import decode_nibbles, decode_unpacked, fp8_from_bits, split_nibbles
 from ._operand import QOperand, reference_dequantize
 
 __all__ = ["qmatmul_triton", "qmatmul_t_triton", "reference", "reference_t"]
@@ -118,25 +115,6 @@ def _native_fp8_convert() -> bool:
         return True
 
 
-def fp8_from_bits(bits, fmt: Format):
-    """float8 (E4M3 finite or E5M2) bit patterns, as int32 0..255 -> float32.
-
-    Builds the float32 bit pattern of normal numbers and scales subnormals exactly, with
-    integer and elementwise ops only, so it lowers on any GPU. Non-finite codes (which a
-    quantiser never writes) decode to large finite values.
-    """
-    e4m3 = jnp.dtype(fmt.float_dtype) == jnp.dtype(jnp.float8_e4m3fn)
-    ebits, mbits, bias = (4, 3, 7) if e4m3 else (5, 2, 15)
-    sign = (bits >> 7) & 1
-    e = (bits >> mbits) & ((1 << ebits) - 1)
-    m = bits & ((1 << mbits) - 1)
-    normal = lax.bitcast_convert_type(((e + (127 - bias)) << 23) | (m << (23 - mbits)),
-                                      jnp.float32)
-    subnormal = m.astype(jnp.float32) * jnp.float32(2.0 ** (1 - bias - mbits))
-    mag = jnp.where(e == 0, subnormal, normal)
-    return jnp.where(sign == 1, -mag, mag)
-
-
 def _decode_tile(codes, p: "_Plan"):
     """A loaded code tile -> list of (values float32, half) with half 0 (low) / 1 (high)."""
     if p.packed:
@@ -144,7 +122,7 @@ def _decode_tile(codes, p: "_Plan"):
         return [(decode_nibbles(lo, p.fmt), 0), (decode_nibbles(hi, p.fmt), 1)]
     if p.fp8_bits:
         bits = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
-        return [(fp8_from_bits(bits, p.fmt), 0)]
+        return [(fp8_from_bits(bits, p.fmt.float_dtype), 0)]
     return [(decode_unpacked(codes, p.fmt), 0)]
 
 
@@ -602,62 +580,3 @@ def qmatmul_t_triton(dy: jax.Array, op: QOperand, config: MatmulConfig | None = 
     _check_activation("dy", dy, op.n, "N")
     p = _plan(op, dy.shape[0], config, transposed=True)
     return _transposed(dy, op, p, interpret)
-
-
-# --------------------------------------------------------------------------------------
-# Config sweep (interpret mode), in the manner of JAX's own Pallas ops files.
-# --------------------------------------------------------------------------------------
-
-
-def main(argv: Any = None) -> None:
-    """Sweep a few configs in interpret mode and print error and time per kernel.
-
-    Interpret-mode times say nothing about GPU speed; the table checks that every
-    config is accepted and matches the reference. On a GPU, pass --device to run the
-    compiled kernels instead.
-    """
-    import argparse
-
-    import qkern
-    from ._operand import canonical_operand
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--device", action="store_true", help="compiled kernels (needs a GPU)")
-    ap.add_argument("--k", type=int, default=512)
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--formats", default="int8,int4,nf4,fp8_e4m3")
-    ap.add_argument("--m", default="1,64", help="comma-separated batch sizes")
-    ap.add_argument("--configs", type=int, default=None, help="sweep only the first N")
-    args = ap.parse_args(argv)
-    interpret = not args.device
-    kw, kx = jax.random.split(jax.random.PRNGKey(0))
-    w = jax.random.normal(kw, (args.k, args.n), jnp.float32)
-    configs = [
-        MatmulConfig(block_m=16, block_n=64, block_k=64, split_k=1),
-        MatmulConfig(block_m=16, block_n=64, block_k=256, split_k=4),
-        MatmulConfig(block_m=32, block_n=128, block_k=128),
-    ][:args.configs]
-    print(f"{'format':10} {'kernel':10} {'M':>4} {'bm':>4} {'bn':>4} {'bk':>4} "
-          f"{'split':>5} {'max rel err':>12} {'ms':>9}")
-    for fmt in args.formats.split(","):
-        op = canonical_operand(qkern.quantize(w, fmt))
-        for m in map(int, args.m.split(",")):
-            x = jax.random.normal(kx, (m, args.k), jnp.float32).astype(jnp.bfloat16)
-            dy = jax.random.normal(kx, (m, args.n), jnp.float32).astype(jnp.bfloat16)
-            for cfg in configs:
-                for kind, fn, ref, a in (("fwd", qmatmul_triton, reference, x),
-                                         ("bwd_x", qmatmul_t_triton, reference_t, dy)):
-                    out = fn(a, op, cfg, interpret=interpret).block_until_ready()
-                    t0 = time.perf_counter()
-                    out = fn(a, op, cfg, interpret=interpret).block_until_ready()
-                    ms = 1e3 * (time.perf_counter() - t0)
-                    want = np.asarray(ref(a, op), np.float32)
-                    err = np.max(np.abs(np.asarray(out, np.float32) - want))
-                    err /= max(float(np.max(np.abs(want))), 1.0)
-                    p = _plan(op, m, cfg, transposed=kind != "fwd")
-                    print(f"{fmt:10} {kind:10} {m:4d} {p.bm:4d} {p.bn:4d} {p.bk:4d} "
-                          f"{p.split:5d} {err:12.2e} {ms:9.2f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._compat import explicit_sharding, vary_like
 from . import _native
 from ._config import MatmulConfig
-from ._decode import split_nibbles
+from ._decode import nibble_table, split_nibbles
 from ._operand import QOperand
 
 def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> int:
@@ -34,14 +33,6 @@ def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> i
     return g * block
 
 
-def _nibble_table(fmt) -> np.ndarray:
-    """The 16 float32 values a 4-bit code stands for (codebook formats, FP4 E2M1)."""
-    if fmt.kind == "codebook":
-        return np.asarray(fmt.codebook, np.float32)
-    # mx: the element dtype's 16 bit patterns (ml_dtypes keeps a 4-bit float in a byte)
-    return np.arange(16, dtype=np.uint8).view(np.dtype(fmt.float_dtype)).astype(np.float32)
-
-
 def _decode_chunk(codes, nibble, op: QOperand):
     """Stored codes [t, N] -> unscaled float32 [t, N] (one nibble half for 4-bit formats)."""
     if nibble is None:
@@ -55,7 +46,7 @@ def _decode_chunk(codes, nibble, op: QOperand):
     nib = lo if nibble == 0 else hi
     # A 16-entry gather is the cheapest lookup XLA:CPU emits (a 15-select tree, as the
     # Pallas kernels use, ran 5-15% slower at M = 1); nibbles are in range by construction.
-    table = jnp.asarray(_nibble_table(op.fmt))
+    table = jnp.asarray(nibble_table(op.fmt))
     return table.at[nib].get(mode="promise_in_bounds", **_gather_sharding(nib))
 
 
@@ -242,3 +233,6 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
     if ch.s_chunks is None and op.zeros is not None:
         dx = dx - jnp.sum(dy32 * op.zeros[0].astype(jnp.float32), axis=1, keepdims=True)
     return dx[:, : op.k].astype(dy.dtype)
+
+
+_native.SCAN.append(_scan_matmul)   # what the native primitive lowers to where it cannot run

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core import ArrayLike, Value, register
+from ._qarray_matmul import qmatmul_dispatch, without_double_quant
 from .qarray import QArray
 
 lax = jax.lax
@@ -28,16 +29,6 @@ def _guarded_axes(q: QArray) -> set[int]:
 
 def _with(q: QArray, **changes) -> QArray:
     return dataclasses.replace(q, **changes)
-
-
-def _without_double_quant(q: QArray) -> QArray:
-    """Double-quantised scales are blocked in their flattened order; a slice of them would
-    not line up with their second-level scales, so undo the second level first."""
-    if q.dq_scale is None:
-        return q
-    from ..formats._quantize import dequantize_scales
-    scales = dequantize_scales(q.scales, q.dq_scale, q.dq_offset, q.format)
-    return _with(q, scales=scales, dq_scale=None, dq_offset=None)
 
 
 def _per_block_fields(q: QArray):
@@ -102,7 +93,7 @@ def _(q: QArray, *, start_indices, limit_indices, strides):
             return Value.default(lax.slice_p, [q], dict(start_indices=start_indices,
                                                  limit_indices=limit_indices, strides=strides))
 
-    q = _without_double_quant(q)
+    q = without_double_quant(q)
 
     def cut(x):
         starts, limits, steps = [], [], []
@@ -130,7 +121,7 @@ def _(q: QArray, *starts: ArrayLike, slice_sizes):
         if phys_size[ax] != q.layout.shape[ax]:
             return Value.default(lax.dynamic_slice_p, [q, *starts], dict(slice_sizes=slice_sizes))
 
-    q = _without_double_quant(q)
+    q = without_double_quant(q)
 
     def cut(x):
         st, sz = [], []
@@ -168,7 +159,6 @@ def _(q: QArray, *, dimensions):
 # -- matmul --------------------------------------------------------------------------------
 def _matmul(lhs, rhs, params):
     """The XLA path: correct for every layout. The Pallas kernels take the canonical one."""
-    from ..pallas import qmatmul_dispatch
     return qmatmul_dispatch(lhs, rhs, params)
 
 

@@ -2,7 +2,7 @@
 
 Regression: on jax 0.12 XLA's CPU backend, inside GPTQ's fused loop, converted float32 to
 fp4 through a wider float: 3.4995 became 3.5, then 4.0 (e2m1) instead of 3.0. And
-`jnp.exp2` is inexact on that backend (2**13 = 8192.0005), which MX scales went through.
+`jnp.exp2` is inexact on that backend (2**13 = 8192.0039), which MX scales went through.
 """
 
 import jax

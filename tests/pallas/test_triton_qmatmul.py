@@ -122,16 +122,8 @@ def test_default_config_fits_a_block_size_that_is_not_a_power_of_two():
 
 
 def test_fp8_decoded_from_bits(monkeypatch):
-    """The arithmetic float8 decoder (GPUs below sm_89) inside the kernels, and exactly
-    against ml_dtypes for every finite code."""
-    from qkern.formats import get_format
-    for name, dt in (("fp8_e4m3", jnp.float8_e4m3fn), ("fp8_e5m2", jnp.float8_e5m2)):
-        bits = jnp.arange(256, dtype=jnp.int32)
-        want = np.asarray(jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), dt)
-                          .astype(jnp.float32))
-        got = np.asarray(tq.fp8_from_bits(bits, get_format(name)))
-        finite = np.isfinite(want)
-        np.testing.assert_array_equal(got[finite], want[finite])
+    """The arithmetic float8 decoder (GPUs below sm_89) inside the kernels (every code of
+    it: tests/pallas/test_fp8_decode.py)."""
     monkeypatch.setattr(tq, "_native_fp8_convert", lambda: False)
     x, _, op = make_case("fp8_e5m2", dict(block_size=128), 3, 384, 200, jnp.float32)
     assert tq._plan(op, 3, CONFIGS[3], transposed=False).fp8_bits
@@ -292,7 +284,9 @@ def test_unaligned_halves_are_refused():
 
 def test_main_runs(capsys):
     """The config sweep prints one row per (format, kernel, M, config)."""
-    tq.main(["--k", "128", "--n", "64", "--formats", "int4", "--m", "1", "--configs", "1"])
+    from qkern._bench import sweep_triton_qmatmul
+    sweep_triton_qmatmul.main(["--k", "128", "--n", "64", "--formats", "int4", "--m", "1",
+                               "--configs", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["format", "kernel"]
     assert len(out) == 1 + 2

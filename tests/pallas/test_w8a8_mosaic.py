@@ -173,7 +173,7 @@ def test_bad_activations():
 
 
 def test_main_runs(capsys):
-    import qkern.pallas._mosaic_w8a8 as mw
+    import qkern._bench.sweep_mosaic_w8a8 as mw
     mw.main(["--k", "256", "--n", "128", "--m", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["M", "config"] and len(out) == 3

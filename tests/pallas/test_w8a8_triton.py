@@ -139,7 +139,7 @@ def test_bad_activations():
 
 def test_main_runs(capsys):
     """The config sweep prints a header and one row per (M, config), errors near zero."""
-    import qkern.pallas._triton_w8a8 as tw
+    import qkern._bench.sweep_triton_w8a8 as tw
     tw.main(["--k", "128", "--n", "32", "--m", "1", "--configs", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["M", "config"] and len(out) == 2

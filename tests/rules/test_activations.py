@@ -73,10 +73,10 @@ def test_dynamic_w8a8_under_quaxify_matches_per_row_reference():
 
 
 def test_w8a8_routes_to_the_w8a8_kernel(monkeypatch):
-    from qkern.pallas import w8a8
+    from qkern.types import _qarray_matmul as routing
     calls = []
-    real = w8a8.w8a8_matmul
-    monkeypatch.setattr(w8a8, "w8a8_matmul",
+    real = routing.w8a8_matmul
+    monkeypatch.setattr(routing, "w8a8_matmul",
                         lambda x, op, **kw: calls.append(kw) or real(x, op, **kw))
     q = qkern.quantize(params(), rules=W8A8)
     jax.block_until_ready(qkern.quaxify(model)(q, _w(3, 64)))

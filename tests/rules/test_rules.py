@@ -198,7 +198,7 @@ def test_out_in_weights_blocked_along_in_run_the_kernels(fmt, opts, monkeypatch)
     # `in` (axis -1), the codes are stored transposed ([in, out], blocked along axis 0) with
     # a pending transpose, so the kernels take them as they are: no dequantisation, and no
     # transpose of the codes per call.
-    import qkern.pallas as qp
+    import qkern.types._qarray_matmul as qp
 
     w = _w(48, 96)                                             # [out, in]
     q = qkern.quantize(w, fmt, axis=-1, **opts)
@@ -225,7 +225,7 @@ def test_stacked_out_in_layers_scan_with_the_kernels(fmt, opts, monkeypatch):
     # Equinox's scan-over-layers: stacked [L, out, in] weights quantised along `in`, each
     # step computing weight @ x. Stored with the last two axes swapped and a pending
     # transpose, so each step's slice is already the kernels' layout.
-    import qkern.pallas as qp
+    import qkern.types._qarray_matmul as qp
 
     w = _w(3, 48, 96)
     q = qkern.quantize(w, fmt, axis=-1, **opts)

@@ -32,6 +32,9 @@ from jax.interpreters import batching, mlir
 
 from ..._compat import _vma, explicit_sharding, lowering_is_local, not_mapped
 from ...formats import FORMATS, get_format
+from .._config import MatmulConfig
+from .._decode import nibble_table
+from .._operand import QOperand
 from ._build import ENV_VAR, library, status
 
 __all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "status"]
@@ -51,9 +54,7 @@ def _table(fmt) -> np.ndarray:
     """The 16 float32 values of a 4-bit code."""
     if fmt.kind == "int":      # two's complement nibbles
         return np.r_[0:8, -8:0].astype(np.float32)
-    from .._xla_qmatmul import _nibble_table
-
-    return _nibble_table(fmt)
+    return nibble_table(fmt)
 
 
 def _kernel_for(op) -> str | None:
@@ -126,8 +127,6 @@ small_m_matmul_p = Primitive("qkern_small_m_matmul")
 
 
 def _operand(data, scales, zeros, fmt, block_size, k):
-    from .._operand import QOperand
-
     return QOperand(data, scales, zeros, get_format(fmt), block_size, k)
 
 
@@ -136,12 +135,14 @@ def _unpack(args, fmt, block_size, k):
     return x2, _operand(data, scales, zeros[0] if zeros else None, fmt, block_size, k)
 
 
-def _scan_fn(*args, fmt, block_size, k, block_k):
-    from .._config import MatmulConfig
-    from .._xla_qmatmul import _scan_matmul
+# The K-chunked XLA scan (`_xla_qmatmul._scan_matmul`), registered by that module, which
+# builds on this one: the lowering falls back to it wherever the native kernel cannot run.
+SCAN: list = []
 
+
+def _scan_fn(*args, fmt, block_size, k, block_k):
     x2, op = _unpack(args, fmt, block_size, k)
-    return _scan_matmul(x2, op, MatmulConfig(block_k=block_k))
+    return SCAN[0](x2, op, MatmulConfig(block_k=block_k))
 
 
 def _native_fn(*args, fmt, block_size, k, block_k):

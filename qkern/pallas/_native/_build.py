@@ -25,6 +25,8 @@ from pathlib import Path
 
 import jax
 
+from ..._cache_dir import cache_dir
+
 ENV_VAR = "QKERN_NATIVE"
 SOURCE = Path(__file__).with_name("qgemv.cc")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -53,8 +55,6 @@ def _compiler() -> list[str] | None:
 
 
 def library_path(cxx: list[str]) -> Path:
-    from ...autotune._cache import cache_dir
-
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join([*cxx, *FLAGS]).encode())

@@ -1,0 +1,88 @@
+"""QArray's matmul routing: from a dot_general with a QArray operand to the kernels'
+canonical form `x[M, K] @ W[K, N]` (a `QOperand`), or to the dense computation for every
+other layout. Beside QArray, so that `qkern.pallas` never needs to know QArray."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .._core import Value
+from ..formats._quantize import dequantize_scales
+from ..pallas import qmatmul, stored_operand, w8a8_matmul
+from .qarray import QArray
+
+
+def without_double_quant(q: QArray) -> QArray:
+    """Double-quantised scales are blocked in their flattened order; a slice of them would
+    not line up with their second-level scales, so undo the second level first."""
+    if q.dq_scale is None:
+        return q
+    scales = dequantize_scales(q.scales, q.dq_scale, q.dq_offset, q.format)
+    return dataclasses.replace(q, scales=scales, dq_scale=None, dq_offset=None)
+
+
+def qmatmul_dispatch(lhs, rhs, params):
+    """dot_general with a QArray operand: layouts the kernels take (a 2-D QArray, one
+    contracting dimension, no batch dimensions) go to `qmatmul`, in whichever direction
+    the contraction needs; every other layout is computed correctly by dequantising first.
+    A QArray with `act_fmt="int8"` (W8A8) goes to `w8a8_matmul` when the contraction runs
+    along its blocks (x @ W); the other direction (x @ W.T) has no W8A8 kernel and runs
+    weight-only."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    w_on_right = isinstance(rhs, QArray) and not isinstance(lhs, QArray)
+    w_on_left = isinstance(lhs, QArray) and not isinstance(rhs, QArray)
+    if lb or rb or len(lc) != 1 or not (w_on_right or w_on_left):
+        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+    w, x = (rhs, lhs) if w_on_right else (lhs, rhs)
+    w = w.fitted()
+    w_axis, x_axis = (rc[0], lc[0]) if w_on_right else (lc[0], rc[0])
+    if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+    op = stored_operand(w)
+    if op is None and len(w.layout.shape) == 2 and w.layout.axis == 1:
+        w = _rows_blocked(w)
+        op = stored_operand(w)
+    if op is None:
+        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+    physical = w_axis if w.perm is None else w.perm[w_axis]
+    xm = jnp.moveaxis(x, x_axis, -1)
+    if w.act_fmt is not None and physical == 0:
+        y = _act_quantised(xm, w, op)
+    else:
+        y = qmatmul(xm, op, transposed=(physical == 1))      # [...x free..., W free]
+    if w_on_left:                                              # dot_general: lhs free dims first
+        y = jnp.moveaxis(y, -1, 0)
+    out_dtype = params.get("preferred_element_type") or jnp.result_type(x)
+    return y.astype(out_dtype)
+
+
+def _act_quantised(xm, w, op):
+    """x @ W with activations quantised as `w.act_fmt` says: the W8A8 kernel, per-row
+    scales on the fly or the static per-tensor `w.act_scale`. Under `qkern.calibrate` the
+    weight records its activations' absmax instead and runs weight-only."""
+    record = getattr(w, "record_activation", None)
+    if record is not None:
+        record(xm)
+        return qmatmul(xm, op)
+    if w.act_scale is None:
+        return w8a8_matmul(xm, op)
+    # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
+    scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
+    return w8a8_matmul(xm, op, act_scale=scale)
+
+
+def _rows_blocked(w):
+    """A 2-D QArray blocked along its stored axis 1 (e.g. an Equinox `[out, in]` weight
+    quantised along `in`) as the same QArray stored transposed, blocked along axis 0: the
+    kernels' form. Costs one transpose of the codes and scales (not a dequantisation);
+    4-bit codes stay packed (packing by halves along the block axis transposes with it)."""
+    w = without_double_quant(w)
+    lay = w.layout
+    t = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)
+    layout = dataclasses.replace(lay, shape=(lay.shape[1], lay.shape[0]), axis=0)
+    perm = None if w.perm == (1, 0) else (1, 0)
+    return dataclasses.replace(w, data=t(w.data), scales=t(w.scales), zeros=t(w.zeros),
+                               layout=layout, perm=perm)
