@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from qkern import _compat
 from qkern.pallas._config import MatmulConfig
@@ -84,13 +83,6 @@ def test_vmap_in_shared_mode():
 # ---------------------------------------------------------------------------------------
 # Race detection (TPU interpreter, two simulated cores)
 # ---------------------------------------------------------------------------------------
-
-@pytest.fixture
-def race_params():
-    pltpu.reset_tpu_interpret_mode_state()
-    yield _compat.race_detecting_interpret_params(num_cores_or_threads=2)
-    pltpu.reset_tpu_interpret_mode_state()
-
 
 # Small grids: 2-3 steps on every axis. "per tile": the N axis is parallel and each N tile
 # writes its own xu slice. "shared": 3 M tiles on the parallel axis; the column and K axes

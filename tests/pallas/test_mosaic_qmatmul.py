@@ -183,13 +183,6 @@ def _races_found() -> bool:
     return _compat.tpu_races_found()
 
 
-@pytest.fixture
-def race_params():
-    pltpu.reset_tpu_interpret_mode_state()
-    yield _compat.race_detecting_interpret_params(num_cores_or_threads=2)
-    pltpu.reset_tpu_interpret_mode_state()
-
-
 def test_race_detector_flags_a_racy_kernel(race_params):
     """Positive control: two cores writing one output block under "parallel" semantics."""
     def racy(x_ref, o_ref):

@@ -14,14 +14,11 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-import qkern
 from qkern import _compat
 import qkern.pallas._triton_qmatmul as tq
 from qkern.pallas._config import MatmulConfig
-from qkern.pallas._operand import canonical_operand
 from qkern.pallas._triton_qmatmul import qmatmul_t_triton, qmatmul_triton
 from tests.pallas.cases import (DTYPES, FORMAT_IDS, FORMATS, SHAPES, assert_matches,
                                 make_case, reference_matmul, reference_matmul_t)

@@ -10,7 +10,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from qkern import _compat
 from qkern.pallas._config import MatmulConfig
@@ -72,13 +71,6 @@ def test_jit_and_vmap():
 # ---------------------------------------------------------------------------------------
 # Race detection (TPU interpreter, two simulated cores)
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def race_params():
-    pltpu.reset_tpu_interpret_mode_state()
-    yield _compat.race_detecting_interpret_params(num_cores_or_threads=2)
-    pltpu.reset_tpu_interpret_mode_state()
 
 
 def test_no_races(race_params):
