@@ -161,12 +161,6 @@ def _materialise_at(xs, positions):
     return [_as_array(x) if i in positions else x for i, x in enumerate(xs)]
 
 
-def _predicate(pred):
-    """A while loop's predicate as the loop needs it: a plain boolean array (see
-    `_as_array` for a Value predicate)."""
-    return _as_array(pred)
-
-
 def _while(values, params):
     """`while_p` bound directly (not the public `lax.while_loop`) on the leaves of the
     carried Values, with cond and body traced under fresh dispatch traces: JAX's own
@@ -189,7 +183,7 @@ def _while(values, params):
         consts = _unflatten(c_tree, leaves[:len(c_leaves)])
         c = _unflatten(i_tree, leaves[len(c_leaves):])
         (pred,) = run_with_values(cond_fn, [*consts, *c])
-        return _predicate(pred)
+        return _as_array(pred)   # the loop needs a plain boolean
 
     def body_leaves(*leaves):
         consts = _unflatten(b_tree, leaves[:len(b_leaves)])
@@ -333,17 +327,16 @@ def _carriable(primal: Value, tangent: Any) -> bool:
 def _tangent_leaves(primal: Value, tangent: Any) -> list:
     """The tangents of `primal`'s leaves for a tangent that `_carriable` accepts."""
     p_leaves = jax.tree_util.tree_leaves(primal)
-    zeros = lambda l: (np.zeros(jax.numpy.shape(l), jax.dtypes.float0) if _is_int_leaf(l)
-                       else jax.numpy.zeros_like(l))
     if tangent is None or all(_is_int_leaf(l) for l in p_leaves):
-        return [zeros(l) for l in p_leaves]
+        return [_zero_tangent(l) for l in p_leaves]
     if isinstance(tangent, Value):
         t_leaves = jax.tree_util.tree_leaves(tangent)
     else:
         i = _identity_leaf(primal)
-        t_leaves = [tangent if j == i else zeros(l) for j, l in enumerate(p_leaves)]
-    return [zeros(l) if _is_int_leaf(l) or getattr(t, "dtype", None) == jax.dtypes.float0 else
-            jax.numpy.asarray(t).astype(jax.numpy.result_type(l))
+        t_leaves = [tangent if j == i else _zero_tangent(l) for j, l in enumerate(p_leaves)]
+    float0 = jax.dtypes.float0
+    return [_zero_tangent(l) if _is_int_leaf(l) or getattr(t, "dtype", None) == float0
+            else jax.numpy.asarray(t).astype(jax.numpy.result_type(l))
             for l, t in zip(p_leaves, t_leaves)]
 
 
@@ -408,8 +401,9 @@ def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
         if any(keep) and not _probing:
             _probing.append(True)
             try:
+                zero = lambda ls: [_zero_tangent(l) for l in ls]
                 probe_p, probe_t = jax.eval_shape(
-                    lambda ls: run_jvp(ls, _zero_tangents(ls), dry_run=True), list(leaves))
+                    lambda ls: run_jvp(ls, zero(ls), dry_run=True), list(leaves))
                 keep = kept(probe_p, probe_t)
             except Exception:  # noqa: BLE001 - no usable JVP rule here: keep the types
                 pass
@@ -450,9 +444,10 @@ def custom_jvp_with_values(fun, jvp, values: list, tag) -> list:
 _probing: list = []   # non-empty while a custom_jvp's JVP rule is traced to learn its types
 
 
-def _zero_tangents(leaves):
-    return [np.zeros(jax.numpy.shape(l), jax.dtypes.float0) if _is_int_leaf(l)
-            else jax.numpy.zeros_like(l) for l in leaves]
+def _zero_tangent(leaf):
+    """The zero tangent of one leaf (float0 for an integer leaf, as JAX wants)."""
+    return (np.zeros(jax.numpy.shape(leaf), jax.dtypes.float0) if _is_int_leaf(leaf)
+            else jax.numpy.zeros_like(leaf))
 
 
 def custom_vjp_with_values(fun, fwd, bwd, out_trees, values: list, tag) -> list:

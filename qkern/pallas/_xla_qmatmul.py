@@ -57,6 +57,13 @@ def _gather_sharding(index) -> dict:
     return {} if sharding is None else {"out_sharding": sharding}
 
 
+def padded_spec(sharding, ndim: int) -> list:
+    """A sharding's PartitionSpec entries, one per dimension (None: unsharded or no
+    sharding)."""
+    entries = tuple(sharding.spec) if sharding is not None else ()
+    return list(entries + (None,) * (ndim - len(entries)))
+
+
 def product_sharding(a: jax.Array, b: jax.Array):
     """On an Explicit mesh, the sharding of a[..., M, T] @ b[..., T, N]: a's rows, b's columns (a
     sharded contraction is summed across devices, as JAX's own transpose of `x @ w` does).
@@ -64,12 +71,7 @@ def product_sharding(a: jax.Array, b: jax.Array):
     sa, sb = explicit_sharding(a), explicit_sharding(b)
     if sa is None and sb is None:
         return None
-
-    def spec(s, nd):
-        entries = tuple(s.spec) if s is not None else ()
-        return entries + (None,) * (nd - len(entries))
-
-    rows, cols = spec(sa, a.ndim)[-2], spec(sb, b.ndim)[-1]
+    rows, cols = padded_spec(sa, a.ndim)[-2], padded_spec(sb, b.ndim)[-1]
     if rows is not None and rows == cols:
         cols = None
     return jax.sharding.NamedSharding((sa or sb).mesh, jax.sharding.PartitionSpec(rows, cols))

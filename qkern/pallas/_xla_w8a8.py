@@ -24,7 +24,8 @@ import numpy as np
 from .._compat import explicit_sharding
 from ._config import MatmulConfig, default_config
 from ._operand import QOperand
-from ._xla_qmatmul import _chunk_rows, chunk_target, dot, product_sharding, zero_acc
+from ._xla_qmatmul import (_chunk_rows, chunk_target, dot, padded_spec, product_sharding,
+                           zero_acc)
 
 _INT8_MAX = 127.0
 _PARTIAL_BYTES = 4 << 20     # xla, per-block scales: bound on one chunk's int32 partials
@@ -175,10 +176,8 @@ def _batch_sharded_like(a: jax.Array, b: jax.Array) -> jax.Array:
     sb = explicit_sharding(b)
     if sb is None:
         return a
-    pad = lambda spec, nd: list(tuple(spec) + (None,) * (nd - len(tuple(spec))))
-    want = pad(sb.spec, b.ndim)[1]
-    sa = explicit_sharding(a)
-    spec = pad(sa.spec, a.ndim) if sa is not None else [None] * a.ndim
+    want = padded_spec(sb, b.ndim)[1]
+    spec = padded_spec(explicit_sharding(a), a.ndim)
     if spec[1] == want:
         return a
     names = set(want) if isinstance(want, tuple) else {want}
