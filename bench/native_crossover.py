@@ -1,5 +1,5 @@
 """The native CPU kernel against the `xla` backend's scan, both against dense float32 `x @ w`,
-for small M: where the one overtakes the other (`qkern.pallas._native.max_m`).
+for small M: where the one overtakes the other (`qkern.pallas.qmatmul._native.max_m`).
 
     python bench/native_crossover.py                        # K = N = 4096, M = 1,2,4,8,16
     python bench/native_crossover.py --m 8,12,16 --formats nf4 --repeats 30
@@ -18,10 +18,10 @@ import numpy as np
 
 import qkern
 from qkern._bench.timing import interleaved_medians
-from qkern.pallas import _native
+from qkern.pallas.qmatmul import _native
 from qkern.pallas._config import default_config
 from qkern.pallas._operand import stored_operand
-from qkern.pallas._xla_qmatmul import _scan_matmul
+from qkern.pallas.qmatmul._xla import _scan_matmul
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import qkern
 from qkern._bench.timing import interleaved_medians
 from qkern.pallas import qmatmul, stored_operand
-from qkern.pallas.lora_qmatmul import lora_qmatmul
+from qkern.pallas.lora_qmatmul.api import lora_qmatmul
 
 
 def measure(fmt: str, m: int, k: int, n: int, rank: int, repeats: int) -> dict:

@@ -16,11 +16,18 @@ from ._core import (
     register,
     static_field,
 )
-from ._quantize import dequantize, quantize
-from ._rules import QuantReport, Rule
-from ._qat import fake_quant, ste
-from ._calibrate import Hessians, calibrate, hessians
-from ._gptq import GPTQ
+from .recipes import (
+    GPTQ,
+    Hessians,
+    QuantReport,
+    Rule,
+    calibrate,
+    dequantize,
+    fake_quant,
+    hessians,
+    quantize,
+    ste,
+)
 from ._checkpoint import CheckpointError, load, save
 from ._sharding import partition_specs, per_device_bytes, shard, shardings
 from .types import LoraArray, QArray

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._paths import path_str
+from .recipes._paths import path_str
 from ._version import __version__
 from .formats import Layout
 from .types.qarray import QArray

@@ -8,6 +8,7 @@ between releases; keep such knowledge here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -319,8 +320,6 @@ def tpu_races_found() -> bool:
 def race_detecting_interpret_params(**kwargs: Any) -> Any:
     """`pltpu.InterpretParams(detect_races=True, **kwargs)` that records races rather than
     raising on the first (jax 0.12 raises by default; `tpu_races_found` reads the record)."""
-    import dataclasses
-
     from jax.experimental.pallas import tpu as pltpu
     fields = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
     if "on_race" in fields:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ._paths import path_str
+from .recipes._paths import path_str
 from .types.qarray import QArray
 
 

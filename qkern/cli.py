@@ -19,6 +19,17 @@ import json
 import math
 import platform
 import sys
+import warnings
+
+import jax
+
+from . import _version
+from .autotune import SpecError, _cache, autotune, cache_path, clear, device_kind
+from .autotune._tune import describe_config
+from .formats import FORMATS
+from .pallas._backend import resolve
+from .pallas._config import KERNELS, MatmulConfig
+from .pallas.qmatmul import _native
 
 
 class UsageError(Exception):
@@ -31,23 +42,12 @@ class UsageError(Exception):
 
 
 def _cmd_info(args) -> int:
-    import jax
-
-    import qkern
-
-    from .autotune import _cache
-    from .autotune._tune import describe_config
-    from .pallas._backend import resolve
-    from .pallas._config import MatmulConfig
-
-    print(f"qkern   {qkern.__version__}")
+    print(f"qkern   {_version.__version__}")
     print(f"jax     {jax.__version__}")
     print(f"python  {platform.python_version()} ({platform.machine()})")
     print(f"jax platform   {jax.default_backend()}")
     print(f"qkern backend  {resolve().name}  (override: QKERN_BACKEND or qkern.backend(...))")
     if jax.default_backend() == "cpu":
-        from .pallas import _native
-
         print(f"native CPU kernels  {_native.status()}  (off: {_native.ENV_VAR}=0)")
     for d in jax.devices():
         print(f"device  {d.platform}:{d.id} {getattr(d, 'device_kind', '')}")
@@ -79,8 +79,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    import jax
-
     from ._bench import qmatmul, trace_compile
 
     if args.plot:  # fail before the (long) measurements, not after
@@ -94,8 +92,6 @@ def _cmd_bench(args) -> int:
         layers=args.layers, width=args.width, rank=args.rank)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
-    from .pallas import _native
-
     if args.json:
         print(json.dumps({"device": str(jax.devices()[0].device_kind),
                           "jax": jax.__version__, "native_cpu_kernels": _native.status(),
@@ -127,8 +123,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .autotune import SpecError, autotune, cache_path, clear, device_kind
-
     if args.clear:
         had = clear()
         print(f"{'removed' if had else 'no cache at'} {cache_path()}")
@@ -137,7 +131,7 @@ def _cmd_tune(args) -> int:
         results = autotune(
             m=args.m, k=args.k, n=args.n, formats=args.formats, dtypes=args.dtypes,
             kernels=args.kernels, block_size=args.block_size, zeros=args.zeros,
-            function=args.from_, backend=args.backend,
+            rank=args.rank, function=args.from_, backend=args.backend,
             max_configs=args.max_configs or "default",
             repeats=args.repeats, write=not args.no_write, dry_run=args.dry_run,
             check_lowering=args.check_lowering,
@@ -167,8 +161,6 @@ def _cmd_tune(args) -> int:
 
 
 def _tune_table(results) -> str:
-    from .autotune._tune import describe_config
-
     lines = ["| backend | kernel | M | K | N | dtype | format | best config | time (ms) | "
              "default (ms) | vs default | timed / pruned |", "|" + "---|" * 12]
     for r in results:
@@ -182,8 +174,6 @@ def _tune_table(results) -> str:
 
 
 def _print_space(results, *, verbose: bool) -> None:
-    from .autotune._tune import describe_config
-
     for r in results:
         p = r.problem
         print(f"{p.backend} {p.kernel} M={p.m} K={p.k} N={p.n} {p.x_dtype} {p.fmt} "
@@ -252,14 +242,10 @@ def _names(text: str, choices, what: str) -> tuple[str, ...]:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    from .formats import FORMATS
-
     return _names(text, tuple(FORMATS), "format(s)")
 
 
 def _kernels(text: str) -> tuple[str, ...]:
-    from .pallas._config import KERNELS
-
     return _names(text, KERNELS, "kernel(s)")
 
 
@@ -323,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtypes", type=_dtypes, default=None,
                       help="activation dtypes (default float32 on CPU, bfloat16 elsewhere)")
     tune.add_argument("--kernels", type=_kernels, default=("qmatmul",),
-                      help="qmatmul (x @ W) and/or qmatmul_t (dy @ W.T, the gradient)")
+                      help="comma-separated: qmatmul (x @ W), qmatmul_t (dy @ W.T, the "
+                           "gradient), w8a8 (int8 activations, int8 weights), lora / lora_t "
+                           "(the fused QLoRA matmul and its transpose); default qmatmul")
+    tune.add_argument("--rank", type=_positive_int, default=16,
+                      help="LoRA rank of the lora / lora_t problems (default 16)")
     tune.add_argument("--block-size", type=_positive_int, default=None,
                       help="weight block size (default: the format's)")
     tune.add_argument("--zeros", action="store_true", help="weights with zero points (minmax)")
@@ -355,8 +345,6 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv=None) -> int:
-    import warnings
-
     parser = build_parser()
     args = parser.parse_args(argv)  # bad arguments: one-line error, exit code 2
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._paths import path_str, selector, warn_no_match
+from .recipes import quantize as _quantize
+from .recipes._paths import path_str, selector, warn_no_match
 from .types.lora import LoraArray
 from .types.qarray import QArray
 
@@ -88,9 +89,8 @@ def merge(tree: Any, *, requantize: bool | str = False) -> Any:
         dense = v.materialise()
         if requantize is False:
             return dense
-        from ._quantize import quantize
         if isinstance(requantize, str):
-            return quantize(dense, requantize)
+            return _quantize(dense, requantize)
         if requantize is not True:
             raise TypeError(f"qkern.lora.merge: requantize must be a bool or a format name, "
                             f"got {requantize!r}.")
@@ -102,14 +102,13 @@ def merge(tree: Any, *, requantize: bool | str = False) -> Any:
 
 
 def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
-    from ._quantize import quantize
     lay = q.layout
     stored = dense if q.perm is None else jnp.transpose(dense, np.argsort(q.perm))
-    out = quantize(stored, q.fmt, block_size=None if lay.per_tensor else lay.block_size,
-                   axis=None if lay.per_tensor else lay.axis,
-                   calibration="minmax" if q.zeros is not None else "absmax",
-                   scale_dtype=q.scales.dtype if q.dq_scale is None else None,
-                   double_quant=q.dq_scale is not None)
+    out = _quantize(stored, q.fmt, block_size=None if lay.per_tensor else lay.block_size,
+                    axis=None if lay.per_tensor else lay.axis,
+                    calibration="minmax" if q.zeros is not None else "absmax",
+                    scale_dtype=q.scales.dtype if q.dq_scale is None else None,
+                    double_quant=q.dq_scale is not None)
     return out if q.perm is None else dataclasses.replace(out, perm=q.perm)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from qkern import cli
 from qkern.autotune import _cache
-from qkern.pallas import _native
+from qkern.pallas.qmatmul import _native
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TUNE = ["tune", "--m", "1", "--k", "256", "--n", "128", "--repeats", "2", "--no-progress"]

@@ -17,6 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import qkern
+from ..autotune import _cache
+from ..autotune._tune import describe_config
+from ..pallas._backend import resolve
+from ..pallas._config import Problem, config_for
+from ..pallas._operand import stored_operand
+from ..pallas.qmatmul import _native
 from .roofline import peak_bandwidth
 from .timing import interleaved_medians, median_time
 
@@ -25,13 +31,6 @@ DEFAULT_FORMATS = ("int8", "int4", "nf4")
 
 def _config_used(x, qw) -> tuple[str, bool]:
     """(the config the kernel runs for x @ qw, whether it came from the autotune cache)."""
-    from ..autotune import _cache
-    from ..autotune._tune import describe_config
-    from ..pallas import _native
-    from ..pallas._backend import resolve
-    from ..pallas._config import Problem, config_for
-    from ..pallas._operand import stored_operand
-
     sel = resolve()
     op = stored_operand(qw)
     if op is None:
@@ -39,7 +38,7 @@ def _config_used(x, qw) -> tuple[str, bool]:
     x2 = x.reshape(-1, x.shape[-1])
     if sel.name == "xla" and not sel.interpret and _native.eligible(x2, op):
         return "native", False
-    problem = Problem.of(sel.name, x2, op, False)
+    problem = Problem.of(sel.name, x2, op, "qmatmul")
     tuned = _cache.lookup(problem) is not None and not sel.interpret
     return describe_config(config_for(problem, interpret=sel.interpret), sel.name), tuned
 
@@ -53,9 +52,7 @@ def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
         bandwidth_gbps: float | None = None) -> list[dict]:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
-    from ..autotune._cache import device_kind as _device_kind
-
-    device_kind = _device_kind()              # for CPUs: the processor model and core count
+    device_kind = _cache.device_kind()              # for CPUs: the processor model and core count
     peak = bandwidth_gbps or peak_bandwidth(device_kind)
     itemsize = jnp.dtype(dtype).itemsize
     kw, kx = jax.random.split(jax.random.PRNGKey(0))

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _compat
-from .._quantize import quantize
+from ..recipes import quantize
 from ..pallas._operand import canonical_operand
-from ..pallas._mosaic_lora import lora_qmatmul_mosaic, plan_lora_mosaic
-from ..pallas._lora_base import reference
+from ..pallas.lora_qmatmul._mosaic import lora_qmatmul_mosaic, plan_lora_mosaic
+from ..pallas.lora_qmatmul.base import reference
 
 
 def main():

@@ -13,10 +13,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from .._quantize import quantize
+from ..recipes import quantize
 from ..pallas._config import MatmulConfig
 from ..pallas._operand import canonical_operand
-from ..pallas._mosaic_qmatmul import (_lowers_for_tpu, plan_mosaic, qmatmul_mosaic, qmatmul_reference)
+from ..pallas.qmatmul._mosaic import (_lowers_for_tpu, plan_mosaic, qmatmul_mosaic, qmatmul_reference)
 
 
 def main():

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _compat
-from ..formats import get_format
 from ..pallas._config import MatmulConfig
-from ..pallas._operand import QOperand
-from ..pallas._mosaic_w8a8 import (plan_mosaic_w8a8, w8a8_mosaic)
-from ..pallas._xla_w8a8 import w8a8_reference
+from ..pallas.w8a8._mosaic import plan_mosaic_w8a8, w8a8_mosaic
+from ..pallas.w8a8.base import w8a8_reference
+from .operands import random_int8_operand
 
 
 def main(argv=None) -> None:
@@ -34,11 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block", type=int, default=0, help="weight block size (0: per channel)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    b = args.block or args.k
-    nb = -(-args.k // b)
-    op = QOperand(jnp.asarray(rng.integers(-127, 128, (nb * b, args.n), dtype=np.int8)),
-                  jnp.asarray(rng.uniform(0.004, 0.016, (nb, args.n)).astype(np.float32)),
-                  None, get_format("int8"), b, args.k)
+    op = random_int8_operand(rng, args.k, args.n, args.block)
     configs = [None, MatmulConfig(block_m=32, block_n=128, block_k=1024)]
     rows = [("M", "config", "kernel", "bm/bn/tk", "scales", "k steps", "rel err",
              "interp s", "lowers")]

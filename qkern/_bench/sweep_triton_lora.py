@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._quantize import quantize
+from ..recipes import quantize
 from ..pallas._config import MatmulConfig
 from ..pallas._operand import canonical_operand
-from ..pallas._triton_lora import lora_qmatmul_triton
-from ..pallas._lora_base import reference
+from ..pallas.lora_qmatmul._triton import lora_qmatmul_triton
+from ..pallas.lora_qmatmul.base import reference
 
 
 def main(argv: Any = None) -> None:

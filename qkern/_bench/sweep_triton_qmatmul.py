@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._quantize import quantize
+from ..recipes import quantize
 from ..pallas._config import MatmulConfig
 from ..pallas._operand import canonical_operand
-from ..pallas._triton_qmatmul import (_plan, qmatmul_t_triton, qmatmul_triton, reference, reference_t)
+from ..pallas.qmatmul._triton import (_plan, qmatmul_t_triton, qmatmul_triton, reference, reference_t)
 
 
 def main(argv: Any = None) -> None:

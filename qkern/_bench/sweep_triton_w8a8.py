@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..formats import get_format
 from ..pallas._config import MatmulConfig
-from ..pallas._operand import QOperand
-from ..pallas._triton_w8a8 import (plan_triton_w8a8, w8a8_triton)
-from ..pallas._xla_w8a8 import w8a8_reference
+from ..pallas.w8a8._triton import plan_triton_w8a8, w8a8_triton
+from ..pallas.w8a8.base import w8a8_reference
+from .operands import random_int8_operand
 
 
 def main(argv=None) -> None:
@@ -39,11 +38,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     interpret = not args.device
     rng = np.random.default_rng(0)
-    b = args.block or args.k
-    nb = -(-args.k // b)
-    op = QOperand(jnp.asarray(rng.integers(-127, 128, (nb * b, args.n), dtype=np.int8)),
-                  jnp.asarray(rng.uniform(0.004, 0.016, (nb, args.n)).astype(np.float32)),
-                  None, get_format("int8"), b, args.k)
+    op = random_int8_operand(rng, args.k, args.n, args.block)
     w_bf16 = (jnp.asarray(rng.standard_normal((args.k, args.n)), jnp.bfloat16))
     configs = [None,
                MatmulConfig(block_m=16, block_n=64, block_k=128, split_k=1),

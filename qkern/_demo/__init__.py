@@ -8,6 +8,8 @@ memory saved, output error and time against dense float32.
 
 from __future__ import annotations
 
+from . import random_model
+
 
 def real_model():
     """(the minilm demo module or None, the message to show when it is unavailable)."""
@@ -32,7 +34,5 @@ def main(*, random: bool = False, **kwargs) -> int:
         if why:
             print(why)
             print()
-    from . import random_model
-
     random_model.run(**kwargs)
     return 0

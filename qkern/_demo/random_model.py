@@ -20,6 +20,7 @@ import numpy as np
 
 import qkern
 from .._bench.timing import interleaved_medians
+from ..pallas._backend import resolve
 
 FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
 
@@ -124,8 +125,6 @@ def format_table(rows) -> str:
 def run(formats=FORMATS, *, layers: int = 2, width: int = 256, ffn: int = 1024,
         tokens: int = 16, repeats: int = 10) -> list[dict]:
     """Print the demo: what runs, the table, and how to read it. Returns the rows."""
-    from ..pallas._backend import resolve
-
     print(f"qkern demo: a {layers}-layer transformer (width {width}, MLP {ffn}, random "
           f"weights), {tokens} tokens, on {jax.devices()[0].device_kind} "
           f"(qkern backend: {resolve().name}).")

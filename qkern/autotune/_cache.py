@@ -35,11 +35,19 @@ import functools
 import json
 import math
 import os
+import platform
 import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+
+import jax
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 from .._cache_dir import ENV_DIR, cache_dir  # noqa: F401  (qkern.autotune.cache_dir)
 from .._core import _dispatch
@@ -48,12 +56,12 @@ from ..pallas import _config
 from ..pallas._config import MatmulConfig, Problem
 
 SCHEMA = "qkern-autotune-cache"
-VERSION = 1
+VERSION = 2                  # 2: problems carry the kernel family's LoRA rank
 FILENAME = "autotune.json"
 ENV_ENABLE = "QKERN_AUTOTUNE"
 
 _KEY_FIELDS = ("device_kind", "jax", "backend", "kernel", "m", "k", "n", "x_dtype", "fmt",
-               "block_size", "zeros")
+               "block_size", "zeros", "rank")
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(MatmulConfig))
 
 
@@ -79,16 +87,12 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=None)
-def _device_kind_of(platform: str) -> str:
-    import jax
-
-    if platform == "cpu":
+def _device_kind_of(platform_name: str) -> str:
+    if platform_name == "cpu":
         return f"cpu: {_cpu_model()} x{os.cpu_count()}"
     return str(jax.devices()[0].device_kind)
 
@@ -96,14 +100,10 @@ def _device_kind_of(platform: str) -> str:
 def device_kind() -> str:
     """The kind of the default device; for CPUs, the processor model and core count
     (every CPU's jax device_kind is just "cpu")."""
-    import jax
-
     return _device_kind_of(jax.default_backend())
 
 
 def jax_version() -> str:
-    import jax
-
     return jax.__version__
 
 
@@ -150,6 +150,8 @@ def _check_entry(key: str, e: Any) -> str | None:
     for f in ("m", "k", "n", "block_size"):
         if not isinstance(e[f], int) or isinstance(e[f], bool) or e[f] <= 0:
             return f"{f}={e[f]!r} is not a positive int"
+    if not isinstance(e["rank"], int) or isinstance(e["rank"], bool) or e["rank"] < 0:
+        return f"rank={e['rank']!r} is not a non-negative int"
     cfg = e["config"]
     if not isinstance(cfg, dict) or set(cfg) - set(_CONFIG_FIELDS):
         return f"config {cfg!r} is not a MatmulConfig"
@@ -314,9 +316,7 @@ def lookup(problem: Problem) -> MatmulConfig | None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): atomic replace still, merges may race
+    if fcntl is None:  # no flock (Windows): atomic replace still, merges may race
         yield
         return
     fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)

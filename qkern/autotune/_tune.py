@@ -16,8 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._bench.timing import interleaved_medians, median_time
+from .._core import quaxify
+from ..formats import get_format
 from ..pallas import _config
-from ..pallas._config import KERNELS, MatmulConfig, Problem, default_config
+from ..pallas._backend import backend as use_backend
+from ..pallas._backend import resolve
+from ..pallas._config import KERNELS, MatmulConfig, Problem
+from ..pallas._operand import stored_operand
+from ..recipes import quantize
 from . import _cache, _space
 from ._progress import Progress
 
@@ -94,14 +101,14 @@ def default_dtype(backend: str = "xla") -> str:
     return "bfloat16"
 
 
-def _weight_problem(backend, kernel, m, k, n, dtype, fmt, block_size, zeros) -> Problem:
-    from ..formats import get_format
-
+def _weight_problem(backend, kernel, m, k, n, dtype, fmt, block_size, zeros,
+                    rank=0) -> Problem:
     f = get_format(fmt)
     if block_size is None:
         block_size = f.default_block or k
+    rank = int(rank) if KERNELS[kernel] == "lora_qmatmul" else 0
     return Problem(backend, kernel, int(m), int(k), int(n), dtype, f.name, int(block_size),
-                   bool(zeros))
+                   bool(zeros), rank)
 
 
 def load_function(spec) -> tuple[Callable, tuple]:
@@ -149,9 +156,6 @@ def find_problems(function, *, backend: str | None = None) -> list[Problem]:
     records every problem the kernels ask a config for: exactly the keys they will look
     up in the cache. Gradients inside fn (jax.grad) bring in the transposed kernel.
     """
-    from .._core import quaxify
-    from ..pallas._backend import backend as use_backend
-
     fn, args = load_function(function)
     found: list[Problem] = []
 
@@ -181,9 +185,6 @@ def find_problems(function, *, backend: str | None = None) -> list[Problem]:
 @functools.lru_cache(maxsize=16)
 def _operand(k: int, n: int, fmt: str, block_size: int, zeros: bool):
     """A random quantised weight of the problem's shape and format, as a kernel operand."""
-    from .._quantize import quantize
-    from ..pallas._operand import stored_operand
-
     w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32)
     qw = quantize(w, fmt, block_size=block_size,
                   calibration="minmax" if zeros else "absmax")
@@ -194,25 +195,15 @@ def _operand(k: int, n: int, fmt: str, block_size: int, zeros: bool):
     return op
 
 
-def _activation(problem: Problem):
-    cols = problem.n if problem.kernel == "qmatmul_t" else problem.k
-    x = jax.random.normal(jax.random.PRNGKey(1), (problem.m, cols), jnp.float32)
-    return x.astype(problem.x_dtype)
-
-
-def _compile(problem: Problem, op, x, config: MatmulConfig | None):
-    from ..pallas.qmatmul import qmatmul
-
-    f = jax.jit(functools.partial(qmatmul, backend=problem.backend, config=config,
-                                  transposed=problem.kernel == "qmatmul_t"))
+def _compile(problem: Problem, op, config: MatmulConfig | None):
+    f = jax.jit(_space.function(problem, config))
+    args = _space.inputs(problem, op)
     with _cache.bypassed():  # config=None must mean the shipped default, not the cache
-        compiled = f.lower(x, op).compile()
-    return lambda: compiled(x, op)
+        compiled = f.lower(op, *args).compile()
+    return lambda: compiled(op, *args)
 
 
 def _default_measure(repeats: int, warmup: int) -> Callable[[Callable[[], Any]], float]:
-    from .._bench.timing import median_time
-
     return lambda fn: median_time(fn, repeats=repeats, warmup=warmup)
 
 
@@ -238,19 +229,17 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
         cands, pruned = list(configs), []
     repeats = repeats or _default_repeats(problem.backend)
     measure1 = measure or _default_measure(repeats, warmup)
-    # The shipped default: the xla heuristic as given, or the Pallas kernel's own choice.
-    default = default_config("xla", problem.m) if problem.backend == "xla" else None
-    if problem.backend == "xla":
-        default = MatmulConfig(block_k=_space._xla_chunk(op, default.block_k))
+    # The shipped default: the xla heuristic (as the kernel really runs it), or the Pallas
+    # kernel's own choice.
+    default = _space.shipped_default(problem, op)
     pool = list(dict.fromkeys(list(cands) + [default]))
     eligible = set(cands) | ({default} if configs is None else set())
-    x = _activation(problem)
     runners, failed, first = {}, [], {}
     if progress is not None:
         progress.set_total(progress.total + len(pool) - 1)
     for cfg in pool:
         try:
-            runners[cfg] = _compile(problem, op, x, cfg)
+            runners[cfg] = _compile(problem, op, cfg)
             first[cfg] = measure1(runners[cfg])
         except Exception as err:  # noqa: BLE001  (a config that fails is pruned, not fatal)
             runners.pop(cfg, None)
@@ -265,8 +254,6 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
     if measure is not None:
         second = {c: measure(runners[c]) for c in final_cfgs}
     else:
-        from .._bench.timing import interleaved_medians
-
         second = interleaved_medians({c: runners[c] for c in final_cfgs},
                                      repeats=2 * repeats, warmup=1)
     timings = tuple((c, second.get(c, t)) for c, t in first.items())
@@ -302,7 +289,8 @@ def describe_config(cfg: MatmulConfig | None, backend: str) -> str:
 
 
 def _describe(p: Problem) -> str:
-    return f"{p.kernel} {p.fmt} M={p.m} K={p.k} N={p.n} {p.x_dtype}"
+    rank = f" r={p.rank}" if p.rank else ""
+    return f"{p.kernel} {p.fmt} M={p.m} K={p.k} N={p.n}{rank} {p.x_dtype}"
 
 
 # --------------------------------------------------------------------------------------
@@ -311,7 +299,7 @@ def _describe(p: Problem) -> str:
 
 
 def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtypes=None,
-             kernels=("qmatmul",), block_size=None, zeros=False, function=None,
+             kernels=("qmatmul",), block_size=None, zeros=False, rank=16, function=None,
              problems: Sequence[Problem] | None = None, backend: str | None = None,
              space: dict | None = None, configs: Sequence[MatmulConfig] | None = None,
              max_configs="default", repeats: int | None = None, warmup: int = 2,
@@ -328,8 +316,9 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
 
     Problems are the product of m, k, n, formats, dtypes (default: float32 on CPU,
     bfloat16 elsewhere) and kernels ("qmatmul": x @ W; "qmatmul_t": dy @ W.T, the
-    gradient), for weights of `block_size` (default: the format's) with zero points when
-    `zeros`; or those found in `function` ("package.module:function" or a zero-argument
+    gradient; "w8a8": x @ W with int8 activations, int8 weights only; "lora" / "lora_t":
+    the fused QLoRA matmul with factors of rank `rank`), for weights of `block_size`
+    (default: the format's) with zero points when `zeros`; or those found in `function` ("package.module:function" or a zero-argument
     callable returning (fn, args); see `find_problems`); or `problems` given directly.
 
     backend: "xla" (CPUs: tunes block_k), "triton" (NVIDIA GPUs) or "mosaic_tpu" (TPUs);
@@ -347,8 +336,6 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
     Kernels read the cache when they are traced: functions jitted before tuning keep the
     config they were compiled with.
     """
-    from ..pallas._backend import resolve
-
     name = resolve(backend).name
     if problems is not None:
         todo = list(problems)
@@ -359,10 +346,15 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
             if kern not in KERNELS:
                 raise ValueError(f"unknown kernel {kern!r}; choose from {', '.join(KERNELS)}")
         dts = tuple(_dtype_name(d) for d in _as_tuple(dtypes or default_dtype(name)))
-        todo = [_weight_problem(name, kern, mm, kk, nn, dt, fmt, block_size, zeros)
+        todo = [_weight_problem(name, kern, mm, kk, nn, dt, fmt, block_size, zeros, rank)
                 for kern, fmt, dt, kk, nn, mm in itertools.product(
                     _as_tuple(kernels), _as_tuple(formats), dts, _as_tuple(k), _as_tuple(n),
-                    _as_tuple(m))]
+                    _as_tuple(m))
+                # W8A8 runs int8 weights only: other formats are not its problems
+                if KERNELS[kern] != "w8a8" or get_format(fmt).name == "int8"]
+        if not todo:
+            raise ValueError("no problems to tune: the w8a8 kernel takes int8 weights; "
+                             "add 'int8' to formats")
     todo = list(dict.fromkeys(todo))
     for p in todo:
         if p.backend != "xla" and not dry_run:

@@ -38,9 +38,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from .. import _rules
 from .._core import quaxify
-from .._quantize import quantize as _quantize
+from ..recipes import Rule as _Rule
+from ..recipes import hessians as _hessians
+from ..recipes import quantize as _quantize
 from . import _hf
 from ._sentences import CALIBRATION, SENTENCES
 from ._bert import BertConfig as Config
@@ -91,8 +92,8 @@ def quantize(params: dict[str, Any], fmt: str = "int8", *, last_layer: str | Non
     cfg = _config(params)
     rules = []
     if last_layer is not None:
-        rules.append(_rules.Rule(where=rf"layers/{cfg.num_layers - 1}/.*kernel", fmt=last_layer))
-    rules.append(_rules.Rule(where=r"layers/\d+/.*kernel", fmt=fmt, **options))
+        rules.append(_Rule(where=rf"layers/{cfg.num_layers - 1}/.*kernel", fmt=last_layer))
+    rules.append(_Rule(where=r"layers/\d+/.*kernel", fmt=fmt, **options))
     if gptq is not None:        # jitted per kernel shape inside; needs concrete Hessians
         layers = _quantize({"layers": params["layers"]}, rules=rules, gptq=gptq)["layers"]
         return {**params, "layers": layers}
@@ -131,7 +132,6 @@ def hessians(params: dict[str, Any], sentences: Sequence[str] = CALIBRATION, *,
         hs = minilm.hessians(params)
         qparams = minilm.quantize(params, "nf4", gptq=hs)
     """
-    from .._calibrate import hessians as _hessians
     batches = calibration_batches(params, sentences, batch_size=batch_size)
     return _hessians(lambda p, batch: forward(p, *batch), params, batches,
                      where=r"layers/\d+/.*kernel")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from ._backend import backend
 from ._config import MatmulConfig
 from ._operand import QOperand, stored_operand
-from .qmatmul import qmatmul
-from .w8a8 import w8a8_matmul
+from .qmatmul.api import qmatmul
+from .w8a8.api import w8a8_matmul
 
 __all__ = ["qmatmul", "w8a8_matmul", "backend", "MatmulConfig", "QOperand",
            "stored_operand"]

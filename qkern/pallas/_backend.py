@@ -1,8 +1,17 @@
-"""Which kernel backend runs: an argument, `qkern.backend(...)`, `QKERN_BACKEND`, or the device.
+"""Which kernel backend runs, and the one table of every family's implementations.
 
-Backends: "triton" (NVIDIA GPUs), "mosaic_tpu" (TPUs), "xla" (no Pallas: the CPU path and
-the fallback everywhere). `interpret=True` runs a Pallas backend in interpret mode, on any
-device (tests).
+Selection: an argument, `qkern.backend(...)`, `QKERN_BACKEND`, or the device, in that
+order. Backends: "triton" (NVIDIA GPUs), "mosaic_tpu" (TPUs), "xla" (no Pallas: the CPU
+path and the fallback everywhere). `interpret=True` runs a Pallas backend in interpret
+mode, on any device (tests).
+
+The table: each kernel family (`qmatmul`, `w8a8`, `lora_qmatmul`) registers one module per
+backend (`register`), and `implementation(family, selection, op)` gives the module that
+runs. A module provides the family's kernel functions under the family's names (`forward`,
+and `transposed` where the family has one) and `candidates`, its config search space for
+`qkern tune`; it may provide `unsupported(op) -> reason | None`. When the selected backend
+has no module for a family, or its module says it cannot run an operand, the xla module
+runs instead, with a warning, unless the backend was asked for by argument, which raises.
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ import contextlib
 import dataclasses
 import os
 import threading
+import warnings
+from types import ModuleType
 
 import jax
 
@@ -24,6 +35,7 @@ ENV_VAR = "QKERN_BACKEND"
 class Selection:
     name: str
     interpret: bool = False
+    explicit: bool = False      # named by the caller's `backend=` argument: never fall back
 
 
 _state = threading.local()
@@ -69,7 +81,7 @@ def resolve(name: str | None = None, interpret: bool | None = None) -> Selection
     """The backend to use: explicit argument > innermost `backend(...)` > env > device."""
     stack = getattr(_state, "stack", None) or []
     if name is not None:
-        sel = Selection(_check(name), bool(interpret))
+        sel = Selection(_check(name), bool(interpret), explicit=True)
     elif stack:
         sel = stack[-1]
         if interpret is not None:
@@ -79,6 +91,46 @@ def resolve(name: str | None = None, interpret: bool | None = None) -> Selection
     else:
         sel = Selection(device_default(), bool(interpret))
     return sel
+
+
+# --------------------------------------------------------------------------------------
+# The backend table
+# --------------------------------------------------------------------------------------
+
+_TABLE: dict[str, dict[str, ModuleType]] = {}
+_warned: set = set()
+
+
+def register(family: str, name: str, module: ModuleType) -> None:
+    """`module` implements kernel family `family` on backend `name`."""
+    _TABLE.setdefault(family, {})[_check(name)] = module
+
+
+def families() -> tuple[str, ...]:
+    return tuple(_TABLE)
+
+
+def implementation(family: str, sel: Selection, op=None) -> tuple[ModuleType, Selection]:
+    """(module, selection) that runs `family` for `sel` on operand `op`: the selected
+    backend's module, or xla's where that backend lacks the family or rejects `op`."""
+    if family not in _TABLE:
+        raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(_TABLE)}.")
+    impls = _TABLE[family]
+    module = impls.get(sel.name)
+    if module is None:
+        why = f"the {sel.name} backend has no {family} kernel"
+    else:
+        check = getattr(module, "unsupported", None)
+        why = None if (check is None or op is None) else check(op)
+        if why is None:
+            return module, sel
+    if sel.explicit:
+        raise ValueError(f"{family}: {why}. Use backend='xla' (runs everywhere) or leave "
+                         "backend unset to fall back to it.")
+    if (family, sel.name, why) not in _warned:
+        _warned.add((family, sel.name, why))
+        warnings.warn(f"qkern: {family} runs on the xla backend here: {why}.", stacklevel=3)
+    return impls["xla"], Selection("xla", sel.interpret)
 
 
 # Code traced under one backend must not be reused under another (quaxify's jit cache).

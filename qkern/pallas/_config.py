@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class MatmulConfig:
@@ -59,16 +61,22 @@ def default_config(backend: str, m: int) -> MatmulConfig:
     return HEURISTICS[(backend, regime)]
 
 
-KERNELS = ("qmatmul", "qmatmul_t")  # x @ W (forward) and dy @ W.T (the gradient for x)
+# Problem.kernel -> the kernel family that runs it. "qmatmul": x @ W; "qmatmul_t": dy @ W.T
+# (the gradient for x); "w8a8": x @ W with int8 activations; "lora" / "lora_t": the fused
+# QLoRA matmul forward and transposed.
+KERNELS = {"qmatmul": "qmatmul", "qmatmul_t": "qmatmul", "w8a8": "w8a8",
+           "lora": "lora_qmatmul", "lora_t": "lora_qmatmul"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One quantised matmul as a kernel sees it: the autotune cache key, less the device.
 
-    kernel "qmatmul" is x[M, K] @ W[K, N]; "qmatmul_t" is dy[M, N] @ W.T. K and N are always
-    the weight's logical dims. x_dtype is the activation dtype's name; fmt, block_size and
-    zeros (asymmetric zero points) describe the quantised weight.
+    kernel (one of KERNELS) "qmatmul" is x[M, K] @ W[K, N]; "qmatmul_t" is dy[M, N] @ W.T;
+    "w8a8" x @ W with x quantised to int8; "lora" / "lora_t" the fused QLoRA matmul, of
+    rank `rank` (0 for the other kernels). K and N are always the weight's logical dims.
+    x_dtype is the activation dtype's name; fmt, block_size and zeros (asymmetric zero
+    points) describe the quantised weight.
     """
 
     backend: str
@@ -80,15 +88,18 @@ class Problem:
     fmt: str
     block_size: int
     zeros: bool = False
+    rank: int = 0
 
     @classmethod
-    def of(cls, backend: str, x, op, transposed: bool) -> "Problem":
-        """The problem of running `op` (a QOperand) on the 2-D activation `x`."""
-        import numpy as np
+    def of(cls, backend: str, x, op, kernel: str, rank: int = 0) -> "Problem":
+        """The problem of running `kernel` on `op` (a QOperand) and the 2-D activation x."""
+        return cls(backend, kernel, int(x.shape[0]), int(op.k), int(op.n),
+                   np.dtype(x.dtype).name, op.fmt.name, int(op.block_size),
+                   op.zeros is not None, int(rank))
 
-        return cls(backend, KERNELS[int(bool(transposed))], int(x.shape[0]), int(op.k),
-                   int(op.n), np.dtype(x.dtype).name, op.fmt.name, int(op.block_size),
-                   op.zeros is not None)
+    @property
+    def family(self) -> str:
+        return KERNELS[self.kernel]
 
     @property
     def regime(self) -> str:
@@ -105,13 +116,15 @@ OBSERVERS: list[Callable[[Problem], None]] = []
 LOOKUPS: list[Callable[[Problem], "MatmulConfig | None"]] = []
 
 
-def config_for(problem: Problem, *, interpret: bool = False) -> MatmulConfig | None:
+def config_for(problem: Problem, *, interpret: bool = False,
+               heuristic: bool = True) -> MatmulConfig | None:
     """The config a kernel runs when none is given: the autotune cache's winner for this
     device and problem (qkern/autotune), else the shipped heuristic.
 
     On a miss the Pallas backends get None, so that each kernel starts from its heuristic
     and moves it to the nearest legal tiling itself; the xla backend gets its heuristic.
-    Interpret mode (tests) never reads the cache.
+    Interpret mode (tests) never reads the cache. heuristic=False: None on a miss on
+    every backend (a caller that has a better fallback of its own).
     """
     for observe in OBSERVERS:
         observe(problem)
@@ -120,4 +133,6 @@ def config_for(problem: Problem, *, interpret: bool = False) -> MatmulConfig | N
             hit = lookup(problem)
             if hit is not None:
                 return hit
-    return default_config("xla", problem.m) if problem.backend == "xla" else None
+    if heuristic and problem.backend == "xla":
+        return default_config("xla", problem.m)
+    return None

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from .._core import ArrayLike, Value, quaxify, register
+from ..pallas import stored_operand
+from ..pallas.lora_qmatmul import lora_qmatmul
 from .lora import LoraArray
 from .qarray import QArray
 
@@ -44,9 +46,6 @@ def _low_rank_layout(lw: LoraArray, w_contract, w_batch):
 
 def _fused_kernel(x, lw: LoraArray, x_axis: int, w_axis: int, w_on_left: bool):
     """The fused QLoRA kernel for a 2-D quantised base, or None when it does not apply."""
-    from ..pallas import stored_operand
-    from ..pallas.lora_qmatmul import lora_qmatmul
-
     w = lw.w
     if lw.ndim != 2 or not isinstance(w, QArray) or not jnp.issubdtype(x.dtype, jnp.floating):
         return None

@@ -105,7 +105,8 @@ def test_disabled_by_environment(monkeypatch):
     ('{"schema": "qkern-autotune-cache", "version": 99, "entries": {}}', "version 99"),
     ('{"schema": "something-else", "version": 1, "entries": {}}', "not a qkern autotune cache"),
     ('[1, 2, 3]', "not a qkern autotune cache"),
-    ('{"schema": "qkern-autotune-cache", "version": 1, "entries": []}', "'entries'"),
+    ('{"schema": "qkern-autotune-cache", "version": 2, "entries": []}', "'entries'"),
+    ('{"schema": "qkern-autotune-cache", "version": 1, "entries": {}}', "version 1"),
 ])
 def test_bad_file_is_reported_ignored_and_replaced_by_the_next_write(cache_dir, content, why):
     cache_dir.mkdir(parents=True)

@@ -1,5 +1,6 @@
 """Search spaces and pruning (pure Python: runs on any machine, times nothing)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,9 +10,14 @@ import pytest
 import qkern
 from qkern.autotune import _space
 from qkern.pallas._config import MatmulConfig, Problem
-from qkern.pallas._mosaic_qmatmul import plan_mosaic
+from qkern.pallas.qmatmul._mosaic import plan_mosaic
 from qkern.pallas._operand import stored_operand
-from qkern.pallas._triton_qmatmul import _plan as triton_plan
+from qkern.pallas._triton_common import smem_limit
+from qkern.pallas.lora_qmatmul._mosaic import plan_lora_mosaic
+from qkern.pallas.qmatmul._triton import _plan as triton_plan
+from qkern.pallas.qmatmul._triton import smem_bytes
+from qkern.pallas.w8a8._mosaic import plan_mosaic_w8a8
+from qkern.pallas.w8a8._triton import plan_triton_w8a8
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,8 +26,9 @@ def _op(k, n, fmt, block_size=None):
     return stored_operand(qkern.quantize(w, fmt, block_size=block_size))
 
 
-def _problem(backend, m, k, n, fmt, op, kernel="qmatmul", dtype="bfloat16"):
-    return Problem(backend, kernel, m, k, n, dtype, fmt, op.block_size, op.zeros is not None)
+def _problem(backend, m, k, n, fmt, op, kernel="qmatmul", dtype="bfloat16", rank=0):
+    return Problem(backend, kernel, m, k, n, dtype, fmt, op.block_size, op.zeros is not None,
+                   rank)
 
 
 def test_xla_space_is_block_k_deduplicated_by_the_chunk_the_scan_uses():
@@ -42,7 +49,7 @@ def test_xla_space_respects_scale_blocks():
 
 
 def test_xla_space_is_one_config_where_the_native_kernel_runs():
-    from qkern.pallas import _native
+    from qkern.pallas.qmatmul import _native
 
     op = _op(1024, 128, "nf4")
     p = _problem("xla", 1, 1024, 128, "nf4", op, dtype="float32")
@@ -68,11 +75,11 @@ def test_triton_candidates_are_all_accepted_by_the_kernel_and_fit(m, kernel):
     # for M > 16 one more candidate: dequantise-then-dot, which no kernel plans
     assert sum(c.dequantize for c in configs) == (m > 16)
     configs = [c for c in configs if not c.dequantize]
-    limit, _ = _space.smem_limit("NVIDIA H100 80GB HBM3")
+    limit, _ = smem_limit("NVIDIA H100 80GB HBM3")
     tilings = set()
     for c in configs:
         plan = triton_plan(op, m, c, transposed=kernel == "qmatmul_t")   # does not raise
-        assert _space.triton_smem_bytes(plan, 2, 1, kernel == "qmatmul_t") <= limit
+        assert smem_bytes(plan, 2, 1, kernel == "qmatmul_t") <= limit
         tilings.add((plan.bm, plan.bn, plan.bk, plan.split, plan.num_warps, plan.num_stages))
     assert len(tilings) == len(configs)                          # no two time the same tiling
     reasons = " ".join(why for _, why in pruned)
@@ -127,6 +134,58 @@ def test_cap_keeps_the_configs_nearest_the_heuristic():
 
     assert tiling(heuristic) in {tiling(c) for c in capped}   # (or its equal after clamping)
     assert sum("nearest the heuristic" in why for _, why in pruned) == len(every) - 5
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+@pytest.mark.parametrize("m", [1, 256])
+def test_w8a8_candidates_are_accepted_by_its_own_planner(backend, m):
+    """W8A8 has its own space: every candidate plans with the W8A8 kernel's planner, no two
+    share a tiling, and no dequantise-then-dot entry (it is not a weight-only kernel)."""
+    op = _op(1024, 512, "int8", block_size=128)
+    p = _problem(backend, m, 1024, 512, "int8", op, kernel="w8a8")
+    configs, pruned = _space.candidates(p, op, max_configs=None, device_kind="NVIDIA H100")
+    assert configs and not any(c.dequantize for c in configs)
+    if backend == "triton":
+        plans = [plan_triton_w8a8(op, m, c) for c in configs]
+        tilings = {(q.bm, q.bn, q.bk, q.split, q.num_warps, q.num_stages) for q in plans}
+    else:
+        plans = [plan_mosaic_w8a8(op, m, "bfloat16", c) for c in configs]
+        tilings = {(q.bm, q.bn, q.tk, q.nk) for q in plans}
+        assert any("multiple" in why for _, why in pruned)        # block_k 256 < 8 blocks
+    assert len(tilings) == len(configs)
+
+
+def test_w8a8_xla_space_is_the_chunk_of_its_int8_product():
+    op = _op(1024, 128, "int8")                                   # per channel: one block
+    p = _problem("xla", 32, 1024, 128, "int8", op, kernel="w8a8", dtype="float32")
+    configs, pruned = _space.candidates(p, op)
+    assert [c.block_k for c in configs] == [64, 128, 256, 512, 1024]
+    assert [c.block_k for c, _ in pruned] == [2048]               # whole K, as 1024 is
+
+
+@pytest.mark.parametrize("kernel", ["lora", "lora_t"])
+def test_lora_mosaic_candidates_budget_for_the_rank(kernel):
+    """The fused LoRA kernel's Mosaic space is planned for the problem's rank: a larger rank
+    needs more VMEM for u, v and xu, so it never keeps more configs."""
+    op = _op(2048, 2048, "int8")
+    small = _problem("mosaic_tpu", 512, 2048, 2048, "int8", op, kernel=kernel, rank=8)
+    large = dataclasses.replace(small, rank=2048)
+    few, pruned = _space.candidates(large, op, max_configs=None)
+    many, _ = _space.candidates(small, op, max_configs=None)
+    assert few and len(few) < len(many)
+    assert any("fused LoRA tiling needs" in why for _, why in pruned)
+    for c in few:
+        plan_lora_mosaic(op, 512, "bfloat16", 2048, c, transposed=kernel == "lora_t")
+
+
+@pytest.mark.parametrize("kernel", ["w8a8", "lora"])
+def test_lowering_check_covers_every_family(kernel):
+    op = _op(256, 256, "int8")
+    p = _problem("triton", 64, 256, 256, "int8", op, kernel=kernel, rank=4 * (kernel == "lora"))
+    cfg = MatmulConfig(block_m=32, block_n=64, block_k=64)
+    assert _space.lowering_error(p, op, cfg) is None
+    assert _space.lowering_error(dataclasses.replace(p, backend="mosaic_tpu"), op,
+                                 MatmulConfig(block_m=32, block_n=128, block_k=256)) is None
 
 
 def test_unknown_backend():

@@ -1,5 +1,6 @@
 """`qkern.autotune`: tuning writes the cache, and the kernels then run the cached config."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -9,8 +10,9 @@ import pytest
 
 import qkern
 
-# (`import qkern.pallas.qmatmul as m` would give the function qkern.pallas re-exports)
-qmatmul_module = importlib.import_module("qkern.pallas.qmatmul")
+# The backend modules the backend table calls (their `forward` / `transposed` are looked up
+# at each call, so patching them reaches the kernels).
+xla_module = importlib.import_module("qkern.pallas.qmatmul._xla")
 from qkern.autotune import SpecError, _cache, autotune, find_problems, load_function
 from qkern.pallas._config import MatmulConfig, Problem
 
@@ -20,14 +22,14 @@ def spy(monkeypatch):
     """Records the config the xla kernel receives each time it is traced."""
     jax.clear_caches()  # traces cached by earlier tests would hide the kernel calls
     seen = []
-    for name in ("qmatmul_xla", "qmatmul_t_xla"):
-        real = getattr(qmatmul_module, name)
+    for name, label in (("forward", "qmatmul_xla"), ("transposed", "qmatmul_t_xla")):
+        real = getattr(xla_module, name)
 
-        def fake(x, op, config, _real=real, _name=name):
+        def fake(x, op, config, _real=real, _name=label, **kw):
             seen.append((_name, x.shape[0], op.k, op.n, config))
-            return _real(x, op, config)
+            return _real(x, op, config, **kw)
 
-        monkeypatch.setattr(qmatmul_module, name, fake)
+        monkeypatch.setattr(xla_module, name, fake)
     return seen
 
 
@@ -115,14 +117,14 @@ def test_write_false_leaves_the_cache_alone(cache_dir):
 
 
 def test_a_config_that_fails_is_recorded_not_fatal(monkeypatch):
-    real = qmatmul_module.qmatmul_xla
+    real = xla_module.forward
 
-    def broken(x, op, config):
+    def broken(x, op, config, **kw):
         if config.block_k == 64:
             raise RuntimeError("boom")
-        return real(x, op, config)
+        return real(x, op, config, **kw)
 
-    monkeypatch.setattr(qmatmul_module, "qmatmul_xla", broken)
+    monkeypatch.setattr(xla_module, "forward", broken)
     (r,) = autotune(m=1, k=256, n=128, formats="int8",
                     configs=[MatmulConfig(block_k=64), MatmulConfig(block_k=128)],
                     repeats=2, warmup=1)
@@ -183,26 +185,56 @@ def test_public_name_is_the_function_and_the_package(monkeypatch):
     assert "formats" in inspect.signature(qkern.autotune).parameters
 
 
-def test_pallas_backends_get_the_cached_config_or_none(monkeypatch):
-    """Triton/Mosaic kernels receive the cached winner, else None (their own default)."""
+@pytest.mark.parametrize("kernel", ["qmatmul", "w8a8", "lora"])
+def test_pallas_backends_get_the_cached_config_or_none(monkeypatch, kernel):
+    """Triton/Mosaic kernels of every family receive the cached winner of their own problem
+    (rank included for LoRA), else None (their own default)."""
+    from qkern.pallas import _backend
     from qkern.pallas._operand import stored_operand
+    from qkern.pallas.lora_qmatmul import lora_qmatmul
+    from qkern.pallas.w8a8 import w8a8_matmul
 
     received = []
+    family = Problem("triton", kernel, 1, 1, 1, "bfloat16", "int8", 1).family
+    module = _backend._TABLE[family]["triton"]
 
-    def fake(x, op, config, *, interpret):
+    def fake(x, op, *args, interpret, **kw):
+        config = args[-1] if args else kw.get("config")
         received.append((config, interpret))
-        return jnp.zeros((x.shape[0], op.n), x.dtype)
+        y = jnp.zeros((x.shape[0], op.n), x.dtype)
+        return (y, jnp.zeros((x.shape[0], 4), jnp.float32)) if kernel == "lora" else y
 
-    monkeypatch.setattr(qmatmul_module, "_kernels", lambda name: (fake, fake))
+    monkeypatch.setattr(module, "forward", fake)
     op = stored_operand(qkern.quantize(jax.random.normal(jax.random.PRNGKey(0), (256, 128)),
                                        "int8"))
     x = jnp.ones((2, 256), jnp.bfloat16)
+    u, v = jnp.ones((256, 4), jnp.bfloat16), jnp.ones((4, 128), jnp.bfloat16)
+    run = {"qmatmul": lambda **kw: qkern.pallas.qmatmul(x, op, backend="triton", **kw),
+           "w8a8": lambda **kw: w8a8_matmul(x, op, backend="triton", **kw),
+           "lora": lambda **kw: lora_qmatmul(x, op, u, v, 1.0, backend="triton", **kw)}[kernel]
     jax.clear_caches()
-    qmatmul_module.qmatmul(x, op, backend="triton")
+    run()
     winner = MatmulConfig(block_m=16, block_n=32, block_k=64, num_warps=8, num_stages=3,
                           split_k=2)
-    problem = Problem("triton", "qmatmul", 2, 256, 128, "bfloat16", "int8", 256, False)
-    _cache.write_entries([_cache.make_entry(problem, winner, time_s=1e-5)])
-    qmatmul_module.qmatmul(x, op, backend="triton")
-    qmatmul_module.qmatmul(x, op, backend="triton", interpret=True)   # tests: no cache
+    problem = Problem("triton", kernel, 2, 256, 128, "bfloat16", "int8", 256, False,
+                      4 if kernel == "lora" else 0)
+    other_rank = dataclasses.replace(problem, rank=8, m=3) if kernel == "lora" else problem
+    _cache.write_entries([_cache.make_entry(other_rank, MatmulConfig(block_k=32),
+                                            time_s=1e-5),
+                          _cache.make_entry(problem, winner, time_s=1e-5)])
+    run()
+    run(interpret=True)                                            # tests: no cache
     assert received == [(None, False), (winner, False), (None, True)]
+
+
+def test_w8a8_and_lora_are_tuned_and_written(cache_dir):
+    results = autotune(m=(1, 32), k=256, n=128, formats=("int8", "int4"),
+                       kernels=("w8a8", "lora", "lora_t"), rank=4, repeats=2, warmup=1)
+    kinds = [(r.problem.kernel, r.problem.fmt, r.problem.rank) for r in results]
+    assert ("w8a8", "int4", 0) not in kinds and ("w8a8", "int8", 0) in kinds
+    assert ("lora", "int4", 4) in kinds and ("lora_t", "int8", 4) in kinds
+    written = _cache.read_entries()
+    assert {e["kernel"] for e in written.values()} <= {"w8a8", "lora", "lora_t"}
+    assert all(e["rank"] == (4 if e["kernel"].startswith("lora") else 0)
+               for e in written.values())
+    assert all(r.timings for r in results)

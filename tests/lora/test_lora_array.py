@@ -293,7 +293,7 @@ def test_nested_quaxify(keys):
 def test_empty_batch(keys, backend):
     """M = 0 gives an empty result (Pallas grids cannot have zero programs)."""
     from qkern.pallas import qmatmul, stored_operand
-    from qkern.pallas.lora_qmatmul import lora_qmatmul
+    from qkern.pallas.lora_qmatmul.api import lora_qmatmul
     w = jax.random.normal(keys[0], (256, 128))
     op = stored_operand(qkern.quantize(w, "int8"))
     interp = backend != "xla"
@@ -310,7 +310,7 @@ def test_empty_batch(keys, backend):
 
 def test_integer_factors_are_refused_on_every_path(keys):
     from qkern.pallas import stored_operand
-    from qkern.pallas.lora_qmatmul import lora_qmatmul
+    from qkern.pallas.lora_qmatmul.api import lora_qmatmul
     op = stored_operand(qkern.quantize(jax.random.normal(keys[0], (128, 64)), "int8"))
     with pytest.raises(ValueError, match="factor u has dtype int32"):
         lora_qmatmul(jnp.ones((2, 128)), op, jnp.ones((128, 4), jnp.int32), jnp.ones((4, 64)),

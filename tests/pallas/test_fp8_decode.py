@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import qkern.pallas._triton_qmatmul as tq
+from qkern.pallas.qmatmul import _triton as tq
 from qkern.pallas import qmatmul
 from qkern.pallas._config import MatmulConfig
 from qkern.pallas._decode import fp8_from_bits
-from tests.pallas.cases import make_case, reference_matmul
+from .contract_qmatmul import make_case, reference_matmul
 
 FP8 = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
@@ -50,11 +50,11 @@ BACKENDS = ["xla", "triton", "triton_bits", "mosaic_tpu"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", list(FP8))
-def test_every_fp8_code_gives_the_same_product_on_every_backend(fmt, backend, monkeypatch):
+def test_every_fp8_code_gives_the_same_product_on_every_backend(fmt, backend, request):
     x, op = _weight_with_every_code(fmt)
     want = np.asarray(reference_matmul(x, op))
     if backend == "triton_bits":           # the arithmetic decoder of GPUs below sm_89
-        monkeypatch.setattr(tq, "_native_fp8_convert", lambda: False)
+        request.getfixturevalue("fp8_bits")
         assert tq._plan(op, 3, MatmulConfig(block_m=16, block_n=64, block_k=64),
                         transposed=False).fp8_bits
     name = "triton" if backend == "triton_bits" else backend

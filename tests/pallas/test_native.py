@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import qkern
-from qkern.pallas import _native, qmatmul
-from qkern.pallas._native import _build
+from qkern.pallas import qmatmul
+from qkern.pallas.qmatmul import _native
+from qkern.pallas.qmatmul._native import _build
 
-from .cases import assert_matches, make_case, reference_matmul
+from .contract_qmatmul import assert_matches, make_case, reference_matmul
 
 FORMATS = [
     ("nf4", {}),

@@ -379,7 +379,7 @@ def _():
 def _():
     # The native CPU kernel is an opaque custom call: under SPMD partitioning over several
     # devices its lowering picks the scan, so a sharded weight is not gathered whole.
-    from qkern.pallas import _native
+    from qkern.pallas.qmatmul import _native
 
     x1 = x[:1]
     want1 = qkern.quaxify(model)(q, x1)

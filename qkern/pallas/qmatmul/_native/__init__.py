@@ -1,0 +1,202 @@
+"""Native CPU kernels for the `xla` backend at small M (decode), called through the XLA FFI.
+
+At M = 1 every way of writing a 4-bit codebook lookup in XLA lowers to an AVX2 gather at
+about a cycle per weight (bench/nf4_lookup.py), which kept nf4 below the dense matmul.
+qgemv.cc decodes codes in registers instead (a 16-entry table in two registers, `vpermps`
+and a blend; int8 widened and converted) and never writes a decoded weight. It covers the
+4-bit formats (int4, nf4, fp4, mxfp4) and the one-byte integer formats (int8 and the
+emulated int2/3/5/6/7), with per-block or per-channel scales and minmax zero points.
+
+`qmatmul_small_m(x2, op, config)` runs it when `eligible(x2, op)`; the library is built on
+first use (_build.py). It is bound as a primitive whose lowering picks the kernel or the
+scan (`qmatmul/_xla.py`'s `_scan_matmul`):
+- the kernel only when lowering for CPU, for one device, outside `jax.export`: GPU and
+  TPU lowerings, SPMD programs over several devices (whose partitioner would gather an
+  opaque custom call's operands onto every device) and exported functions (which may only
+  hold custom calls with compatibility guarantees) get the scan;
+- under `vmap` its batching rule folds a batch of x into M while M stays within
+  `max_m(op)`; a batched weight, or a batch that makes M larger, runs the scan;
+- an Explicit mesh or `shard_map` (`eligible` is False) never binds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from ...._compat import _vma, explicit_sharding, lowering_is_local, not_mapped
+from ....formats import FORMATS, get_format
+from ..._config import MatmulConfig
+from ..._decode import nibble_table
+from ..._operand import QOperand
+from ._build import ENV_VAR, library, status
+
+__all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "status"]
+
+
+def max_m(op) -> int:
+    """Rows of x at or below which the kernel runs for `op`. It decodes each code once for
+    up to four rows of x, so its time grows with M faster than the scan's. Measured on a
+    2-core EPYC (K = N = 4096, `python bench/native_crossover.py`, docs/benchmarks.md): it
+    beats the scan up to M = 8 for every format it takes; at M = 16 it still beats it for
+    the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a gather) and not for int4
+    and int8."""
+    return 16 if op.fmt.kind in ("codebook", "mx") else 8
+
+
+def _table(fmt) -> np.ndarray:
+    """The 16 float32 values of a 4-bit code."""
+    if fmt.kind == "int":      # two's complement nibbles
+        return np.r_[0:8, -8:0].astype(np.float32)
+    return nibble_table(fmt)
+
+
+def _kernel_for(op) -> str | None:
+    fmt = op.fmt
+    if FORMATS.get(fmt.name) is not fmt:  # the primitive carries the format by its name
+        return None
+    if fmt.packed and op.data.dtype == jnp.uint8 and fmt.kind in ("int", "codebook", "mx"):
+        return "qkern_packed4_gemv" if op.halves_aligned else None
+    if not fmt.packed and fmt.kind == "int" and op.data.dtype == jnp.int8:
+        return "qkern_int8_gemv"
+    return None
+
+
+def runs_for(m: int, op) -> bool:
+    """Whether an unsharded x[m, K] @ op runs the native kernel on this machine."""
+    return 0 < m <= max_m(op) and _kernel_for(op) is not None and library() is not None
+
+
+def eligible(x2: jax.Array, op) -> bool:
+    """Whether `x2 @ op` can run the native kernel (decided at trace time)."""
+    if x2.ndim != 2 or not runs_for(x2.shape[0], op):
+        return False
+    arrays = [x2, op.data, op.scales] + ([op.zeros] if op.zeros is not None else [])
+    return not any(explicit_sharding(a) is not None or _vma(a) for a in arrays)
+
+
+# Threads per call: one per core, but each at least MIN_COLUMNS columns wide (narrower
+# slices of each code row stream badly: 256-column panels ran 1.5-2x slower than 2048 on
+# one core) and at most MAX_THREADS (a GEMV is memory bound long before that; threads
+# are started per call). Only 2 cores have been measured.
+MIN_COLUMNS = 512
+MAX_THREADS = 16
+
+
+def _threads(op) -> int:
+    if op.data.size < (1 << 20):  # under ~1M codes a second thread costs more than it saves
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, op.n // MIN_COLUMNS, MAX_THREADS))
+
+
+def _native(x2: jax.Array, op) -> jax.Array:
+    """float32 [M, N] from the FFI kernel, zero points applied."""
+    if library() is None:   # registers the FFI targets (normally done by `eligible`)
+        raise RuntimeError(f"qkern's native CPU kernels are {status()}")
+    m = x2.shape[0]
+    x32 = x2.astype(jnp.float32)
+    if op.k_padded != op.k:
+        x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
+    target = _kernel_for(op)
+    out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
+    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op)))
+    args = (x32, op.data, op.scales.astype(jnp.float32))
+    if target == "qkern_packed4_gemv":
+        args += (jnp.asarray(_table(op.fmt)),)
+    y = jax.ffi.ffi_call(target, out)(*args, **attrs)
+    if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
+        xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)
+        y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
+    return y
+
+
+# -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
+# Operands: x2, data, scales[, zeros]; params: fmt (its name), block_size, k (the
+# QOperand's static fields) and block_k (the scan's config).
+small_m_matmul_p = Primitive("qkern_small_m_matmul")
+
+
+def _operand(data, scales, zeros, fmt, block_size, k):
+    return QOperand(data, scales, zeros, get_format(fmt), block_size, k)
+
+
+def _unpack(args, fmt, block_size, k):
+    x2, data, scales, *zeros = args
+    return x2, _operand(data, scales, zeros[0] if zeros else None, fmt, block_size, k)
+
+
+# The K-chunked XLA scan (`qmatmul/_xla.py`'s `_scan_matmul`), registered by that module, which
+# builds on this one: the lowering falls back to it wherever the native kernel cannot run.
+SCAN: list = []
+
+
+def _scan_fn(*args, fmt, block_size, k, block_k):
+    x2, op = _unpack(args, fmt, block_size, k)
+    return SCAN[0](x2, op, MatmulConfig(block_k=block_k))
+
+
+def _native_fn(*args, fmt, block_size, k, block_k):
+    del block_k
+    return _native(*_unpack(args, fmt, block_size, k))
+
+
+def _abstract_eval(x2, data, *_, **__):
+    return jax.core.ShapedArray((x2.shape[0], data.shape[1]), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_bind(**params):
+    return jax.jit(functools.partial(small_m_matmul_p.bind, **params))
+
+
+def _impl(*args, **params):  # eager calls: compile once per static configuration
+    return _jitted_bind(**params)(*args)
+
+
+def _lower_scan(ctx, *args, **params):
+    return mlir.lower_fun(functools.partial(_scan_fn, **params), multiple_results=False)(
+        ctx, *args)
+
+
+def _lower_cpu(ctx, *args, **params):
+    fn = _native_fn if lowering_is_local(ctx) else _scan_fn
+    return mlir.lower_fun(functools.partial(fn, **params), multiple_results=False)(ctx, *args)
+
+
+def _batch(args, dims, **params):
+    x_dim, w_dims = dims[0], dims[1:]
+    if x_dim is not not_mapped and all(d is not_mapped for d in w_dims):
+        x = jnp.moveaxis(args[0], x_dim, 0)                         # [B, M, K]
+        b, m, kk = x.shape
+        op = _operand(args[1], args[2], args[3] if len(args) > 3 else None,
+                      params["fmt"], params["block_size"], params["k"])
+        if b * m <= max_m(op):
+            y = small_m_matmul_p.bind(x.reshape(b * m, kk), *args[1:], **params)
+            return y.reshape(b, m, -1), 0
+    axes = tuple(None if d is not_mapped else d for d in dims)
+    return jax.vmap(functools.partial(_scan_fn, **params), in_axes=axes)(*args), 0
+
+
+small_m_matmul_p.def_impl(_impl)
+small_m_matmul_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(small_m_matmul_p, _lower_scan)
+mlir.register_lowering(small_m_matmul_p, _lower_cpu, platform="cpu")
+batching.primitive_batchers[small_m_matmul_p] = _batch
+
+
+def qmatmul_small_m(x2: jax.Array, op, config) -> jax.Array:
+    """x2[M, K] @ W as float32 [M, N]: the native kernel where the lowering allows it, the
+    scan with `config` elsewhere (see the module docstring). Call it when `eligible`."""
+    zeros = () if op.zeros is None else (op.zeros,)
+    return small_m_matmul_p.bind(x2, op.data, op.scales, *zeros, fmt=op.fmt.name,
+                                 block_size=op.block_size, k=op.k, block_k=config.block_k)

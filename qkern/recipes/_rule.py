@@ -1,0 +1,193 @@
+"""Quantisation rules for whole models, and the report of what they did.
+
+    rules = [
+        qkern.Rule(where=r".*embed.*", fmt=None),                  # keep dense
+        qkern.Rule(where=r".*attn.*kernel", fmt="nf4", block_size=64),
+        qkern.Rule(where=r".*mlp.*kernel", fmt="int8", act_fmt="int8"),   # W8A8
+    ]
+    qparams, report = qkern.quantize(params, rules=rules, report=True)
+    print(report)
+
+Each floating leaf is claimed by the first rule whose `where` matches its key path; a rule
+with `fmt=None` claims the leaf and keeps it dense. Leaves no rule claims stay dense
+(`choose_rule`, shared by quantize, GPTQ's tree walk and fake_quant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..formats import get_format, parse_calibration
+from ..types.qarray import QArray
+
+ACT_FORMATS = ("int8",)
+_PlainArray = (jax.Array, np.ndarray)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One line of a quantisation recipe: which leaves (`where`) get which format.
+
+    where: a regex matched in full against the key path ("layers/0/attn/kernel"), a
+    predicate `(path, leaf) -> bool`, or None for every leaf.
+    fmt: a weight format ("int8", "int4", "nf4", "fp8_e4m3", ...), or None to keep the
+    matched leaves dense (a rule that skips).
+    block_size, axis, calibration, scale_dtype, double_quant: as in `qkern.quantize`.
+    act_fmt: "int8" quantises the activations that meet this weight in a matmul too
+    (W8A8, needs fmt="int8" with symmetric calibration): per row on the fly, or with the
+    static per-tensor scale that `qkern.calibrate` records.
+    min_size: leaves with fewer elements stay dense (listed as such in the report).
+    """
+
+    where: str | Callable | None = None
+    fmt: str | None = "int8"
+    block_size: int | None = None
+    axis: int | None = -2
+    calibration: Any = "absmax"
+    scale_dtype: Any = None
+    double_quant: bool = False
+    act_fmt: str | None = None
+    min_size: int = 1024
+
+    def __post_init__(self):
+        if self.fmt is not None:
+            get_format(self.fmt)          # unknown formats fail when the rule is written
+            parse_calibration(self.calibration)
+        if self.act_fmt is not None:
+            if self.act_fmt not in ACT_FORMATS:
+                raise ValueError(f"Rule(act_fmt={self.act_fmt!r}): activation formats are "
+                                 f"{', '.join(ACT_FORMATS)} (or None for weight-only).")
+            if self.fmt is None or get_format(self.fmt).name != "int8":
+                raise ValueError(f"Rule(act_fmt={self.act_fmt!r}) runs the W8A8 kernel, which "
+                                 f"needs fmt='int8' weights; got fmt={self.fmt!r}.")
+            if parse_calibration(self.calibration).method == "minmax":
+                raise ValueError("Rule(act_fmt='int8') needs symmetric int8 weights; "
+                                 "calibration='minmax' adds zero points.")
+
+    def options(self) -> dict:
+        """The keyword arguments of `qkern.quantize` for one leaf."""
+        return dict(block_size=self.block_size, axis=self.axis, calibration=self.calibration,
+                    scale_dtype=self.scale_dtype, double_quant=self.double_quant)
+
+    def describe(self) -> str:
+        parts = [f"fmt={self.fmt!r}"]
+        if self.block_size is not None:
+            parts.append(f"block_size={self.block_size}")
+        if self.act_fmt is not None:
+            parts.append(f"act_fmt={self.act_fmt!r}")
+        return f"Rule(where={_where_str(self.where)}, {', '.join(parts)})"
+
+
+def is_plain_array(x: Any) -> bool:
+    """An array leaf that rules can claim: a jax or numpy array, not a QArray."""
+    return isinstance(x, _PlainArray) and not isinstance(x, QArray)
+
+
+def choose_rule(path: str, v, rules: Sequence[Rule], selects) -> tuple[int | None, str | None]:
+    """(index of the rule that claims this array leaf or None, why it stays dense or None)."""
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        return None, "not floating"
+    i = next((i for i, s in enumerate(selects) if s(path, v)), None)
+    if i is None:
+        return None, "no rule"
+    r = rules[i]
+    if r.fmt is None:
+        return i, "kept dense by rule"
+    if v.ndim < 2 or v.size < r.min_size:
+        return i, "rank < 2" if v.ndim < 2 else f"< min_size={r.min_size} elements"
+    return i, None
+
+
+def _where_str(where) -> str:
+    if where is None or isinstance(where, str):
+        return repr(where)
+    return getattr(where, "__name__", repr(where))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+    """One array leaf: where it is, what happened to it, and its bytes before and after."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    fmt: str | None          # the format it was quantised to, or None (kept dense)
+    rule: int | None         # index of the rule that claimed it, or None
+    bytes_before: int
+    bytes_after: int
+    note: str = ""           # why a leaf stayed dense, or extras (block size, act_fmt)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantReport:
+    """What `qkern.quantize(..., report=True)` did, leaf by leaf; `print(report)` shows a
+    table. `bytes_before`/`bytes_after` cover every array leaf of the tree."""
+
+    rows: tuple[ReportRow, ...]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    @property
+    def quantised(self) -> tuple[ReportRow, ...]:
+        return tuple(r for r in self.rows if r.fmt is not None)
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller the tree got (bytes before / bytes after)."""
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def __getitem__(self, path: str) -> ReportRow:
+        for r in self.rows:
+            if r.path == path:
+                return r
+        raise KeyError(f"no leaf {path!r} in the report; paths: {[r.path for r in self.rows]}")
+
+    def table(self) -> str:
+        head = ("path", "shape", "dtype", "format", "rule", "before", "after", "note")
+        body = [(r.path, "x".join(map(str, r.shape)) or "()", r.dtype, r.fmt or "dense",
+                 "-" if r.rule is None else str(r.rule), _human(r.bytes_before),
+                 _human(r.bytes_after), r.note) for r in self.rows]
+        total = ("total", "", "", f"{len(self.quantised)}/{len(self.rows)} quantised", "",
+                 _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.2f}x smaller")
+        widths = [max(len(str(row[i])) for row in (head, *body, total)) for i in range(len(head))]
+        right = {5, 6}
+
+        def line(row):
+            cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths))]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(head), rule, *map(line, body), rule, line(total)])
+
+    __str__ = table
+
+    def __repr__(self) -> str:
+        return (f"QuantReport({len(self.quantised)}/{len(self.rows)} leaves quantised, "
+                f"{_human(self.bytes_before)} -> {_human(self.bytes_after)})")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def nbytes(x) -> int:
+    """Bytes of an array or a QArray's storage."""
+    if hasattr(x, "nbytes") and callable(x.nbytes):
+        return int(x.nbytes())
+    return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize

@@ -1,0 +1,114 @@
+"""The xla backend of `qmatmul`: the contract (contract_qmatmul.py), plus what is its own:
+every format (the mx, int3, double-quantised and minmax ones too) on every shared shape in
+float32, both directions, with K chunks smaller and larger than K (called directly); and
+the wiring of QArray's dot_general rule into the kernels. The native CPU kernel this
+backend uses at small M is tested in test_native.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+from qkern.pallas import MatmulConfig, qmatmul
+from qkern.pallas.qmatmul._xla import qmatmul_t_xla, qmatmul_xla
+
+from .contract_qmatmul import (CROSS_INDEX, CROSS_T_INDEX, DTYPES, FORMAT_IDS, FORMATS,
+                               MX_FORMATS, SHAPES, QmatmulContract, assert_matches,
+                               make_case, random_dy, reference_matmul, reference_matmul_t)
+
+EXTRA = MX_FORMATS + [("int3", {}), ("nf4", dict(double_quant=True)),
+                      ("int8", dict(calibration="minmax")), ("fp8_e4m3", dict(block_size=64))]
+
+
+class TestXla(QmatmulContract):
+    backend = "xla"
+    interpret = False
+
+    @pytest.mark.parametrize("fmt,opts", FORMATS + EXTRA,
+                             ids=FORMAT_IDS + [f"extra-{f}-{i}" for i, (f, _) in enumerate(EXTRA)])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+    @pytest.mark.parametrize("block_k", [64, 512])
+    def test_every_format_and_shape_in_k_chunks(self, fmt, opts, shape, block_k):
+        m, k, n = shape
+        x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
+        cfg = MatmulConfig(block_k=block_k)
+        assert_matches(qmatmul_xla(x, op, cfg), reference_matmul(x, op))
+        dy = random_dy(m, n, jnp.float32, seed=3)
+        assert_matches(qmatmul_t_xla(dy, op, cfg), reference_matmul_t(dy, op))
+
+
+def test_unknown_backend_is_refused():
+    x, _, op = make_case("int4", {}, 2, 256, 128, jnp.float32)
+    with pytest.raises(ValueError, match="Unknown qkern backend"):
+        qmatmul(x, op, backend="cuda-magic")
+
+
+def test_contract_cross_covers_formats_shapes_and_dtypes():
+    """The contract's Latin squares (contract_qmatmul.CROSS, CROSS_T) cover what they say."""
+    for cross in (CROSS_INDEX, CROSS_T_INDEX):
+        assert {fi for fi, _, _ in cross} == set(range(len(FORMATS)))
+        assert {si for _, si, _ in cross} == set(range(len(SHAPES)))
+        assert {di for _, _, di in cross} == set(range(len(DTYPES)))
+    # the forward cross meets every (format, shape), (format, dtype) and (shape, dtype) pair
+    assert len({(fi, si) for fi, si, _ in CROSS_INDEX}) == len(FORMATS) * len(SHAPES)
+    assert len({(fi, di) for fi, _, di in CROSS_INDEX}) == len(FORMATS) * len(DTYPES)
+    assert len({(si, di) for _, si, di in CROSS_INDEX}) == len(SHAPES) * len(DTYPES)
+
+
+# -- wiring: QArray's dot_general rule -------------------------------------------------------
+@pytest.mark.parametrize("expr", ["x @ w", "w.T @ x.T", "y @ w.T", "jnp.einsum('k,kn->n', x[0], w)",
+                                  "jnp.dot(x.reshape(1, 2, 3, 320), w)"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8_e4m3"])
+def test_dot_general_layouts_use_kernel_and_match(expr, fmt):
+    kw, kx = jax.random.split(jax.random.PRNGKey(0))
+    w_dense = jax.random.normal(kw, (320, 136))
+    qw = qkern.quantize(w_dense, fmt)
+    d = qw.materialise()
+    x = jax.random.normal(kx, (6, 320))
+    y_in = jax.random.normal(kx, (6, 136))
+    f = lambda x, y, w: eval(expr, {"jnp": jnp, "x": x, "y": y, "w": w})
+    got = qkern.quaxify(f)(x, y_in, qw)
+    want = f(x, y_in, d)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # The kernel path never materialises the whole dequantised weight: no [320, 136] float
+    # value appears in the jaxpr.
+    jaxpr = jax.make_jaxpr(qkern.quaxify(f))(x, y_in, qw)
+    shapes = {tuple(v.aval.shape) for e in _all_eqns(jaxpr.jaxpr) for v in e.outvars}
+    assert (320, 136) not in shapes and (136, 320) not in shapes
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for j in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(j, "jaxpr", None)
+                if isinstance(j, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(j)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(inner)
+
+
+def test_batched_layout_falls_back_correctly():
+    w = jax.random.normal(jax.random.PRNGKey(0), (2, 128, 64))
+    qw = qkern.quantize(w, "int8")
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 128))
+    got = qkern.quaxify(lambda x, w: jnp.einsum("bik,bkn->bin", x, w))(x, qw)
+    want = jnp.einsum("bik,bkn->bin", x, qw.materialise())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_through_quaxified_layers():
+    ws = [qkern.quantize(jax.random.normal(jax.random.PRNGKey(i), (64, 64)) / 8, "nf4")
+          for i in range(3)]
+    x = jax.random.normal(jax.random.PRNGKey(9), (4, 64))
+
+    def model(x, ws):
+        for w in ws:
+            x = jnp.tanh(x @ w)
+        return jnp.sum(x ** 2)
+
+    g = jax.jit(jax.grad(qkern.quaxify(model)))(x, ws)
+    g_ref = jax.grad(model)(x, [w.materialise() for w in ws])
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)

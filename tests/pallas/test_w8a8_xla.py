@@ -1,0 +1,153 @@
+"""W8A8 on the xla backend (qkern/pallas/w8a8/_xla.py): the contract (contract_w8a8.py),
+plus the xla path on every scale layout x shared shape (block64 too), its K chunking, real
+`qkern.quantize` operands, exact integer accumulation, and what the public API does the same
+way for every backend (so once): the activation pre-pass, backend selection and the zero
+cotangents of the frozen weight and act_scale. The Triton and Mosaic kernels:
+test_w8a8_triton.py, test_w8a8_mosaic.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qkern
+from qkern.pallas import MatmulConfig, stored_operand
+from qkern.pallas.w8a8 import w8a8_matmul
+from qkern.pallas.w8a8._xla import w8a8_xla
+from qkern.pallas.w8a8.base import check_act_scale, quantize_rows, quantize_static, w8a8_reference
+
+from .contract_qmatmul import DTYPES, SHAPES, assert_matches, make_case, reference_matmul
+from .contract_w8a8 import LAYOUTS, W8A8Contract, activation, int8_operand, ref
+
+
+@jax.jit
+def _xla_and_ref(x, op, s):
+    """Dynamic and static scales, the xla path and the reference, in one compile."""
+    return w8a8_xla(x, op), w8a8_reference(x, op), w8a8_xla(x, op, s), w8a8_reference(x, op, s)
+
+
+def _cross():
+    """Every layout x every shape, the dtype rotating so each meets every dtype."""
+    return [pytest.param(b, s, DTYPES[(i + j) % 3],
+                         id=f"{name}-{'x'.join(map(str, s))}-"
+                            f"{jnp.dtype(DTYPES[(i + j) % 3]).name}")
+            for i, (name, b) in enumerate(LAYOUTS.items()) for j, s in enumerate(SHAPES)]
+
+
+class TestXla(W8A8Contract):
+    backend = "xla"
+    interpret = False
+
+    @pytest.mark.parametrize("block,shape,dtype", _cross())
+    def test_every_layout_and_shape(self, block, shape, dtype):
+        m, k, n = shape
+        x, op = activation(m, k, dtype), int8_operand(k, n, block)
+        y, want, ys, want_s = _xla_and_ref(x, op, jnp.float32(0.03))
+        assert y.dtype == ys.dtype == dtype
+        assert_matches(y, want)
+        assert_matches(ys, want_s)
+
+    def test_chunking_does_not_change_the_result(self):
+        """K chunks of 128 rows (per channel: 8 int32 dots; blocks of 64: 2 per chunk), one
+        chunk of everything, and the automatic choice agree with the reference."""
+        x = activation(5, 1024, jnp.float32)
+        for block in (None, 64):
+            op = int8_operand(1024, 72, block)
+            want = ref(x, op)
+            for cfg in (MatmulConfig(block_k=128), MatmulConfig(block_k=4096), None):
+                assert_matches(self.mm(x, op, config=cfg), want)
+
+    @pytest.mark.parametrize("opts", [dict(block_size=96), dict(axis=None)],
+                             ids=["block96", "per-tensor"])
+    def test_quantized_weights(self, opts):
+        """Operands from qkern.quantize (incl. per-tensor, and a block size that is not a
+        power of two): the reference, and close to the weight-only product (activation
+        rounding is the only difference)."""
+        x, _, op = make_case("int8", opts, 3, 300, 40, jnp.float32)
+        y, want, _, _ = _xla_and_ref(x, op, jnp.float32(0.03))
+        assert_matches(y, want)
+        y_wo = np.asarray(reference_matmul(x, op))
+        rel = np.linalg.norm(np.asarray(y) - y_wo) / np.linalg.norm(y_wo)
+        assert rel < 0.02
+
+    def test_integer_accumulation_is_exact(self):
+        # small integers: every product and sum is exact in int32, so y equals the exact value
+        x = jnp.array([[127.0, -127.0, 64.0, 0.0]])
+        w = jnp.array([[25.0], [-3.0], [50.0], [127.0]]) * 0.5   # codes 25, -3, 50, 127 exactly
+        op = stored_operand(qkern.quantize(w, "int8"))
+        np.testing.assert_allclose(self.mm(x, op), x @ w, rtol=1e-6)
+        # static scale 1: x is already integral, so the codes are x itself
+        np.testing.assert_allclose(self.mm(x, op, act_scale=1.0), x @ w, rtol=1e-6)
+
+    def test_static_scale_saturates_and_differs_from_dynamic(self):
+        x, op = activation(3, 256, jnp.float32), int8_operand(256, 64)
+        big = jnp.float32(1.0)                      # |x| < ~4: codes in [-4, 4], coarse
+        y_static = self.mm(x, op, act_scale=big)
+        xq = jnp.clip(jnp.round(x), -127, 127)
+        np.testing.assert_allclose(y_static, reference_matmul(xq, op), rtol=2e-5, atol=2e-4)
+        assert not np.allclose(y_static, self.mm(x, op), rtol=1e-2)
+
+
+# -- the activation pre-pass every backend shares (w8a8/base.py) ----------------------------
+
+
+def test_row_quantisation_zero_rows():
+    q, s = quantize_rows(jnp.zeros((2, 8)))
+    assert not np.any(np.isnan(np.asarray(s))) and np.all(np.asarray(q) == 0)
+
+
+def test_static_quantisation_is_clip_round_divide():
+    x = jnp.array([[0.1, -0.26, 3.0, -100.0, 0.05]], jnp.float32)
+    q, s = quantize_static(x, jnp.float32(0.1))
+    np.testing.assert_array_equal(q, np.clip(np.round(np.asarray(x) / np.float32(0.1)),
+                                             -127, 127).astype(np.int8))
+    np.testing.assert_array_equal(s, [[np.float32(0.1)]])
+    assert q.dtype == jnp.int8
+    # a zero scale gives zeros, not NaN
+    op = int8_operand(64, 16)
+    y = w8a8_matmul(jnp.ones((2, 64)), op, act_scale=0.0)
+    np.testing.assert_array_equal(y, np.zeros((2, 16), np.float32))
+
+
+def test_check_act_scale_accepts_python_numbers():
+    s = check_act_scale(0.5)
+    assert s.shape == () and s.dtype == jnp.float32
+    assert check_act_scale(None) is None
+    assert check_act_scale(jnp.float16(2.0)).dtype == jnp.float32
+
+
+# -- the public API: backend selection, cotangents ------------------------------------------
+
+
+def _traced(op, x, **kw) -> str:
+    """The jaxpr of a fresh function (make_jaxpr caches traces per function object, and
+    the backend is read at trace time)."""
+    return str(jax.make_jaxpr(lambda x: w8a8_matmul(x, op, **kw))(x))
+
+
+def test_backend_selection(monkeypatch):
+    """Argument > qkern.backend(...) > QKERN_BACKEND > device; seen in the traced jaxpr."""
+    x, op = activation(3, 256, jnp.float32), int8_operand(256, 64)
+    assert "pallas_call" not in _traced(op, x)                      # CPU: xla
+    with qkern.backend("triton", interpret=True):
+        assert "w8a8_triton_decode" in _traced(op, x)
+        assert "w8a8_mosaic_decode" in _traced(op, x, backend="mosaic_tpu")
+    monkeypatch.setenv("QKERN_BACKEND", "mosaic_tpu")
+    assert "w8a8_mosaic_decode" in _traced(op, x)
+    assert "w8a8_triton_tiled" in _traced(op, jnp.ones((40, 256)), backend="triton")
+    with qkern.backend("xla"):
+        assert "pallas_call" not in _traced(op, x)
+
+
+def test_grads_of_weight_and_act_scale_are_zero():
+    x, op = activation(3, 256, jnp.float32), int8_operand(256, 64)
+    gx, gop, gs = jax.grad(
+        lambda x, op, s: jnp.sum(w8a8_matmul(x, op, act_scale=s)), argnums=(0, 1, 2),
+        allow_int=True)(x, op, jnp.float32(0.05))
+    assert gs.shape == () and float(gs) == 0.0
+    assert float(jnp.max(jnp.abs(gop.scales))) == 0.0
+    assert float(jnp.max(jnp.abs(gx))) > 0
+    # a bfloat16 act_scale gets a bfloat16 zero
+    gs = jax.grad(lambda s: jnp.sum(w8a8_matmul(x, op, act_scale=s)))(jnp.bfloat16(0.05))
+    assert gs.dtype == jnp.bfloat16 and float(gs) == 0.0
