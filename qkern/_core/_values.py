@@ -124,13 +124,64 @@ class Value(abc.ABC):
         return primitive.bind(*arrays, **params)
 
 
+def _outside_quaxify(value: "Value", op: str):
+    """The TypeError for an array operation on a Value itself: outside `quaxify` (or
+    closed over by the quaxified function, which quaxify does not see)."""
+    name = type(value).__name__
+    plain = ("qkern.dequantize(q)" if name == "QArray" else "v.materialise()")
+    raise TypeError(
+        f"{op} on a {name}: a {name} is a qkern Value, not a JAX array, and behaves like "
+        f"one only inside a function wrapped in qkern.quaxify, passed in as an argument "
+        f"(a {name} the function closes over is not seen). Wrap the computation, e.g. "
+        f"qkern.quaxify(model_fn)(params, x), or make a plain array with {plain}.")
+
+
 class ArrayValue(Value):
-    """A `Value` that behaves like an array: adds `.shape`, `.dtype`, `.ndim`, `.size`."""
+    """A `Value` that behaves like an array: adds `.shape`, `.dtype`, `.ndim`, `.size`.
+
+    Outside `quaxify` it is not an array: `@`, arithmetic, indexing and conversion to a
+    NumPy array raise a TypeError saying to wrap the function in `qkern.quaxify` (inside,
+    the function sees tracers and none of these methods run)."""
 
     shape = _AvalAttribute("shape")
     dtype = _AvalAttribute("dtype")
     ndim = _AvalAttribute("ndim")
     size = _AvalAttribute("size")
+
+    def __matmul__(self, other):
+        _outside_quaxify(self, "`@`")
+
+    def __rmatmul__(self, other):
+        _outside_quaxify(self, "`@`")
+
+    def __add__(self, other):
+        _outside_quaxify(self, "`+`")
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        _outside_quaxify(self, "`-`")
+
+    __rsub__ = __sub__
+
+    def __mul__(self, other):
+        _outside_quaxify(self, "`*`")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        _outside_quaxify(self, "`/`")
+
+    __rtruediv__ = __truediv__
+
+    def __neg__(self):
+        _outside_quaxify(self, "`-` (negation)")
+
+    def __getitem__(self, index):
+        _outside_quaxify(self, "indexing")
+
+    def __array__(self, dtype=None, copy=None):
+        _outside_quaxify(self, "conversion to a NumPy array")
 
 
 def _is_plain_array_like(x: Any) -> bool:
