@@ -48,7 +48,7 @@ def module(problem: Problem):
     """The backend module that runs `problem` (from the backend table)."""
     if problem.kernel not in KERNELS:
         raise ValueError(f"unknown kernel {problem.kernel!r}; choose from {', '.join(KERNELS)}.")
-    impls = _backend._TABLE.get(problem.family, {})
+    impls = _backend.implementations(problem.family)
     if problem.backend not in impls:
         raise ValueError(f"unknown backend {problem.backend!r} for {problem.family}; choose "
                          f"from {', '.join(impls)}.")

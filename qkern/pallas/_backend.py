@@ -101,13 +101,17 @@ _TABLE: dict[str, dict[str, ModuleType]] = {}
 _warned: set = set()
 
 
-def register(family: str, name: str, module: ModuleType) -> None:
-    """`module` implements kernel family `family` on backend `name`."""
-    _TABLE.setdefault(family, {})[_check(name)] = module
+def register(family: str, **modules: ModuleType) -> None:
+    """Each keyword's module implements kernel family `family` on the backend it names:
+    `register("qmatmul", xla=_xla, triton=_triton, mosaic_tpu=_mosaic)`."""
+    table = _TABLE.setdefault(family, {})
+    for name, module in modules.items():
+        table[_check(name)] = module
 
 
-def families() -> tuple[str, ...]:
-    return tuple(_TABLE)
+def implementations(family: str) -> dict[str, ModuleType]:
+    """{backend: module} registered for `family` (empty for an unknown family)."""
+    return dict(_TABLE.get(family, {}))
 
 
 def implementation(family: str, sel: Selection, op=None) -> tuple[ModuleType, Selection]:

@@ -58,7 +58,7 @@ def largest_pow2_divisor(v: int) -> int:
     return v & -v
 
 
-def checked_blocks(config, m: int, block_size: int, num_blocks: int, what: str,
+def checked_blocks(config, block_size: int, num_blocks: int, what: str,
                    default) -> tuple:
     """(config, explicit, bm, bn, bk) of a Triton plan: `config`, or the heuristic `default`
     when None. An explicit block_k must be a multiple or a divisor of the weight's block

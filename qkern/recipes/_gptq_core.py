@@ -367,8 +367,3 @@ def _gptq_fields(w, h, damp, act_order, *, fmt, calibration, scale_dtype, block_
         0, padded // chunk, chunk_step, (wq, codes, stored, zeros, scale))
     codes = codes[inv]
     return dict(data=_pack(codes, fmt_), scales=stored, zeros=zeros, ok=jnp.all(jnp.isfinite(u)))
-
-
-def _asymmetric(fmt, cal) -> bool:
-    return fmt.kind == "int" and (cal.method == "minmax" or (
-        cal.method == "fixed" and cal.lo != -cal.hi))

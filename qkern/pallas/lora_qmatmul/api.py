@@ -36,8 +36,7 @@ from ..qmatmul.api import _zero_cotangent, like_input
 from . import _mosaic, _triton, _xla
 
 FAMILY = "lora_qmatmul"
-for _name, _module in (("xla", _xla), ("triton", _triton), ("mosaic_tpu", _mosaic)):
-    _backend.register(FAMILY, _name, _module)
+_backend.register(FAMILY, xla=_xla, triton=_triton, mosaic_tpu=_mosaic)
 
 _F32 = jnp.float32
 

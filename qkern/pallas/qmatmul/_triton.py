@@ -142,7 +142,7 @@ def _plan(op: QOperand, m: int, config: MatmulConfig | None, *, transposed: bool
     """
     fmt, B, nb = op.fmt, op.block_size, op.num_blocks
     kd, n = op.data.shape
-    cfg, user, bm, bn, bk = checked_blocks(config, m, B, nb, f"{fmt.name} operand",
+    cfg, user, bm, bn, bk = checked_blocks(config, B, nb, f"{fmt.name} operand",
                                            default_config("triton", m))
     split = cfg.split_k if (transposed or m <= DECODE_M) else 1
     if transposed and not user and m <= DECODE_M:

@@ -25,8 +25,7 @@ from ._xla import dot
 
 FAMILY = "qmatmul"
 _KERNEL = {False: "qmatmul", True: "qmatmul_t"}      # Problem.kernel by direction
-for _name, _module in (("xla", _xla), ("triton", _triton), ("mosaic_tpu", _mosaic)):
-    _backend.register(FAMILY, _name, _module)
+_backend.register(FAMILY, xla=_xla, triton=_triton, mosaic_tpu=_mosaic)
 
 
 def _run(x2, op, sel: _backend.Selection, config, transposed: bool):

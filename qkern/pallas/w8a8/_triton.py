@@ -108,7 +108,7 @@ def plan_triton_w8a8(op: QOperand, m: int, config: MatmulConfig | None = None) -
     check_w8a8_operand(op)
     b, nb = op.block_size, op.num_blocks
     kp, n = op.data.shape
-    cfg, _, bm, bn, bk = checked_blocks(config, m, b, nb, "int8 weight",
+    cfg, _, bm, bn, bk = checked_blocks(config, b, nb, "int8 weight",
                                         default_config("triton", m))
     bn = max(_MIN_MN, min(bn, next_pow2(n)))
     bk = max(_MIN_K, min(bk, next_pow2(kp)))

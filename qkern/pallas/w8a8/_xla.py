@@ -22,7 +22,7 @@ from ..._compat import explicit_sharding
 from .._config import MatmulConfig, default_config
 from .._operand import QOperand
 from .base import check_w8a8_operand, quantize_activations
-from ..qmatmul import _xla as qmatmul_xla_space
+from ..qmatmul import _xla as qmatmul_xla
 from ..qmatmul._xla import (_chunk_rows, chunk_target, dot, padded_spec, product_sharding,
                            zero_acc)
 
@@ -131,7 +131,7 @@ def forward(x, op, config=None, *, act_scale=None, interpret=False):
     return w8a8_xla(x, op, act_scale, config)
 
 
-SPACE = qmatmul_xla_space.SPACE
+SPACE = qmatmul_xla.SPACE
 MAX_CONFIGS = None
 
 

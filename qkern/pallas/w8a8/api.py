@@ -35,8 +35,7 @@ from . import _mosaic, _triton, _xla
 from .base import check_act_scale, check_w8a8_operand
 
 FAMILY = "w8a8"
-for _name, _module in (("xla", _xla), ("triton", _triton), ("mosaic_tpu", _mosaic)):
-    _backend.register(FAMILY, _name, _module)
+_backend.register(FAMILY, xla=_xla, triton=_triton, mosaic_tpu=_mosaic)
 
 __all__ = ["w8a8_matmul"]
 
