@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._compat import explicit_sharding
+from .._compat import Tracer, explicit_sharding
 from ._packing import pack_halves, unpack_halves
 from ._spec import Format, get_format
 
 DQ_BLOCK = 256  # double quantisation: scales quantised to int8 in blocks of 256, as QLoRA
+DQ_NAN_CODE = -128  # a double-quantised scale that is NaN (codes are otherwise -127..127)
+MX_NAN_SCALE = 255  # OCP MX E8M0 scale code for NaN (exponents are otherwise 0..254)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +52,37 @@ def parse_calibration(calibration: Any) -> Calibration:
             return Calibration(calibration)
     elif isinstance(calibration, tuple) and calibration:
         method, *args = calibration
-        if method == "rms" and len(args) == 1 and float(args[0]) > 0:
-            return Calibration("rms", factor=float(args[0]))
-        if method == "fixed" and len(args) == 1 and float(args[0]) > 0:
-            return Calibration("fixed", lo=-float(args[0]), hi=float(args[0]))
-        if method == "fixed" and len(args) == 2 and float(args[0]) < float(args[1]):
-            return Calibration("fixed", lo=float(args[0]), hi=float(args[1]))
+        nums = [_finite_number(a) for a in args]
+        if None not in nums:
+            if method == "rms" and len(nums) == 1 and nums[0] > 0:
+                return Calibration("rms", factor=nums[0])
+            if method == "fixed" and len(nums) == 1 and nums[0] > 0:
+                return Calibration("fixed", lo=-nums[0], hi=nums[0])
+            if method == "fixed" and len(nums) == 2 and nums[0] < nums[1]:
+                return Calibration("fixed", lo=nums[0], hi=nums[1])
     raise ValueError(
         f"Unknown calibration {calibration!r}: use 'absmax', 'minmax', 'rms', ('rms', factor), "
-        "('fixed', bound) or ('fixed', lo, hi) with lo < hi."
+        "('fixed', bound) or ('fixed', lo, hi) with lo < hi; factors and bounds are finite "
+        "Python numbers (a factor or bound > 0)."
     )
+
+
+def _finite_number(v) -> float | None:
+    """`v` as a float when it is a finite real number (a bool, a string or a non-scalar is
+    not), else None."""
+    if isinstance(v, (bool, np.bool_, str, bytes)) or np.ndim(v) != 0:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def check_axis(axis) -> None:
+    """`axis` must be an int (or None, per tensor): 1.0 or "0" would otherwise fail deep inside."""
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+        raise TypeError(f"axis must be an int (the block axis) or None (per tensor), got {axis!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +119,7 @@ class Layout:
 
 def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> Layout:
     shape = tuple(int(d) for d in shape)
+    check_axis(axis)
     ndim = len(shape)
     if ndim == 0:
         raise ValueError("qkern.quantize needs an array of rank >= 1, got a scalar.")
@@ -183,6 +207,13 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         x = jnp.pad(x, widths)
     xb = _blocked(x, layout)
     red = _reduce_axes(layout, xb.ndim)
+    # Non-finite weights (NaN/inf) never become finite codes: the block holding one gets a
+    # NaN scale (MX: the E8M0 NaN code 0xFF), so it dequantises to NaN, and a matmul's
+    # outputs that read it are NaN, as the dense product's would be non-finite. (Found by
+    # its own reduction: XLA's CPU max/min may drop NaN, so the scale's statistic cannot
+    # tell.) `nonfinite_blocks` lets eager callers refuse such weights outright
+    # (`refuse_nonfinite`; see docs/formats.md).
+    bad = jnp.any(~jnp.isfinite(xb), axis=red, keepdims=True)
     zeros = None
     # Zero points: minmax, or an asymmetric fixed range, on integer formats. Other formats
     # take a fixed range as the symmetric bound max(|lo|, |hi|).
@@ -198,7 +229,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         # amax == 0 gives scale 2^-127, which may flush to zero: keep such blocks at 0.
         y = jnp.where(amax > 0, xb / jnp.where(amax > 0, scale_b, 1.0), 0.0)
         codes = round_to_float(y, fmt.float_dtype)
-        scales = _to_scale_shape((exp + 127).astype(jnp.uint8), layout)
+        scales = _to_scale_shape(jnp.where(bad, MX_NAN_SCALE, exp + 127).astype(jnp.uint8), layout)
     else:
         if asymmetric:
             if cal.method == "minmax":
@@ -239,6 +270,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
             codes = nearest_code(y, fmt.codebook)
         else:  # float
             codes = round_to_float(y, fmt.float_dtype)
+        scale_b = jnp.where(bad, jnp.nan, scale_b)
         scales = _to_scale_shape(scale_b.astype(scale_dtype or jnp.float32), layout)
 
     codes = codes.reshape(x.shape)
@@ -255,7 +287,22 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     if double_quant:
         scales, dq_scale, dq_offset = _double_quantize(scales)
     return dict(data=data, scales=scales, zeros=zeros, dq_scale=dq_scale, dq_offset=dq_offset,
-                layout=layout)
+                layout=layout, nonfinite_blocks=jnp.sum(bad, dtype=jnp.int32))
+
+
+def refuse_nonfinite(nonfinite_blocks, w, who: str = "qkern.quantize") -> None:
+    """Eager quantisation refuses non-finite weights (the policy in docs/formats.md): raise
+    when `nonfinite_blocks` (the field of `quantize_array`) is concrete and positive.
+    Under a trace (jit, grad, vmap) there is nothing to check on the host; the blocks holding
+    them dequantise to NaN instead."""
+    if isinstance(nonfinite_blocks, Tracer) or not int(nonfinite_blocks):
+        return
+    n = int(jnp.sum(~jnp.isfinite(w)))
+    raise ValueError(
+        f"{n} of {w.size} values are NaN or inf; {who} refuses non-finite weights (they "
+        "would otherwise hide a diverged or corrupt weight). Find where they came from "
+        "(jnp.isfinite), or replace them first (jnp.nan_to_num) if that is what you want. "
+        "(Under jit the blocks holding them dequantise to NaN instead.)")
 
 
 def _valid_counts(layout: Layout, ndim_blocked: int) -> jnp.ndarray:
@@ -270,12 +317,20 @@ def _valid_counts(layout: Layout, ndim_blocked: int) -> jnp.ndarray:
 
 
 def nearest_code(y: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
-    """Index of the nearest codebook value (ties go to the smaller value)."""
+    """Index (uint8) of the nearest codebook value (ties go to the smaller value).
+
+    One compare per midpoint between neighbouring (sorted) values, each adding the step
+    from one code index to the next: elementwise only, so XLA fuses it into the pass that
+    scales the weight (a binary search, `jnp.searchsorted`, and a gather cost several
+    times the memory pass)."""
     order = np.argsort(codebook, kind="stable")
     sorted_cb = codebook[order]
-    mids = (sorted_cb[1:] + sorted_cb[:-1]) / 2
-    pos = jnp.searchsorted(jnp.asarray(mids), y, side="left")
-    return jnp.asarray(order.astype(np.uint8))[pos]
+    mids = ((sorted_cb[1:] + sorted_cb[:-1]) / 2).astype(np.float32)
+    code = jnp.full(jnp.shape(y), int(order[0]), jnp.int32)
+    for i, mid in enumerate(mids):
+        step = int(order[i + 1]) - int(order[i])
+        code = code + jnp.where(y > mid, jnp.int32(step), jnp.int32(0))
+    return code.astype(jnp.uint8)
 
 
 def nearest_code_sign_magnitude(y: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
@@ -288,15 +343,17 @@ def nearest_code_sign_magnitude(y: jnp.ndarray, codebook: np.ndarray) -> jnp.nda
 
 def _double_quantize(scales: jnp.ndarray):
     flat = scales.astype(jnp.float32).reshape(-1)
-    offset = jnp.mean(flat)
-    centred = flat - offset
+    ok = jnp.isfinite(flat)         # a NaN scale (a block with non-finite weights) stays NaN
+    offset = jnp.sum(jnp.where(ok, flat, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+    centred = jnp.where(ok, flat - offset, 0.0)
     n = flat.shape[0]
     nblk = -(-n // DQ_BLOCK)
     padded = jnp.pad(centred, (0, nblk * DQ_BLOCK - n)).reshape(nblk, DQ_BLOCK)
     dq_scale = jnp.max(jnp.abs(padded), axis=1) / 127.0
     safe = jnp.where(dq_scale > 0, dq_scale, 1.0)
     codes = jnp.clip(jnp.round(padded / safe[:, None]), -127, 127).astype(jnp.int8)
-    return codes.reshape(-1)[:n].reshape(scales.shape), dq_scale, offset
+    codes = jnp.where(ok, codes.reshape(-1)[:n], DQ_NAN_CODE)
+    return codes.reshape(scales.shape), dq_scale, offset
 
 
 def round_to_float(y, float_dtype) -> jnp.ndarray:
@@ -327,13 +384,17 @@ def _pow2(exp) -> jnp.ndarray:
 
 
 def dequantize_scales(scales, dq_scale, dq_offset, fmt: Format) -> jnp.ndarray:
+    """Stored scales -> float32 scales. The NaN markers (MX code 0xFF, double-quantised code
+    -128) decode to NaN: they mark blocks that held non-finite weights."""
     if fmt.kind == "mx":
-        return _pow2(scales.astype(jnp.int32) - 127)
+        s = scales.astype(jnp.int32)
+        return jnp.where(s == MX_NAN_SCALE, jnp.float32(jnp.nan), _pow2(s - 127))
     if dq_scale is None:
         return scales.astype(jnp.float32)
     n = int(np.prod(scales.shape))
     per = jnp.repeat(dq_scale, DQ_BLOCK)[:n].reshape(scales.shape)
-    return scales.astype(jnp.float32) * per + dq_offset
+    v = scales.astype(jnp.float32) * per + dq_offset
+    return jnp.where(scales == DQ_NAN_CODE, jnp.float32(jnp.nan), v)
 
 
 def decode(data: jnp.ndarray, fmt: Format, axis: int) -> jnp.ndarray:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats import get_format, parse_calibration, quantize_array
-from ..formats._quantize import make_layout
+from ..formats._quantize import check_axis, make_layout, refuse_nonfinite
 from ..types.qarray import QArray
 from ._gptq_core import GPTQ
 from ._gptq_driver import gptq_one, gptq_tree
@@ -81,6 +81,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
             Rule(fmt=fmt, act_fmt=act_fmt, calibration=calibration)   # the same checks
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
         raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
+    check_axis(axis)
     if scale_dtype is not None and not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), got {scale_dtype!r}.")
     if isinstance(x, (np.generic, float, int, complex)):
@@ -201,6 +202,7 @@ def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="a
     fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
                               block_size=block_size, calibration=calibration,
                               scale_dtype=scale_dtype, double_quant=double_quant)
+    refuse_nonfinite(fields.pop("nonfinite_blocks"), w)
     return QArray(**fields, fmt=fmt.name, layout=layout, dtype=np.dtype(w.dtype),
                   act_fmt=act_fmt)
 

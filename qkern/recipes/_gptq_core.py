@@ -31,7 +31,8 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration, quantize_array
 from ..formats._packing import pack_halves
-from ..formats._quantize import dequantize_scales, make_layout, round_to_float
+from ..formats._quantize import (dequantize_scales, make_layout, nearest_code, refuse_nonfinite,
+                                 round_to_float)
 from ..types.qarray import QArray
 
 _CHUNK = 128          # rows per lazy batch update (the paper's B)
@@ -146,6 +147,7 @@ def prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_
     if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
         raise ValueError(f"GPTQ: the Hessian for the weight of shape {tuple(w.shape)} has "
                          "non-finite entries (NaN or inf in the calibration activations?).")
+    refuse_nonfinite(jnp.sum(~jnp.isfinite(w)), w, "GPTQ")
     wk = w.astype(jnp.float32)
     perm = None
     if layout.axis == 1:          # [N, K]: run on [K, N], stored so (as `quantize` does)
@@ -212,16 +214,6 @@ def _block_scales(rows, bs, fmt, cal, scale_dtype):
     return f["scales"], f["zeros"], scale
 
 
-def _nearest(y, codebook):
-    """`nearest_code` (qkern.quantize's rounding: ties to the smaller value) by comparing
-    with all 15 midpoints: cheaper than a binary search for one row inside GPTQ's loop."""
-    order = np.argsort(codebook, kind="stable")
-    cb = codebook[order]
-    mids = jnp.asarray((cb[1:] + cb[:-1]) / 2)
-    pos = jnp.sum(mids < y[..., None], axis=-1)
-    return jnp.asarray(order.astype(np.uint8))[pos]
-
-
 def _round(w, scale, zero, fmt):
     """Codes (as float32: integer values, codebook indices, or float codes) and the
     dequantised values of one row `w` [N], given its scale (and zero point) [N], exactly
@@ -238,10 +230,10 @@ def _round(w, scale, zero, fmt):
             v = c
     elif fmt.kind == "codebook":
         if fmt.sign_magnitude:     # bitsandbytes' FP4: magnitude among codes 0..7, then sign
-            mag = _nearest(jnp.abs(y), fmt.codebook[:8])
+            mag = nearest_code(jnp.abs(y), fmt.codebook[:8])
             c = jnp.where((y < 0) & (mag != 0), mag | 8, mag)
         else:
-            c = _nearest(y, fmt.codebook)
+            c = nearest_code(y, fmt.codebook)
         v = jnp.asarray(fmt.codebook)[c]
         c = c.astype(jnp.float32)
     else:  # float and mx elements

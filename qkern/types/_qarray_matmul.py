@@ -48,15 +48,28 @@ def qmatmul_dispatch(lhs, rhs, params):
     if op is None:
         return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
     physical = w_axis if w.perm is None else w.perm[w_axis]
-    xm = jnp.moveaxis(x, x_axis, -1)
+    # Mixed precision as dense JAX: the result has the dtype the dense dot_general gives
+    # (preferred_element_type honoured), computed in the widest of x's, W's and that dtype
+    # (bf16 x against a float32 QArray computes in float32, like x @ dequantize(q); bf16 x
+    # and W with float32 preferred compute in float32).
+    out_dtype = _dense_result_dtype(lhs, rhs, params)
+    compute = jnp.promote_types(jnp.promote_types(jnp.result_type(x), w.dtype), out_dtype)
+    xm = jnp.moveaxis(x, x_axis, -1).astype(compute)
     if w.act_fmt is not None and physical == 0:
         y = _act_quantised(xm, w, op)
     else:
         y = qmatmul(xm, op, transposed=(physical == 1))      # [...x free..., W free]
     if w_on_left:                                              # dot_general: lhs free dims first
         y = jnp.moveaxis(y, -1, 0)
-    out_dtype = params.get("preferred_element_type") or jnp.result_type(x)
     return y.astype(out_dtype)
+
+
+def _dense_result_dtype(lhs, rhs, params):
+    """The dtype of the dense `dot_general(lhs, rhs, **params)` (QArrays by their avals)."""
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, QArray)
+                                          else jnp.result_type(a))
+    return jax.eval_shape(lambda a, b: jax.lax.dot_general_p.bind(a, b, **params),
+                          spec(lhs), spec(rhs)).dtype
 
 
 def _act_quantised(xm, w, op):

@@ -166,3 +166,19 @@ def test_pytree_error_names_the_leaf():
     with pytest.raises(ValueError) as e:
         qkern.quantize(tree, "int8", block_size=100)
     assert "layers/0/kernel" in str(e.value) and "block_size" in str(e.value)
+
+
+@pytest.mark.parametrize("axis", [1.0, "0", True, np.float32(0), (0,)], ids=repr)
+def test_axis_must_be_an_int(axis):
+    """axis=1.0 or "0" used to fail deep inside ("tuple indices must be integers")."""
+    for call in (lambda: qkern.quantize(W, "int8", axis=axis),
+                 lambda: qkern.quantize(W, "int4", axis=axis, gptq=np.eye(64, dtype=np.float32)),
+                 lambda: qkern.fake_quant(W, "nf4", axis=axis)):
+        with pytest.raises(TypeError, match=r"axis must be an int .*or None") as e:
+            call()
+        assert repr(axis) in str(e.value)
+
+
+def test_axis_numpy_int_is_accepted():
+    a = qkern.quantize(W, "int8", axis=np.int64(0))
+    assert a.block_axis == 0

@@ -57,6 +57,8 @@ FORMATS = [
 ]
 FORMAT_IDS = [f + "".join(f"-{k}={v}" for k, v in o.items()) for f, o in FORMATS]
 MX_FORMATS = [("mxfp4", {}), ("mxfp8", {})]
+NONFINITE_FORMATS = [("int8", dict(block_size=64)), ("int4", dict(calibration="minmax")),
+                     ("nf4", dict(block_size=64)), ("fp8_e4m3", {}), ("mxfp4", {})]
 
 # (M, K, N): M = 1, 3, 16, 257 and K, N that are not multiples of the block sizes
 SHAPES = [(1, 512, 256), (3, 384, 200), (16, 1000, 136), (257, 320, 260)]
@@ -238,6 +240,27 @@ class QmatmulContract:
         g = jax.grad(lambda op: jnp.sum(self.mm(x, op)), allow_int=True)(op)
         assert float(jnp.max(jnp.abs(g.scales))) == 0.0
         assert g.data.dtype == jax.dtypes.float0
+
+    @pytest.mark.parametrize("fmt,opts", NONFINITE_FORMATS, ids=[f for f, _ in NONFINITE_FORMATS])
+    def test_nonfinite_weight_is_never_a_finite_product(self, fmt, opts):
+        """The NaN/inf policy (docs/formats.md): a weight quantised under jit with a NaN and
+        an inf in it has NaN scales (MX: the E8M0 NaN code) for their blocks; every backend
+        decodes them so the output columns that read them are NaN, the others exact."""
+        k, n = 320, 72
+        w = jax.random.normal(jax.random.PRNGKey(3), (k, n), jnp.float32)
+        w = w.at[5, 7].set(jnp.nan).at[300, 40].set(jnp.inf)
+        qw = jax.jit(lambda w: qkern.quantize(w, fmt, **opts))(w)
+        op = canonical_operand(qw)
+        x = jax.random.normal(jax.random.PRNGKey(4), (3, k), jnp.float32)
+        y = self.mm(x, op)
+        bad = np.zeros(n, bool)
+        bad[[7, 40]] = True
+        assert bool(jnp.all(jnp.isnan(y[:, bad]))), y[:, bad]
+        assert bool(jnp.all(jnp.isfinite(y[:, ~bad])))
+        clean = jnp.where(jnp.isfinite(w), w, 0.0)
+        assert_matches(y[:, ~bad], ref(x, canonical_operand(qkern.quantize(clean, fmt, **opts)))[:, ~bad])
+        dx = self.mm(jax.random.normal(jax.random.PRNGKey(5), (2, n)), op, transposed=True)
+        assert not bool(jnp.all(jnp.isfinite(dx[:, 5]))) and not bool(jnp.all(jnp.isfinite(dx[:, 300])))
 
     # -- bad input --------------------------------------------------------------------
 
