@@ -30,6 +30,9 @@ FORMATS = [
     ("int8", {}),
     ("int8", dict(block_size=64, calibration="minmax")),
     ("int3", {}),                            # emulated: one int8 per code
+    ("fp8_e4m3", {}),
+    ("fp8_e5m2", dict(block_size=64)),
+    ("mxfp8", {}),
 ]
 IDS = [f + "".join(f"-{k}={v}" for k, v in o.items()) for f, o in FORMATS]
 
@@ -44,14 +47,14 @@ def _cpu_has(flag: str) -> bool:
 
 def _uses_kernel(fn, *args) -> bool:
     hlo = jax.jit(fn).lower(*args).compile().as_text()
-    return "qkern_packed4_gemv" in hlo or "qkern_int8_gemv" in hlo
+    return any(t in hlo for t in ("qkern_packed4_gemv", "qkern_int8_gemv", "qkern_fp8_gemv"))
 
 
 def test_kernels_build_on_this_machine():
     """Where there is an x86-64 CPU with AVX2 and FMA and a C++ compiler, the kernels must
     build; elsewhere `status()` must say why not."""
     can = (platform.machine().lower() in ("x86_64", "amd64") and _cpu_has("avx2")
-           and _cpu_has("fma") and (shutil.which(os.environ.get("CXX", "c++")) is not None)
+           and _cpu_has("fma") and _cpu_has("f16c") and (shutil.which(os.environ.get("CXX", "c++")) is not None)
            and os.environ.get(_native.ENV_VAR, "1") != "0")
     status = _native.status()
     assert status.startswith("available" if can else "unavailable:"), status
@@ -174,8 +177,34 @@ def test_failed_build_falls_back_to_the_scan(monkeypatch, tmp_path, caplog):
 
 
 def test_formats_it_does_not_take_run_the_scan():
-    x, _, op = make_case("fp8_e4m3", {}, 1, 256, 64, jnp.float32)
-    assert _native._kernel_for(op) is None and not _native.eligible(x, op)
+    import dataclasses
+    x, _, op = make_case("int8", {}, 1, 256, 64, jnp.float32)
+    custom = dataclasses.replace(op, fmt=dataclasses.replace(op.fmt, name="int8_custom"))
+    assert _native._kernel_for(custom) is None and not _native.eligible(x, custom)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_fp8_decodes_every_bit_pattern_as_astype(dtype):
+    """All 256 codes, NaN, inf (e5m2), subnormals and -0 included, decode as
+    `astype(float32)` does (the XLA path's decode): column n holds pattern n in row 0."""
+    from qkern.formats import get_format
+    from qkern.pallas._operand import QOperand
+    fmt = get_format("fp8_e4m3" if dtype == jnp.float8_e4m3fn else "fp8_e5m2")
+    bits = np.zeros((64, 256), np.uint8)
+    bits[0] = np.arange(256, dtype=np.uint8)
+    codes = jax.lax.bitcast_convert_type(jnp.asarray(bits), dtype)
+    op = QOperand(codes, jnp.ones((1, 256), jnp.float32), None, fmt, 64, 64)
+    x = jnp.ones((1, 64), jnp.float32)
+    fn = lambda x, op: qmatmul(x, op, backend="xla")
+    assert _uses_kernel(fn, x, op)
+    y = np.asarray(jax.jit(fn)(x, op))[0]
+    want = np.asarray(codes[0].astype(jnp.float32))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(y[ok], want[ok])
+    assert np.isnan(want).sum() == (2 if dtype == jnp.float8_e4m3fn else 6)
+    assert dtype != jnp.float8_e5m2 or np.isinf(y).sum() == 2
 
 
 @needs_native

@@ -4,8 +4,11 @@ At M = 1 every way of writing a 4-bit codebook lookup in XLA lowers to an AVX2 g
 about a cycle per weight (bench/nf4_lookup.py), which kept nf4 below the dense matmul.
 qgemv.cc decodes codes in registers instead (a 16-entry table in two registers, `vpermps`
 and a blend; int8 widened and converted) and never writes a decoded weight. It covers the
-4-bit formats (int4, nf4, fp4, mxfp4) and the one-byte integer formats (int8 and the
-emulated int2/3/5/6/7), with per-block or per-channel scales and minmax zero points.
+4-bit formats (int4, nf4, fp4, mxfp4), the one-byte integer formats (int8 and the
+emulated int2/3/5/6/7) and the fp8 formats (fp8_e4m3, fp8_e5m2, mxfp8: bit patterns turned
+into float16 ones and converted by F16C, decoding exactly as `astype(float32)` does,
+subnormals and NaN/inf codes included), with per-block or per-channel scales and minmax
+zero points.
 
 `qmatmul_small_m(x2, op, config)` runs it when `eligible(x2, op)`; the library is built on
 first use (_build.py). It is bound as a primitive whose lowering picks the kernel or the
@@ -47,7 +50,7 @@ def max_m(op) -> int:
     beats the scan up to M = 8 for every format it takes; at M = 16 it still beats it for
     the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a gather) and not for int4
     and int8."""
-    return 16 if op.fmt.kind in ("codebook", "mx") else 8
+    return 16 if op.fmt.kind in ("codebook", "mx", "float") else 8
 
 
 def _table(fmt) -> np.ndarray:
@@ -65,7 +68,13 @@ def _kernel_for(op) -> str | None:
         return "qkern_packed4_gemv" if op.halves_aligned else None
     if not fmt.packed and fmt.kind == "int" and op.data.dtype == jnp.int8:
         return "qkern_int8_gemv"
+    if not fmt.packed and op.data.dtype in _FP8:
+        return "qkern_fp8_gemv"
     return None
+
+
+# fp8 code dtypes -> the kernel's `e5m2` attribute
+_FP8 = {jnp.dtype(jnp.float8_e4m3fn): 0, jnp.dtype(jnp.float8_e5m2): 1}
 
 
 def runs_for(m: int, op) -> bool:
@@ -113,6 +122,9 @@ def _native(x2: jax.Array, op) -> jax.Array:
     args = (x32, op.data, op.scales.astype(jnp.float32))
     if target == "qkern_packed4_gemv":
         args += (jnp.asarray(_table(op.fmt)),)
+    elif target == "qkern_fp8_gemv":
+        attrs["e5m2"] = np.int64(_FP8[op.data.dtype])
+        args = (x32, jax.lax.bitcast_convert_type(op.data, jnp.uint8), args[2])
     y = jax.ffi.ffi_call(target, out)(*args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
         xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)

@@ -30,9 +30,10 @@ from ...._cache_dir import cache_dir
 
 ENV_VAR = "QKERN_NATIVE"
 SOURCE = Path(__file__).with_name("qgemv.cc")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI handler symbols in qgemv.cc -> the target names qkern registers them under.
-TARGETS = {"QkernPacked4Gemv": "qkern_packed4_gemv", "QkernInt8Gemv": "qkern_int8_gemv"}
+TARGETS = {"QkernPacked4Gemv": "qkern_packed4_gemv", "QkernInt8Gemv": "qkern_int8_gemv",
+           "QkernFp8Gemv": "qkern_fp8_gemv"}
 
 _log = logging.getLogger("qkern")
 _lock = threading.Lock()
@@ -106,7 +107,7 @@ def _load():
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"building {SOURCE.name} failed: {e}"
     if not lib.qkern_native_supported():
-        return None, "this CPU lacks AVX2 or FMA"
+        return None, "this CPU lacks AVX2, FMA or F16C"
     for symbol, name in TARGETS.items():
         # Once per process: XLA refuses a second handler under the same name (and a refused
         # registration breaks the CPU backend), so a rebuilt library keeps the first one's.

@@ -1,19 +1,24 @@
 // qkern's native CPU kernels: y[M, N] = x[M, K] @ W[K, N] for small M with W quantised,
 // called from XLA through the FFI (see __init__.py, which builds and registers this file).
 //
-// x86-64 with AVX2 and FMA. Codes are decoded in registers, eight at a time, once for up
-// to four rows of x, and never written out: 4-bit codes go through a 16-entry table held
+// x86-64 with AVX2, FMA and F16C. Codes are decoded in registers, eight at a time, once for
+// up to four rows of x, and never written out: 4-bit codes go through a 16-entry table held
 // in two registers (vpermps on the low three bits, a blend on the fourth), int8 codes are
-// widened and converted. Per block of rows the products are summed unscaled, then scaled once per
-// column. Zero points are left to the caller (a [M, nb] @ [nb, N] term).
+// widened and converted, fp8 codes are moved into float16 bit patterns and converted by
+// vcvtph2ps (E5M2 is the top byte of a float16; E4M3FN is rebiased by a factor 2^8 and its
+// one NaN code blended in), subnormals, inf and NaN included. Per block of rows the
+// products are summed unscaled, then scaled once per column. Zero points are left to the
+// caller (a [M, nb] @ [nb, N] term).
 //
 // Storage (qkern/pallas/_operand.py): 4-bit codes are uint8 [R, N], byte row r holding
-// logical row r in its low nibble and row r + R in its high nibble; int8 codes are [K, N].
+// logical row r in its low nibble and row r + R in its high nibble; int8 and fp8 codes
+// are one byte each, [K, N].
 // scales are [nb, N] float32, blocks of `block_size` logical rows (nb == 1: one block).
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -153,23 +158,55 @@ bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
 }
 
 struct Args8 {
-  const float* x;       // [M, K]
-  const int8_t* codes;  // [K, N]
-  const float* scales;  // [nb, N]
-  float* y;             // [M, N]
+  const float* x;        // [M, K]
+  const uint8_t* codes;  // [K, N], one byte per code (int8 or fp8 bit patterns)
+  const float* scales;   // [nb, N]
+  float* y;              // [M, N]
   int64_t m, k, n, nb, block;
 };
 
-template <int U, int MR>
-inline void Int8AddRows(const Args8& a, const float* x, int64_t r, int64_t c0, int64_t w,
-                        int64_t pw, float* acc) {
-  const int8_t* p = a.codes + r * a.n + c0;
+// One-byte codes to float32: eight at a time (Vec) and one at a time (One, the tail).
+struct Int8Codes {
+  static __m256 Vec(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(Load8Signed(reinterpret_cast<const int8_t*>(p)));
+  }
+  static float One(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
+};
+
+struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
+  static __m256 Vec(const uint8_t* p) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
+  }
+  static float One(uint8_t b) { return _cvtsh_ss(static_cast<uint16_t>(b << 8)); }
+};
+
+struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
+  static __m256 Vec(const uint8_t* p) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(mag, 7));  // as float16: value / 2^8
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(nan));
+  }
+  static float One(uint8_t b) {
+    if ((b & 0x7f) == 0x7f) return NAN;
+    return _cvtsh_ss(static_cast<uint16_t>(((b & 0x80) << 8) | ((b & 0x7f) << 7))) * 256.0f;
+  }
+};
+
+template <typename D, int U, int MR>
+inline void BytesAddRows(const Args8& a, const float* x, int64_t r, int64_t c0, int64_t w,
+                         int64_t pw, float* acc) {
+  const uint8_t* p = a.codes + r * a.n + c0;
   const int64_t wv = w / 8 * 8;
   for (int64_t i = 0; i < wv; i += 8) {
     __m256 v[MR];
     for (int k = 0; k < MR; ++k) v[k] = _mm256_load_ps(acc + k * pw + i);
     for (int q = 0; q < U; ++q) {
-      const __m256 c = _mm256_cvtepi32_ps(Load8Signed(p + q * a.n + i));
+      const __m256 c = D::Vec(p + q * a.n + i);
       for (int k = 0; k < MR; ++k)
         v[k] = _mm256_fmadd_ps(c, _mm256_broadcast_ss(x + k * a.k + r + q), v[k]);
     }
@@ -177,11 +214,12 @@ inline void Int8AddRows(const Args8& a, const float* x, int64_t r, int64_t c0, i
   }
   for (int64_t i = wv; i < w; ++i)
     for (int q = 0; q < U; ++q)
-      for (int k = 0; k < MR; ++k) acc[k * pw + i] += x[k * a.k + r + q] * p[q * a.n + i];
+      for (int k = 0; k < MR; ++k)
+        acc[k * pw + i] += x[k * a.k + r + q] * D::One(p[q * a.n + i]);
 }
 
-template <int MR>
-void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1, float* acc) {
+template <typename D, int MR>
+void BytesBlock(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1, float* acc) {
   const int64_t g = a.nb == 1 ? a.k : a.block;
   const int64_t groups = a.k / g, pw = kPanel;
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
@@ -192,21 +230,22 @@ void Int8Block(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1,
       const int64_t w = std::min(pw, n1 - c0);
       std::fill(acc, acc + MR * kPanel, 0.0f);
       int64_t r = r0;
-      for (; r + 4 <= r0 + g; r += 4) Int8AddRows<4, MR>(a, x, r, c0, w, pw, acc);
-      for (; r < r0 + g; ++r) Int8AddRows<1, MR>(a, x, r, c0, w, pw, acc);
+      for (; r + 4 <= r0 + g; r += 4) BytesAddRows<D, 4, MR>(a, x, r, c0, w, pw, acc);
+      for (; r < r0 + g; ++r) BytesAddRows<D, 1, MR>(a, x, r, c0, w, pw, acc);
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i) y[k * a.n + c0 + i] += acc[k * pw + i] * s[c0 + i];
     }
   }
 }
 
-bool Int8Columns(const Args8& a, int64_t n0, int64_t n1) {
+template <typename D>
+bool BytesColumns(const Args8& a, int64_t n0, int64_t n1) {
   Buffer acc(4 * kPanel);
   if (acc.data == nullptr) return false;
   int64_t i = 0;
-  for (; i + 4 <= a.m; i += 4) Int8Block<4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-  for (; i + 2 <= a.m; i += 2) Int8Block<2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-  for (; i < a.m; ++i) Int8Block<1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  for (; i + 4 <= a.m; i += 4) BytesBlock<D, 4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  for (; i + 2 <= a.m; i += 2) BytesBlock<D, 2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  for (; i < a.m; ++i) BytesBlock<D, 1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   return true;
 }
 
@@ -260,21 +299,50 @@ ffi::Error Packed4Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
   return ffi::Error::Success();
 }
 
+// One-byte codes: int8 (`kind` 0), float8_e4m3fn (1) or float8_e5m2 (2).
+ffi::Error BytesImpl(const char* name, int64_t kind, const float* xp, const uint8_t* codes,
+                     ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
+                     ffi::Buffer<ffi::F32>& scales, ffi::ResultBuffer<ffi::F32>& y,
+                     int64_t block_size, int64_t threads) {
+  const auto sd = scales.dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": expected x[M, K], codes[K, N], scales[nb, N]");
+  Args8 a{xp, codes, scales.typed_data(), y->typed_data(), xd[0], cd[0], cd[1], sd[0],
+          block_size};
+  if (xd[1] != a.k || sd[1] != a.n || (a.nb != 1 && a.nb * a.block != a.k))
+    return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
+  bool ok;
+  if (kind == 0) {
+    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesColumns<Int8Codes>(a, n0, n1); });
+  } else if (kind == 1) {
+    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesColumns<E4M3Codes>(a, n0, n1); });
+  } else if (kind == 2) {
+    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesColumns<E5M2Codes>(a, n0, n1); });
+  } else {
+    return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
+  }
+  if (!ok) return ffi::Error::Internal(std::string(name) + ": " + kNoMemory);
+  return ffi::Error::Success();
+}
+
 ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                     ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
                     int64_t block_size, int64_t threads) {
-  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
-  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2)
-    return ffi::Error::InvalidArgument(
-        "qkern_int8_gemv: expected x[M, K], codes[K, N], scales[nb, N]");
-  Args8 a{x.typed_data(), codes.typed_data(), scales.typed_data(), y->typed_data(),
-          xd[0], cd[0], cd[1], sd[0], block_size};
-  if (xd[1] != a.k || sd[1] != a.n || (a.nb != 1 && a.nb * a.block != a.k))
-    return ffi::Error::InvalidArgument("qkern_int8_gemv: inconsistent shapes");
-  auto work = [&a](int64_t n0, int64_t n1) { return Int8Columns(a, n0, n1); };
-  if (!OverColumns(a.n, threads, work))
-    return ffi::Error::Internal(std::string("qkern_int8_gemv: ") + kNoMemory);
-  return ffi::Error::Success();
+  return BytesImpl("qkern_int8_gemv", 0, x.typed_data(),
+                   reinterpret_cast<const uint8_t*>(codes.typed_data()), x.dimensions(),
+                   codes.dimensions(), scales, y, block_size, threads);
+}
+
+// fp8 codes arrive as their bit patterns (uint8): `e5m2` 0 for float8_e4m3fn, 1 for e5m2.
+ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                   ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t block_size, int64_t threads, int64_t e5m2) {
+  return BytesImpl("qkern_fp8_gemv", e5m2 ? 2 : 1, x.typed_data(), codes.typed_data(),
+                   x.dimensions(), codes.dimensions(), scales, y, block_size, threads);
 }
 
 }  // namespace
@@ -298,8 +366,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Gemv, Int8Impl,
                                   .Attr<int64_t>("block_size")
                                   .Attr<int64_t>("threads"));
 
-// Whether this CPU runs the kernels (the library is built with -mavx2 -mfma).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("e5m2"));
+
+// Whether this CPU runs the kernels (the library is built with -mavx2 -mfma -mf16c).
 extern "C" int qkern_native_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 }
