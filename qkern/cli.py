@@ -9,7 +9,9 @@
                           and cache the winners
     qkern info            versions, devices, the backend qkern will use, the tuning cache
 
-Bad arguments print one line and exit with code 2.
+`qkern --version` prints the version; `qkern` alone prints this usage and exits with code 2.
+demo, bench and tune draw progress bars on stderr when it is a terminal (--progress: always,
+--no-progress: never). Bad arguments print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -27,13 +29,35 @@ from . import _version
 from .autotune import SpecError, _cache, autotune, cache_path, clear, device_kind
 from .autotune._tune import describe_config
 from .formats import FORMATS
-from .pallas._backend import resolve
-from .pallas._config import KERNELS, MatmulConfig
+from .pallas._backend import ENV_VAR, env_backend, resolve, unavailable_here
+from .pallas._config import KERNELS, MatmulConfig, Problem
 from .pallas.qmatmul import _native
 
 
 class UsageError(Exception):
     """Bad input found after parsing: one line on stderr, exit code 2."""
+
+
+def _env_backend_unavailable() -> str | None:
+    """Why the backend QKERN_BACKEND names cannot run this machine's matmuls, or None."""
+    name = env_backend()
+    why = None if name is None else unavailable_here(name)
+    return None if why is None else f"{ENV_VAR}={name}, but {why}"
+
+
+def _require_runnable_backend() -> None:
+    """For the commands that run matmuls: a QKERN_BACKEND this machine cannot compile is
+    one line and exit code 2 (not a traceback from inside Pallas)."""
+    why = _env_backend_unavailable()
+    if why is not None:
+        raise UsageError(f"{why}; unset {ENV_VAR} or set it to xla")
+
+
+def _problem_of(entry: dict) -> Problem | None:
+    try:
+        return Problem(**{f: entry[f] for f in Problem.__dataclass_fields__ if f in entry})
+    except TypeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -46,7 +70,15 @@ def _cmd_info(args) -> int:
     print(f"jax     {jax.__version__}")
     print(f"python  {platform.python_version()} ({platform.machine()})")
     print(f"jax platform   {jax.default_backend()}")
-    print(f"qkern backend  {resolve().name}  (override: QKERN_BACKEND or qkern.backend(...))")
+    with warnings.catch_warnings():    # the same warning is printed below, on stdout
+        warnings.simplefilter("ignore")
+        name = resolve().name
+    source = f"from {ENV_VAR}" if env_backend() else "the device's"
+    print(f"qkern backend  {name}  ({source}; override: {ENV_VAR} or qkern.backend(...))")
+    why = _env_backend_unavailable()
+    if why is not None:
+        print(f"  warning: {why}: quantised matmuls will fail to compile here; unset "
+              f"{ENV_VAR} or set it to xla")
     if jax.default_backend() == "cpu":
         print(f"native CPU kernels  {_native.status()}  (off: {_native.ENV_VAR}=0)")
     for d in jax.devices():
@@ -65,7 +97,7 @@ def _cmd_info(args) -> int:
     for e in here[:limit]:
         print(f"  {e['backend']:<10} {e['kernel']:<9} M={e['m']:<5} K={e['k']:<6} "
               f"N={e['n']:<6} {e['x_dtype']:<8} {e['fmt']:<8} B={e['block_size']:<5} -> "
-              f"{describe_config(MatmulConfig(**e['config']), e['backend'])}"
+              f"{describe_config(MatmulConfig(**e['config']), e['backend'], _problem_of(e))}"
               f"  ({e.get('time_ms', float('nan')):.3f} ms, default "
               f"{e.get('default_ms', float('nan')):.3f} ms)")
     if limit is not None and len(here) > limit:
@@ -81,15 +113,17 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
     from ._bench import qmatmul, trace_compile
 
+    _require_runnable_backend()
     if args.plot:  # fail before the (long) measurements, not after
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'qkern[bench]'") from None
     mm_rows = qmatmul.run(formats=args.formats, ms=args.m, k=args.k, n=args.n,
-                          repeats=args.repeats, bandwidth_gbps=args.bandwidth)
+                          repeats=args.repeats, bandwidth_gbps=args.bandwidth,
+                          progress=args.progress)
     tc_rows = [] if args.skip_trace else trace_compile.run(
-        layers=args.layers, width=args.width, rank=args.rank)
+        layers=args.layers, width=args.width, rank=args.rank, progress=args.progress)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
     if args.json:
@@ -127,6 +161,8 @@ def _cmd_tune(args) -> int:
         had = clear()
         print(f"{'removed' if had else 'no cache at'} {cache_path()}")
         return 0
+    if args.backend is None and not args.dry_run:
+        _require_runnable_backend()
     try:
         results = autotune(
             m=args.m, k=args.k, n=args.n, formats=args.formats, dtypes=args.dtypes,
@@ -135,7 +171,7 @@ def _cmd_tune(args) -> int:
             max_configs=args.max_configs or "default",
             repeats=args.repeats, write=not args.no_write, dry_run=args.dry_run,
             check_lowering=args.check_lowering,
-            progress=False if args.no_progress else None)
+            progress=args.progress)
     except SpecError as err:
         raise UsageError(f"--from {args.from_}: {err}") from None
     except ValueError as err:  # impossible requests (a GPU kernel on a CPU, a bad shape)
@@ -168,7 +204,7 @@ def _tune_table(results) -> str:
         sp = "" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
         lines.append(
             f"| {p.backend} | {p.kernel} | {p.m} | {p.k} | {p.n} | {p.x_dtype} | {p.fmt} | "
-            f"{describe_config(r.config, p.backend)} | {r.time_s * 1e3:.3f} | "
+            f"{describe_config(r.config, p.backend, p)} | {r.time_s * 1e3:.3f} | "
             f"{r.default_time_s * 1e3:.3f} | {sp} | {len(r.timings)} / {len(r.pruned)} |")
     return "\n".join(lines)
 
@@ -180,7 +216,7 @@ def _print_space(results, *, verbose: bool) -> None:
               f"(block {p.block_size}): {len(r.timings)} configs to time, "
               f"{len(r.pruned)} pruned")
         for cfg, _ in r.timings:
-            print(f"  time   {describe_config(cfg, p.backend)}")
+            print(f"  time   {describe_config(cfg, p.backend, p)}")
         for cfg, why in (r.pruned if verbose else r.pruned[:5]):
             print(f"  pruned {describe_config(cfg, p.backend)}: {why}")
         if not verbose and len(r.pruned) > 5:
@@ -195,7 +231,8 @@ def _print_space(results, *, verbose: bool) -> None:
 def _cmd_demo(args) -> int:
     from ._demo import main
 
-    return main(random=args.random)
+    _require_runnable_backend()
+    return main(random=args.random, progress=args.progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -266,9 +303,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message.splitlines()[0]}\n")
 
 
+def _add_progress(parser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr: --progress always, --no-progress "
+                             "never (default: only when stderr is a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qkern", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="qkern", description="Quantised JAX weights and their kernels: "
+                     "a demo, benchmarks, autotuning, and what qkern sees on this machine.",
+                     epilog="`qkern COMMAND --help` describes a command's options.")
+    parser.add_argument("--version", action="version", version=f"qkern {_version.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                title="commands", metavar="COMMAND")
 
     info = sub.add_parser("info", help="versions, devices, backend and the tuning cache")
     info.add_argument("--all", action="store_true", help="list every cache entry")
@@ -277,43 +324,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantise a small model and compare it with float32")
     demo.add_argument("--random", action="store_true",
                       help="always run the built-in random-weight demo")
+    _add_progress(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks against the dense computation")
+    bench = sub.add_parser(
+        "bench", help="benchmarks against the dense computation",
+        description="Time the quantised matmul x[M, K] @ W[K, N] against the dense one for "
+                    "each format and M, then the dispatch-trace cost of a user-defined "
+                    "weight type in an MLP.")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")
     bench.add_argument("--plot", metavar="OUT.png",
                        help="save speed-up against M per format (needs qkern[bench])")
     bench.add_argument("--formats", type=_formats, default=("int8", "int4", "nf4"),
-                       help="comma-separated formats (default int8,int4,nf4)")
-    bench.add_argument("--m", type=_int_list, default=(1, 16), help="batch sizes, e.g. 1,16,256")
-    bench.add_argument("--k", type=_positive_int, default=4096)
-    bench.add_argument("--n", type=_positive_int, default=4096)
+                       help="comma-separated formats (default: int8,int4,nf4)")
+    bench.add_argument("--m", type=_int_list, default=(1, 16),
+                       help="comma-separated batch sizes M, the rows of x (default: 1,16)")
+    bench.add_argument("--k", type=_positive_int, default=4096,
+                       help="K, the weight's input dimension (rows of W) (default: 4096)")
+    bench.add_argument("--n", type=_positive_int, default=4096,
+                       help="N, the weight's output dimension (columns of W) (default: 4096)")
     bench.add_argument("--repeats", type=_positive_int, default=20,
-                       help="timed calls per measurement (median)")
+                       help="timed calls per measurement, median taken (default: 20)")
     bench.add_argument("--bandwidth", type=_positive_float, metavar="GBPS",
-                       help="peak memory bandwidth for %% roofline when the device is not "
-                            "in the known table")
+                       help="peak memory bandwidth for %% roofline (default: the device's, "
+                            "when it is in the known table)")
     bench.add_argument("--skip-trace", action="store_true",
                        help="skip the dispatch-trace (trace+compile) benchmark")
-    bench.add_argument("--layers", type=_positive_int, default=24)
-    bench.add_argument("--width", type=_positive_int, default=512)
-    bench.add_argument("--rank", type=_positive_int, default=8)
+    bench.add_argument("--layers", type=_positive_int, default=24,
+                       help="dispatch-trace benchmark: layers of the MLP (default: 24)")
+    bench.add_argument("--width", type=_positive_int, default=512,
+                       help="dispatch-trace benchmark: width of the MLP (default: 512)")
+    bench.add_argument("--rank", type=_positive_int, default=8,
+                       help="dispatch-trace benchmark: rank of the low-rank weight type "
+                            "(default: 8)")
+    _add_progress(bench)
     bench.set_defaults(func=_cmd_bench)
 
     tune = sub.add_parser("tune", help="autotune kernel configs and cache the winners")
-    tune.add_argument("--m", type=_int_list, default=(1, 16), help="M values (default 1,16)")
-    tune.add_argument("--k", type=_int_list, default=(4096,), help="K values (default 4096)")
-    tune.add_argument("--n", type=_int_list, default=(4096,), help="N values (default 4096)")
+    tune.add_argument("--m", type=_int_list, default=(1, 16), help="M values (default: 1,16)")
+    tune.add_argument("--k", type=_int_list, default=(4096,), help="K values (default: 4096)")
+    tune.add_argument("--n", type=_int_list, default=(4096,), help="N values (default: 4096)")
     tune.add_argument("--formats", type=_formats, default=("int8", "int4", "nf4"),
-                      help="comma-separated formats (default int8,int4,nf4)")
+                      help="comma-separated formats (default: int8,int4,nf4)")
     tune.add_argument("--dtypes", type=_dtypes, default=None,
-                      help="activation dtypes (default float32 on CPU, bfloat16 elsewhere)")
+                      help="activation dtypes (default: float32 on CPU, bfloat16 elsewhere)")
     tune.add_argument("--kernels", type=_kernels, default=("qmatmul",),
                       help="comma-separated: qmatmul (x @ W), qmatmul_t (dy @ W.T, the "
                            "gradient), w8a8 (int8 activations, int8 weights), lora / lora_t "
-                           "(the fused QLoRA matmul and its transpose); default qmatmul")
+                           "(the fused QLoRA matmul and its transpose) (default: qmatmul)")
     tune.add_argument("--rank", type=_positive_int, default=16,
-                      help="LoRA rank of the lora / lora_t problems (default 16)")
+                      help="LoRA rank of the lora / lora_t problems (default: 16)")
     tune.add_argument("--block-size", type=_positive_int, default=None,
                       help="weight block size (default: the format's)")
     tune.add_argument("--zeros", action="store_true", help="weights with zero points (minmax)")
@@ -321,11 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tune the quantised matmuls of a function: a zero-argument "
                            "callable returning (fn, args); see docs/autotuning.md")
     tune.add_argument("--backend", choices=("xla", "triton", "mosaic_tpu"), default=None,
-                      help="default: the device's")
+                      help=f"(default: {ENV_VAR}, else the device's)")
     tune.add_argument("--max-configs", type=_positive_int, default=None,
-                      help="time at most this many configs per problem")
+                      help="time at most this many configs per problem (default: 48 for "
+                           "triton, 32 for mosaic_tpu, no cap for xla)")
     tune.add_argument("--repeats", type=_positive_int, default=None,
-                      help="timed calls per config (median; default 10 on CPU, 50 elsewhere)")
+                      help="timed calls per config, median taken (default: 10 on CPU, 50 "
+                           "elsewhere)")
     tune.add_argument("--dry-run", action="store_true",
                       help="show the pruned search space, time nothing")
     tune.add_argument("--check-lowering", action="store_true",
@@ -333,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(works on a CPU host) and prune those that fail")
     tune.add_argument("--verbose", action="store_true", help="with --dry-run: every pruned config")
     tune.add_argument("--no-write", action="store_true", help="leave the cache untouched")
-    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(tune)
     tune.add_argument("--json", action="store_true", help="print the results as JSON")
     tune.add_argument("--clear", action="store_true", help="delete the cache file and exit")
     tune.set_defaults(func=_cmd_tune)
@@ -346,7 +408,16 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # as argparse programs do for a missing command: usage on stderr, code 2
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_args(argv)  # bad arguments: one-line error, exit code 2
+    try:
+        env_backend()
+    except ValueError as err:  # a bad QKERN_BACKEND: every command would trip on it
+        print(f"qkern {args.command}: error: {err}", file=sys.stderr)
+        return 2
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)

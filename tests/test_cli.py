@@ -1,8 +1,13 @@
-"""The `qkern` command: info, bench, tune, demo, and one-line errors with exit code 2."""
+"""The `qkern` command: info, bench, tune, demo, progress bars, and one-line errors with
+exit code 2."""
 
+import argparse
+import contextlib
 import functools
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -10,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from qkern import cli
+from qkern import _version, cli
 from qkern.autotune import _cache
+from qkern.autotune._tune import NATIVE
+from qkern.pallas import _backend
 from qkern.pallas.qmatmul import _native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,11 +118,29 @@ def test_bad_requests_found_after_parsing_exit_2_with_one_line(argv, match, caps
 def test_tune_writes_the_cache_and_info_lists_it(capsys, cache_dir):
     assert cli.main(TINY_TUNE + ["--formats", "int8"]) == 0
     out = capsys.readouterr().out
-    assert "| xla | qmatmul | 1 | 256 | 128 | float32 | int8 | block_k=" in out
+    # M=1 int8 runs the native CPU kernel where it is built; it reads no block field
+    config = NATIVE if _native.runs_for(1, _native_op("int8")) else "block_k="
+    assert f"| xla | qmatmul | 1 | 256 | 128 | float32 | int8 | {config}" in out
     assert f"1 entry written to {cache_dir / _cache.FILENAME}" in out
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "1 entries, 1 for this device" in out and "xla        qmatmul   M=1" in out
+    assert f"-> {config}" in out
+
+
+def test_tune_names_the_native_kernel_not_a_block_k_it_does_not_read(capsys, monkeypatch):
+    """Where the native CPU kernel runs (xla forward, small M) the report says so; the
+    scan's problems (here M=12 with the native kernel taken away) show their block_k."""
+    monkeypatch.setattr(_native, "runs_for", lambda m, op: m <= 8)
+    assert cli.main(TINY_TUNE[:2] + ["1,12"] + TINY_TUNE[3:] + ["--formats", "int8",
+                                                                 "--no-write"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| xla")]
+    assert len(rows) == 2
+    assert rows[0].split(" | ")[7] == NATIVE
+    assert rows[1].split(" | ")[2] == "12" and rows[1].split(" | ")[7].startswith("block_k=")
+    assert cli.main(["tune", "--m", "1", "--k", "256", "--n", "128", "--formats", "int8",
+                     "--dry-run"]) == 0
+    assert f"  time   {NATIVE}" in capsys.readouterr().out
 
 
 def test_tune_json_and_dry_run_from_a_function(capsys):
@@ -158,7 +183,7 @@ def _fake_minilm(monkeypatch, ok, why=""):
     mod = types.ModuleType("qkern._demo.minilm")
     mod.available = lambda: (ok, why)
     mod.ran = []
-    mod.run = lambda: mod.ran.append(True) or print("real model demo")
+    mod.run = lambda **kw: mod.ran.append(kw) or print("real model demo")
     monkeypatch.setitem(sys.modules, "qkern._demo.minilm", mod)
     import qkern._demo
     monkeypatch.setattr(qkern._demo, "minilm", mod, raising=False)
@@ -168,7 +193,7 @@ def _fake_minilm(monkeypatch, ok, why=""):
 def test_demo_runs_the_real_model_when_available(monkeypatch, capsys):
     mod = _fake_minilm(monkeypatch, True)
     assert cli.main(["demo"]) == 0
-    assert mod.ran and "real model demo" in capsys.readouterr().out
+    assert mod.ran == [{"progress": None}] and "real model demo" in capsys.readouterr().out
 
 
 def test_demo_falls_back_to_random_weights_with_the_install_hint(monkeypatch, capsys, tiny_demo):
@@ -191,7 +216,9 @@ def test_demo_random_flag_skips_the_real_model(monkeypatch):
     calls = []
     monkeypatch.setattr(random_model, "run", lambda **kw: calls.append(kw))
     assert cli.main(["demo", "--random"]) == 0
-    assert not mod.ran and calls == [{}]
+    assert cli.main(["demo", "--random", "--no-progress"]) == 0
+    assert cli.main(["demo", "--random", "--progress"]) == 0
+    assert not mod.ran and calls == [{"progress": None}, {"progress": False}, {"progress": True}]
 
 
 def test_demo_survives_a_broken_real_model_module(monkeypatch, capsys):
@@ -215,3 +242,164 @@ def test_corrupt_cache_is_reported_never_fatal(capsys, cache_dir):
         assert cli.main(TINY_TUNE + ["--formats", "int8"]) == 0
     data = json.loads((cache_dir / _cache.FILENAME).read_text())
     assert data["version"] == _cache.VERSION and len(data["entries"]) == 1
+
+
+# -- usage, version, QKERN_BACKEND -----------------------------------------------------
+
+
+def test_no_arguments_print_the_usage_and_commands_on_stderr_and_exit_2(capsys):
+    assert cli.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: qkern")
+    for command in ("info", "demo", "bench", "tune"):
+        assert re.search(rf"^\s+{command}\s+\S", err, re.M), err    # listed, with its help
+
+
+def test_no_arguments_from_a_shell():
+    proc = subprocess.run([sys.executable, "-m", "qkern.cli"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: qkern") and not proc.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"qkern {_version.__version__}\n"
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["bench"]
+
+
+def test_bench_help_describes_every_option_and_its_default(capsys):
+    for action in _bench_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "(default: " in action.help, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for opt, default in (("--k K", "4096"), ("--n N", "4096"), ("--layers LAYERS", "24"),
+                         ("--width WIDTH", "512"), ("--rank RANK", "8"), ("--m M", "1,16"),
+                         ("--repeats REPEATS", "20"), ("--formats FORMATS", "int8,int4,nf4")):
+        after = text[text.index(opt, text.index("options:")) + len(opt):]
+        assert f"(default: {default})" in after[:after.index(" --")], opt
+
+
+@pytest.mark.parametrize("argv", [["info"], ["demo"], ["bench"], ["tune", "--dry-run"]])
+def test_a_bad_QKERN_BACKEND_is_one_line_and_exit_2(argv, monkeypatch, capsys):
+    monkeypatch.setenv("QKERN_BACKEND", "cuda")
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert not out and len(lines) == 1, err
+    assert lines[0].startswith(f"qkern {argv[0]}: error: QKERN_BACKEND='cuda'")
+    assert "triton, mosaic_tpu, xla" in lines[0]
+
+
+def test_a_bad_QKERN_BACKEND_elsewhere_is_a_value_error_naming_it(monkeypatch):
+    import jax
+
+    import qkern
+
+    monkeypatch.setenv("QKERN_BACKEND", "cuda")
+    match = r"QKERN_BACKEND='cuda'.*triton, mosaic_tpu, xla"
+    with pytest.raises(ValueError, match=match):
+        _backend.resolve()
+    w = qkern.quantize(jax.numpy.ones((256, 128)), "int8")
+    with pytest.raises(ValueError, match=match):
+        jax.jit(qkern.quaxify(lambda x, w: x @ w))(jax.numpy.ones((2, 256)), w)
+    monkeypatch.setenv("QKERN_BACKEND", "  ")                        # blank: unset
+    assert _backend.resolve().name == "xla"
+
+
+def test_a_pallas_backend_from_QKERN_BACKEND_on_a_cpu(monkeypatch, capsys):
+    """QKERN_BACKEND=triton on a CPU: info warns (and exits 0), the commands that run
+    matmuls stop with one line, the library warns once naming the variable."""
+    monkeypatch.setenv("QKERN_BACKEND", "triton")
+    monkeypatch.setattr(_backend, "_warned", set())
+    assert cli.main(["info"]) == 0
+    out, err = capsys.readouterr()
+    assert "qkern backend  triton  (from QKERN_BACKEND" in out
+    warning = [l for l in out.splitlines() if "warning:" in l]
+    assert len(warning) == 1 and "NVIDIA GPU" in warning[0] and "cpu" in warning[0], out
+    assert "fail" in warning[0] and not err
+    for argv in (["bench"], ["demo"], ["tune"]):
+        assert cli.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"qkern {argv[0]}: error: "
+                                                        "QKERN_BACKEND=triton, but"), lines
+        assert "NVIDIA GPU" in lines[0] and "platform is cpu" in lines[0]
+    monkeypatch.setattr(_backend, "_warned", set())        # info showed it in its own words
+    with pytest.warns(UserWarning, match=r"QKERN_BACKEND=triton.*NVIDIA GPU.*platform is cpu"):
+        assert _backend.resolve().name == "triton"
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match=r"QKERN_BACKEND=mosaic_tpu.*TPU.*platform is cpu"):
+        monkeypatch.setenv("QKERN_BACKEND", "mosaic_tpu")
+        assert _backend.resolve().name == "mosaic_tpu"
+
+
+# -- progress bars ---------------------------------------------------------------------
+
+
+def bars(err: str, desc: str) -> list[tuple[int, int]]:
+    """(n, total) of every drawing of the tqdm bar `desc` in `err`, in order."""
+    found = []
+    for seg in re.split(r"[\r\n]", err):
+        if seg.startswith(desc + ":"):
+            m = re.search(r"\| *(\d+)/(\d+) \[", seg)
+            assert m, seg
+            found.append((int(m.group(1)), int(m.group(2))))
+    return found
+
+
+def assert_monotone_and_complete(drawn: list[tuple[int, int]], total: int) -> None:
+    assert drawn, "no progress bar drawn"
+    assert {t for _, t in drawn} == {total}, drawn         # the total never changes
+    counts = [n for n, _ in drawn]
+    assert counts == sorted(counts) and counts[-1] == total, drawn
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_demo_progress_when_forced_and_only_then(capsys, tiny_demo):
+    assert cli.main(["demo", "--random", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert_monotone_and_complete(bars(err, "qkern demo"), 1 + 3 * 2)   # float32, 2 formats
+    assert "%|" not in out and "| int8 |" in out                       # bars: stderr only
+    assert cli.main(["demo", "--random"]) == 0                         # stderr not a tty
+    assert capsys.readouterr().err == ""
+    term = _Terminal()
+    with contextlib.redirect_stderr(term):
+        assert cli.main(["demo", "--random", "--no-progress"]) == 0
+        assert term.getvalue() == ""
+        assert cli.main(["demo", "--random"]) == 0                     # a terminal: drawn
+    assert_monotone_and_complete(bars(term.getvalue(), "qkern demo"), 7)
+
+
+def test_bench_progress_when_forced(capsys):
+    argv = ["bench", "--formats", "int8", "--m", "1,2", "--k", "256", "--n", "128",
+            "--repeats", "2", "--layers", "2", "--width", "64", "--rank", "2"]
+    assert cli.main(argv + ["--progress"]) == 0
+    err = capsys.readouterr().err
+    assert_monotone_and_complete(bars(err, "qkern bench qmatmul"), 2)   # 1 format x 2 M
+    assert_monotone_and_complete(bars(err, "qkern bench trace"), 4)     # 2 compiles, 2 runs
+    assert cli.main(argv + ["--skip-trace"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_tune_progress_when_forced(capsys):
+    argv = TINY_TUNE[:2] + ["1,12"] + TINY_TUNE[3:-1] + ["--formats", "int8", "--no-write"]
+    assert cli.main(argv + ["--progress"]) == 0
+    drawn = bars(capsys.readouterr().err, "qkern tune")
+    assert_monotone_and_complete(drawn, drawn[-1][1])
+    assert drawn[-1][1] >= 2 * 3         # each problem: its default, a candidate, the finals
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""

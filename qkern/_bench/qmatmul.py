@@ -23,6 +23,7 @@ from ..pallas._backend import resolve
 from ..pallas._config import Problem, config_for
 from ..pallas._operand import stored_operand
 from ..pallas.qmatmul import _native
+from .progress import bar
 from .roofline import peak_bandwidth
 from .timing import interleaved_medians, median_time
 
@@ -49,7 +50,14 @@ def _rel(got, ref) -> float:
 
 def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
         repeats: int = 20, include_dequant: bool = True,
-        bandwidth_gbps: float | None = None) -> list[dict]:
+        bandwidth_gbps: float | None = None, progress: bool | None = None) -> list[dict]:
+    """One row per format and M (see the module docstring). progress: a bar on stderr,
+    one step per row (None: when stderr is a terminal)."""
+    with bar(len(formats) * len(ms), "qkern bench qmatmul", enabled=progress) as b:
+        return _run(b, formats, ms, k, n, repeats, include_dequant, bandwidth_gbps)
+
+
+def _run(b, formats, ms, k, n, repeats, include_dequant, bandwidth_gbps) -> list[dict]:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
     device_kind = _cache.device_kind()              # for CPUs: the processor model and core count
@@ -66,6 +74,7 @@ def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
         deq = jax.jit(lambda x, w: x @ w.materialise())
         wd = np.asarray(qw.materialise().astype(jnp.float32))
         for m in ms:
+            b.set_postfix_str(f"{fmt} M={m}")
             x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
             t = interleaved_medians({"dense": lambda: dense(x, w), "q": lambda: qmm(x, qw)},
                                     repeats=repeats)
@@ -91,6 +100,7 @@ def run(formats=DEFAULT_FORMATS, ms=(1, 16), k: int = 4096, n: int = 4096,
                 t_d = median_time(lambda: deq(x, qw), repeats=max(3, repeats // 4))
                 row["dequant_then_dot_speedup"] = t_dense / t_d
             rows.append(row)
+            b.update()
     return rows
 
 

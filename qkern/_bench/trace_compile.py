@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import qkern
+from .progress import bar
 from .timing import median_time
 
 
@@ -71,8 +72,14 @@ def _compile_seconds(fn, *args) -> float:
 
 
 def run(layers: int = 24, width: int = 512, rank: int = 8, batches=(1, 64),
-        repeats: int = 3) -> list[dict[str, Any]]:
-    """Rows of {measurement, dense_s, qkern_s, ratio}; ratio = qkern / dense (lower is better)."""
+        repeats: int = 3, progress: bool | None = None) -> list[dict[str, Any]]:
+    """Rows of {measurement, dense_s, qkern_s, ratio}; ratio = qkern / dense (lower is better).
+    progress: a bar on stderr, one step per row (None: when stderr is a terminal)."""
+    with bar(2 + len(batches), "qkern bench trace", enabled=progress) as pbar:
+        return _run(pbar, layers, width, rank, batches, repeats)
+
+
+def _run(pbar, layers, width, rank, batches, repeats) -> list[dict[str, Any]]:
     w, a, b = make_weights(layers, width, rank)
     stacked = LowRankUpdate(w, a, b)
     per_layer = [LowRankUpdate(w[i], a[i], b[i]) for i in range(layers)]
@@ -92,19 +99,23 @@ def run(layers: int = 24, width: int = 512, rank: int = 8, batches=(1, 64),
         ("trace+compile, unrolled", q_unrolled, (per_layer, x1), _mlp_unrolled, (dense_layers, x1)),
         ("trace+compile, scanned", q_scanned, (stacked, x1), _mlp_scanned, (dense_stacked, x1)),
     ]:
+        pbar.set_postfix_str(name)
         dense_s = best_of(df, *dargs)
         qkern_s = best_of(qf, *qargs)
         rows.append(dict(measurement=name, dense_s=dense_s, qkern_s=qkern_s,
                          ratio=qkern_s / dense_s))
+        pbar.update()
 
     run_q = jax.jit(q_unrolled)
     run_d = jax.jit(_mlp_unrolled)
     for batch in batches:
+        pbar.set_postfix_str(f"run time, batch {batch}")
         x = jnp.ones((batch, width))
         dense_s = median_time(lambda: run_d(dense_layers, x), repeats=30)
         qkern_s = median_time(lambda: run_q(per_layer, x), repeats=30)
         rows.append(dict(measurement=f"run time, batch {batch}", dense_s=dense_s,
                          qkern_s=qkern_s, ratio=qkern_s / dense_s))
+        pbar.update()
     return rows
 
 

@@ -24,15 +24,16 @@ def real_model():
     return (minilm, "") if ok else (None, why)
 
 
-def main(*, random: bool = False, **kwargs) -> int:
-    """Run the real-model demo if it can run (and `random` is False), else the built-in."""
+def main(*, random: bool = False, progress: bool | None = None, **kwargs) -> int:
+    """Run the real-model demo if it can run (and `random` is False), else the built-in.
+    progress: a progress bar on stderr (None: when it is a terminal)."""
     if not random:
         mod, why = real_model()
         if mod is not None:
-            mod.run()
+            mod.run(progress=progress)
             return 0
         if why:
             print(why)
             print()
-    random_model.run(**kwargs)
+    random_model.run(progress=progress, **kwargs)
     return 0

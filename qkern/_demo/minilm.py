@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from .._bench.progress import bar
 from .._bench.timing import once
 from .._core import quaxify
 from ..models import _hf, minilm
@@ -109,8 +110,9 @@ def measure(f, params, qparams, ids, mask, ref, timed=True) -> dict[str, Any]:
     return row
 
 
-def run(print: Callable[..., Any] = builtins.print) -> None:
-    """Print the demo table (about 1-2 minutes on a 2-core CPU, mostly compilation and GPTQ)."""
+def run(print: Callable[..., Any] = builtins.print, *, progress: bool | None = None) -> None:
+    """Print the demo table (about 1-2 minutes on a 2-core CPU, mostly compilation and GPTQ).
+    progress: a bar on stderr, one step per row measured (None: when stderr is a terminal)."""
     start = time.perf_counter()
     params = minilm.load()
     cfg = params["config"]
@@ -122,25 +124,39 @@ def run(print: Callable[..., Any] = builtins.print) -> None:
           "every linear kernel quantised, embeddings/biases/LayerNorms float32;")
     print("the unchanged model under jax.jit(qkern.quaxify(minilm.embed)).")
     print()
-    f = jax.jit(quaxify(minilm.embed))            # one jit: float32's compilations are reused
-    ref = {"emb": np.asarray(f(params, ids, mask)), "linear": _nbytes(params, True),
-           "all": _nbytes(params, False), "mean": 1.0, "worst": 1.0, "agree": len(sentences)}
-    topic = np.arange(len(sentences)) // 4
-    same_topic = int(np.sum(topic[_nearest(ref["emb"])] == topic))
-    rows = [("float32", ref)]
-    for fmt in FORMATS:
-        rows.append((fmt, measure(f, params, minilm.quantize(params, fmt), ids, mask, ref)))
-    for label, fmt, options in RECIPES:
-        rows.append((label, measure(f, params, minilm.quantize(params, fmt, **options), ids, mask,
-                                    ref, timed=False)))
-    t = time.perf_counter()
-    hessians = minilm.hessians(params)            # the 96 calibration sentences
-    t_cal, t_gptq = time.perf_counter() - t, []
-    for fmt in GPTQ_FORMATS:
+    steps = 1 + len(FORMATS) + len(RECIPES) + 1 + len(GPTQ_FORMATS)
+    with bar(steps, "qkern demo", enabled=progress) as b:
+        b.set_postfix_str("float32: compile and run", refresh=False)
+        f = jax.jit(quaxify(minilm.embed))        # one jit: float32's compilations are reused
+        ref = {"emb": np.asarray(f(params, ids, mask)), "linear": _nbytes(params, True),
+               "all": _nbytes(params, False), "mean": 1.0, "worst": 1.0,
+               "agree": len(sentences)}
+        topic = np.arange(len(sentences)) // 4
+        same_topic = int(np.sum(topic[_nearest(ref["emb"])] == topic))
+        rows = [("float32", ref)]
+        b.update()
+        for fmt in FORMATS:
+            b.set_postfix_str(f"{fmt}: quantise, compile, time")
+            rows.append((fmt, measure(f, params, minilm.quantize(params, fmt), ids, mask, ref)))
+            b.update()
+        for label, fmt, options in RECIPES:
+            b.set_postfix_str(label)
+            rows.append((label, measure(f, params, minilm.quantize(params, fmt, **options), ids,
+                                        mask, ref, timed=False)))
+            b.update()
+        b.set_postfix_str(f"GPTQ: calibrating on {len(minilm.CALIBRATION)} sentences")
         t = time.perf_counter()
-        qparams = minilm.quantize(params, fmt, gptq=GPTQ(hessians, **GPTQ_OPTIONS))
-        t_gptq.append(time.perf_counter() - t)
-        rows.append((f"{fmt} GPTQ", measure(f, params, qparams, ids, mask, ref, timed=False)))
+        hessians = minilm.hessians(params)        # the 96 calibration sentences
+        t_cal, t_gptq = time.perf_counter() - t, []
+        b.update()
+        for fmt in GPTQ_FORMATS:
+            b.set_postfix_str(f"{fmt} GPTQ")
+            t = time.perf_counter()
+            qparams = minilm.quantize(params, fmt, gptq=GPTQ(hessians, **GPTQ_OPTIONS))
+            t_gptq.append(time.perf_counter() - t)
+            rows.append((f"{fmt} GPTQ", measure(f, params, qparams, ids, mask, ref,
+                                                timed=False)))
+            b.update()
     for key in ("1", "32"):                        # float32: every paired sample
         ref["t" + key], ref["s" + key] = statistics.median(ref["t" + key]), 1.0
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qkern
+from .._bench.progress import bar
 from .._bench.timing import interleaved_medians
 from ..pallas._backend import resolve
 
@@ -83,24 +84,40 @@ def _nbytes(tree) -> int:
 
 
 def measure(formats=FORMATS, *, layers: int = 2, width: int = 256, ffn: int = 1024,
-            tokens: int = 16, repeats: int = 10) -> list[dict]:
-    """One row per format (and float32 first): weight bytes, error and time vs float32."""
+            tokens: int = 16, repeats: int = 10, progress: bool | None = None) -> list[dict]:
+    """One row per format (and float32 first): weight bytes, error and time vs float32.
+    progress: a bar on stderr, one step for float32 and three per format (quantise,
+    compile and run, time); None: when stderr is a terminal."""
+    with bar(1 + 3 * len(formats), "qkern demo", enabled=progress) as b:
+        return _measure(b, formats, layers=layers, width=width, ffn=ffn, tokens=tokens,
+                        repeats=repeats)
+
+
+def _measure(b, formats, *, layers, width, ffn, tokens, repeats) -> list[dict]:
+    b.set_postfix_str("float32: compile and run", refresh=False)
     kp, kx = jax.random.split(jax.random.PRNGKey(0))
     params, heads = init_params(kp, layers=layers, width=width, ffn=ffn)
     x = jax.random.normal(kx, (1, tokens, width), jnp.float32)
     dense_fn = jax.jit(lambda p, x: apply(p, x, heads))
     ref = np.asarray(dense_fn(params, x))
     dense_bytes = _nbytes(params)
+    b.update()
     rows, dense_ms = [], []
     for fmt in formats:
         t0 = time.perf_counter()
+        b.set_postfix_str(f"{fmt}: quantise", refresh=False)
         qparams = qkern.quantize(params, fmt, where=r".*kernel")
+        b.update()
+        b.set_postfix_str(f"{fmt}: compile and run")
         q_fn = jax.jit(qkern.quaxify(lambda p, x: apply(p, x, heads)))
         out = np.asarray(q_fn(qparams, x))
         setup = time.perf_counter() - t0
+        b.update()
+        b.set_postfix_str(f"{fmt}: time against float32")
         # dense and quantised calls in turns: the ratio holds on a shared machine
         t = interleaved_medians({"dense": lambda: dense_fn(params, x),
                                  "q": lambda: q_fn(qparams, x)}, repeats=repeats)
+        b.update()
         dense_ms.append(t["dense"] * 1e3)
         nb = _nbytes(qparams)
         rows.append(dict(format=fmt, weight_bytes=nb, saved=1 - nb / dense_bytes,
@@ -123,17 +140,18 @@ def format_table(rows) -> str:
 
 
 def run(formats=FORMATS, *, layers: int = 2, width: int = 256, ffn: int = 1024,
-        tokens: int = 16, repeats: int = 10) -> list[dict]:
-    """Print the demo: what runs, the table, and how to read it. Returns the rows."""
+        tokens: int = 16, repeats: int = 10, progress: bool | None = None) -> list[dict]:
+    """Print the demo: what runs, the table, and how to read it. Returns the rows.
+    progress: a bar on stderr while it measures (None: when stderr is a terminal)."""
     print(f"qkern demo: a {layers}-layer transformer (width {width}, MLP {ffn}, random "
           f"weights), {tokens} tokens, on {jax.devices()[0].device_kind} "
           f"(qkern backend: {resolve().name}).")
-    print(f"Every projection kernel is quantised with qkern.quantize(params, fmt, "
+    print("Every projection kernel is quantised with qkern.quantize(params, fmt, "
           "where=r\".*kernel\"); the model code runs unchanged under qkern.quaxify.")
     print()
     t0 = time.perf_counter()
     rows = measure(formats, layers=layers, width=width, ffn=ffn, tokens=tokens,
-                   repeats=repeats)
+                   repeats=repeats, progress=progress)
     print(format_table(rows))
     print()
     print("weights: all parameters (LayerNorms and biases stay float32). Error: relative "

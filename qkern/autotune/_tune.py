@@ -25,8 +25,9 @@ from ..pallas._backend import resolve
 from ..pallas._config import KERNELS, MatmulConfig, Problem
 from ..pallas._operand import stored_operand
 from ..recipes import quantize
+from .._bench.progress import bar
+from ..pallas.qmatmul import _native
 from . import _cache, _space
-from ._progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,33 +212,61 @@ def _default_repeats(backend: str) -> int:
     return 10 if backend == "xla" else 50
 
 
-def tune_problem(problem: Problem, *, space: dict | None = None,
-                 configs: Sequence[MatmulConfig] | None = None, max_configs="default",
-                 measure: Callable | None = None, repeats: int | None = None, warmup: int = 2,
-                 finalists: int = 3, progress: Progress | None = None) -> TuneResult:
-    """Time the candidates for one problem (not written to the cache; see `autotune`).
+@dataclasses.dataclass
+class _Plan:
+    """What tuning one problem will time: known before any timing starts, so that the
+    progress bar's total is fixed up front."""
 
-    Two rounds: every candidate and the default with `repeats`, then the `finalists`
-    fastest and the default again with twice as many, taking turns call by call; the
-    second round decides, so one lucky sample on a busy machine does not.
-    """
+    op: Any
+    cands: list
+    pruned: list
+    default: MatmulConfig | None
+    pool: list            # every config compiled and timed: the candidates and the default
+
+    @property
+    def steps(self) -> int:
+        """Progress steps: one per config of the pool, and one for the final round."""
+        return len(self.pool) + 1
+
+
+def _plan(problem: Problem, *, space: dict | None = None,
+          configs: Sequence[MatmulConfig] | None = None, max_configs="default") -> _Plan:
     op = _operand(problem.k, problem.n, problem.fmt, problem.block_size, problem.zeros)
     if configs is None:
         cands, pruned = _space.candidates(problem, op, space=space, max_configs=max_configs,
                                           device_kind=_cache.device_kind())
     else:
         cands, pruned = list(configs), []
-    repeats = repeats or _default_repeats(problem.backend)
-    measure1 = measure or _default_measure(repeats, warmup)
     # The shipped default: the xla heuristic (as the kernel really runs it), or the Pallas
     # kernel's own choice.
     default = _space.shipped_default(problem, op)
     pool = list(dict.fromkeys(list(cands) + [default]))
+    return _Plan(op, list(cands), list(pruned), default, pool)
+
+
+def tune_problem(problem: Problem, *, space: dict | None = None,
+                 configs: Sequence[MatmulConfig] | None = None, max_configs="default",
+                 measure: Callable | None = None, repeats: int | None = None, warmup: int = 2,
+                 finalists: int = 3, progress=None, plan: _Plan | None = None) -> TuneResult:
+    """Time the candidates for one problem (not written to the cache; see `autotune`).
+
+    Two rounds: every candidate and the default with `repeats`, then the `finalists`
+    fastest and the default again with twice as many, taking turns call by call; the
+    second round decides, so one lucky sample on a busy machine does not.
+    `progress`: a tqdm bar, advanced by `_plan(...).steps` (one per config timed, one for
+    the final round).
+    """
+    plan = plan or _plan(problem, space=space, configs=configs, max_configs=max_configs)
+    op, cands, pruned, default, pool = plan.op, plan.cands, plan.pruned, plan.default, plan.pool
+    repeats = repeats or _default_repeats(problem.backend)
+    measure1 = measure or _default_measure(repeats, warmup)
     eligible = set(cands) | ({default} if configs is None else set())
     runners, failed, first = {}, [], {}
-    if progress is not None:
-        progress.set_total(progress.total + len(pool) - 1)
+    native = progress is not None and native_runs(problem)
     for cfg in pool:
+        if progress is not None:
+            what = "native CPU kernel" if native and cfg is not None else _short(cfg)
+            progress.set_postfix_str(f"{_describe(problem)} {what}", refresh=False)
         try:
             runners[cfg] = _compile(problem, op, cfg)
             first[cfg] = measure1(runners[cfg])
@@ -245,17 +274,21 @@ def tune_problem(problem: Problem, *, space: dict | None = None,
             runners.pop(cfg, None)
             failed.append((cfg, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
         if progress is not None:
-            progress.step(f"{_describe(problem)} {_short(cfg)}")
+            progress.update(1)
     ranked = sorted((t, i) for i, (c, t) in enumerate(first.items()) if c in eligible)
     order = list(first)
     final_cfgs = [order[i] for _, i in ranked[:finalists]]
     if default in runners and default not in final_cfgs:
         final_cfgs.append(default)
+    if progress is not None:
+        progress.set_postfix_str(f"{_describe(problem)} final round", refresh=False)
     if measure is not None:
         second = {c: measure(runners[c]) for c in final_cfgs}
     else:
         second = interleaved_medians({c: runners[c] for c in final_cfgs},
                                      repeats=2 * repeats, warmup=1)
+    if progress is not None:
+        progress.update(1)
     timings = tuple((c, second.get(c, t)) for c, t in first.items())
     best = min((c for c in second if c in eligible), key=second.get, default=None)
     return TuneResult(
@@ -274,18 +307,49 @@ def _short(cfg: MatmulConfig | None) -> str:
     return ",".join(diff)
 
 
-def describe_config(cfg: MatmulConfig | None, backend: str) -> str:
-    """A config in the fields its backend reads."""
+NATIVE = "native CPU kernel (no block fields)"
+
+
+def describe_config(cfg: MatmulConfig | None, backend: str,
+                    problem: Problem | None = None) -> str:
+    """A config in the fields its backend reads. Given its `problem`, one that the native
+    CPU kernel runs (qkern/pallas/qmatmul/_native: xla forward at small M, which reads no
+    config field) is described as such."""
     if cfg is None:
         return "kernel default"
     if cfg.dequantize:
         return "dequantise + XLA dot"
     if backend == "xla":
+        if problem is not None and native_runs(problem):
+            return NATIVE
         return f"block_k={cfg.block_k}"
     if backend == "mosaic_tpu":
         return f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k}"
     return (f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} "
             f"s={cfg.num_stages} split={cfg.split_k}")
+
+
+def native_runs(problem: Problem) -> bool:
+    """Whether the native CPU kernel runs `problem` here (then no config field is read):
+    the xla forward matmul on a CPU, at an M and a weight format it takes
+    (`_native.runs_for`). Decided on the weight's shapes alone (abstract evaluation: no
+    weight is quantised)."""
+    if (problem.backend, problem.kernel) != ("xla", "qmatmul") or jax.default_backend() != "cpu":
+        return False
+    found = []
+
+    def probe():
+        w = jnp.zeros((problem.k, problem.n), jnp.float32)
+        qw = quantize(w, problem.fmt, block_size=problem.block_size,
+                      calibration="minmax" if problem.zeros else "absmax")
+        op = stored_operand(qw)
+        found.append(op is not None and _native.runs_for(problem.m, op))
+
+    try:
+        jax.eval_shape(probe)
+    except Exception:  # noqa: BLE001  (a problem no weight fits: not the native kernel's)
+        return False
+    return bool(found and found[0])
 
 
 def _describe(p: Problem) -> str:
@@ -329,9 +393,10 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
     it. write=False keeps the cache untouched; dry_run=True times nothing and returns
     each problem's pruned space (config None, times NaN); with check_lowering=True it
     also lowers every Triton/Mosaic candidate for its target (from any host) and prunes
-    those that fail. progress: draw a progress bar
-    on stderr (default: when stderr is a terminal). `measure(fn) -> seconds` replaces the
-    timer (tests).
+    those that fail. progress: draw a progress bar (tqdm) on stderr: None (default) when
+    stderr is a terminal, True always, False never; its total (one step per config timed
+    and one per problem's final round) is known before timing starts. `measure(fn) ->
+    seconds` replaces the timer (tests).
 
     Kernels read the cache when they are traced: functions jitted before tuning keep the
     config they were compiled with.
@@ -379,11 +444,15 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
                                   pruned=tuple(pruned)))
         return out
 
+    plans = [_plan(p, space=space, configs=configs, max_configs=max_configs) for p in todo]
     results = []
-    with Progress(len(todo), "qkern tune", enabled=progress) as bar:
-        for p in todo:
+    with bar(sum(pl.steps for pl in plans), "qkern tune", enabled=progress,
+             unit="config") as b:
+        for i, p in enumerate(todo):
             r = tune_problem(p, space=space, configs=configs, max_configs=max_configs,
-                             measure=measure, repeats=repeats, warmup=warmup, progress=bar)
+                             measure=measure, repeats=repeats, warmup=warmup, progress=b,
+                             plan=plans[i])
+            plans[i] = None                   # the weight operand can go
             if write and r.config is not None:
                 _cache.write_entries([_cache.make_entry(
                     p, r.config, time_s=r.time_s, default_time_s=r.default_time_s,

@@ -86,11 +86,45 @@ def resolve(name: str | None = None, interpret: bool | None = None) -> Selection
         sel = stack[-1]
         if interpret is not None:
             sel = Selection(sel.name, bool(interpret))
-    elif os.environ.get(ENV_VAR):
-        sel = Selection(_check(os.environ[ENV_VAR].strip().lower()), bool(interpret))
+    elif (env := env_backend()) is not None:
+        sel = Selection(env, bool(interpret))
+        why = None if interpret else unavailable_here(env)
+        if why is not None and (ENV_VAR, env, why) not in _warned:
+            _warned.add((ENV_VAR, env, why))
+            warnings.warn(f"qkern: {ENV_VAR}={env}, but {why}: quantised matmuls will fail "
+                          f"to compile here. Unset {ENV_VAR} or set it to xla.", stacklevel=2)
     else:
         sel = Selection(device_default(), bool(interpret))
     return sel
+
+
+def env_backend() -> str | None:
+    """The backend `QKERN_BACKEND` names (None when unset or blank); a name that is not
+    a backend raises ValueError naming the variable and the backends."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    if raw.lower() not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={raw!r} is not a qkern backend; set it to one of "
+                         f"{', '.join(BACKENDS)}, or unset it.")
+    return raw.lower()
+
+
+# The jax platforms each Pallas backend compiles for (Pallas runs elsewhere only in
+# interpret mode), and what it needs, in words.
+_PLATFORMS = {"triton": (("gpu", "cuda"), "an NVIDIA GPU"), "mosaic_tpu": (("tpu",), "a TPU")}
+
+
+def unavailable_here(name: str) -> str | None:
+    """Why backend `name` cannot compile on this machine's jax platform, or None."""
+    if name not in _PLATFORMS:
+        return None
+    platforms, needs = _PLATFORMS[name]
+    platform = jax.default_backend()
+    if platform in platforms:
+        return None
+    return (f"the {name} kernels need {needs} and this machine's jax platform is "
+            f"{platform} (Pallas runs there only in interpret mode)")
 
 
 # --------------------------------------------------------------------------------------

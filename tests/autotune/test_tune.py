@@ -238,3 +238,88 @@ def test_w8a8_and_lora_are_tuned_and_written(cache_dir):
     assert all(e["rank"] == (4 if e["kernel"].startswith("lora") else 0)
                for e in written.values())
     assert all(r.timings for r in results)
+
+
+# -- progress bar, and what the report calls a config --------------------------------------
+
+
+def _bar_drawings(err: str) -> list[tuple[int, int]]:
+    import re
+
+    return [tuple(map(int, m.groups())) for seg in re.split(r"[\r\n]", err)
+            if seg.startswith("qkern tune:")
+            for m in [re.search(r"\| *(\d+)/(\d+) \[", seg)] if m]
+
+
+def test_progress_total_is_known_up_front_and_reached(capsys):
+    """Two problems of 2 configs (a candidate and the default) and a final round each: the
+    bar shows 6 from its first drawing, never goes back, and ends at 6/6. (It used to start
+    at the number of problems and grow as each problem's configs were found.)"""
+    measure = lambda fn: (fn(), 1e-3)[1]          # noqa: E731
+    results = autotune(m=(1, 12), k=256, n=128, formats="int8", measure=measure,
+                       configs=[MatmulConfig(block_k=64)], write=False, progress=True)
+    assert len(results) == 2 and all(len(r.timings) == 2 for r in results)
+    drawn = _bar_drawings(capsys.readouterr().err)
+    assert drawn and {t for _, t in drawn} == {6}, drawn
+    counts = [n for n, _ in drawn]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6, drawn
+
+
+class _Terminal:
+    def __init__(self):
+        import io
+
+        self.buf = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("progress, drawn", [(None, True), (False, False), (True, True)])
+def test_progress_argument_on_a_terminal(progress, drawn, monkeypatch):
+    """progress=None draws when stderr is a terminal, False never."""
+    import contextlib
+
+    term = _Terminal()
+    with contextlib.redirect_stderr(term):
+        autotune(m=12, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+                 measure=lambda fn: 1e-3, write=False, progress=progress)
+    assert bool(_bar_drawings(term.buf.getvalue())) is drawn
+
+
+@pytest.mark.parametrize("progress", [None, False])
+def test_no_progress_off_a_terminal(progress, capsys):
+    autotune(m=12, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+             measure=lambda fn: 1e-3, write=False, progress=progress)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_progress_module_is_gone():
+    with pytest.raises(ImportError):
+        importlib.import_module("qkern.autotune._progress")
+
+
+def test_describe_config_names_the_native_kernel(monkeypatch):
+    from qkern.autotune._tune import NATIVE, describe_config
+    from qkern.pallas.qmatmul import _native
+
+    cfg = MatmulConfig(block_k=256)
+    p = Problem("xla", "qmatmul", 1, 256, 128, "float32", "int8", 256, False)
+    monkeypatch.setattr(_native, "runs_for", lambda m, op: True)
+    assert describe_config(cfg, "xla", p) == NATIVE
+    assert describe_config(cfg, "xla") == "block_k=256"                 # no problem: no claim
+    t = dataclasses.replace(p, kernel="qmatmul_t")                     # the scan: block_k read
+    assert describe_config(cfg, "xla", t) == "block_k=256"
+    assert describe_config(MatmulConfig(dequantize=True), "xla", p) == "dequantise + XLA dot"
+    monkeypatch.setattr(_native, "runs_for", lambda m, op: False)
+    assert describe_config(cfg, "xla", p) == "block_k=256"
+    seen = []
+    monkeypatch.setattr(_native, "runs_for", lambda m, op: seen.append((m, op.fmt.name)) or 1)
+    assert describe_config(cfg, "xla", dataclasses.replace(p, m=5, fmt="nf4", block_size=64))
+    assert seen == [(5, "nf4")]                                         # the problem's weight
