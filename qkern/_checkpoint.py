@@ -6,14 +6,17 @@
 
 One safetensors file (the `checkpoint` extra: `pip install qkern[checkpoint]`): every
 array is a tensor named by its key path ("layers/0/attn/kernel.data"), and the header's
-metadata holds the tree's structure and each QArray's static fields (format, layout,
-dtype, pending transpose, activation format) as JSON, with a format version. Arrays
-whose dtype safetensors' numpy API lacks (bfloat16, fp8) are stored as their raw bytes.
+metadata holds the tree's structure (LoraArrays included, with their alpha) and each
+QArray's static fields (format, layout, dtype, pending transpose, activation format) as
+JSON, with a format version. Arrays whose dtype safetensors' numpy API lacks (bfloat16,
+fp8) are stored as their raw bytes. Loading checks the header and each QArray's metadata
+against its arrays, so a damaged file fails at load, naming the leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from typing import Any
@@ -24,12 +27,17 @@ import numpy as np
 
 from .recipes._paths import path_str
 from ._version import __version__
-from .formats import Layout
-from .types.qarray import QArray
+from .formats import Layout, get_format
+from .recipes._rule import ACT_FORMATS
+from .types.lora import LoraArray
+from .types.qarray import QArray, _data_shape
 
 FORMAT = "qkern.checkpoint"
-VERSION = 1                    # bump when the layout of the header or tensors changes
-_READS = (1,)                  # versions this qkern can read
+# Bump when the layout of the header or tensors changes. A file is written with the
+# lowest version that holds its tree, so earlier qkern versions read what they can:
+# 1: dicts, lists, tuples, None, arrays, QArrays, Python scalars; 2: LoraArray nodes too.
+VERSION = 2
+_READS = (1, 2)                # versions this qkern can read
 
 _NATIVE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64,
                                  np.int32, np.uint32, np.int16, np.uint16, np.int8,
@@ -76,6 +84,57 @@ def _static_from_json(name, v):
     return v
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _qarray(fields: dict, static_json: dict) -> QArray:
+    """A QArray from a checkpoint entry, its metadata checked against its arrays; a
+    ValueError saying what does not fit (the caller names the file and leaf)."""
+    if set(static_json) != set(_QSTATIC):
+        raise ValueError(f"static fields {sorted(static_json)}, expected {sorted(_QSTATIC)}")
+    shell = not fields        # the trainable half of qkern.lora.partition: no arrays
+    if not shell and not {"data", "scales"} <= set(fields) <= set(_QFIELDS):
+        raise ValueError(f"arrays {sorted(fields)}: needs data and scales, may have "
+                         f"{', '.join(_QFIELDS)}")
+    fmt = get_format(static_json["fmt"])
+    lay = static_json["layout"]
+    keys = {f.name for f in dataclasses.fields(Layout)}
+    if not isinstance(lay, dict) or set(lay) != keys:
+        raise ValueError(f"layout {lay!r} needs the keys {sorted(keys)}")
+    shape, axis, block = lay["shape"], lay["axis"], lay["block_size"]
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"layout shape {shape!r} is not a list of sizes")
+    if not _is_int(axis) or not 0 <= axis < len(shape):
+        raise ValueError(f"layout axis {axis!r} is not an axis of shape {tuple(shape)}")
+    if not _is_int(block) or block <= 0:
+        raise ValueError(f"layout block_size {block!r} is not a positive int")
+    if not all(isinstance(lay[k], bool) for k in ("per_tensor", "even_blocks")):
+        raise ValueError(f"layout per_tensor/even_blocks {lay['per_tensor']!r}, "
+                         f"{lay['even_blocks']!r} are not bools")
+    static = {n: _static_from_json(n, v) for n, v in static_json.items()}
+    if not jnp.issubdtype(static["dtype"], jnp.floating):
+        raise ValueError(f"dtype {static_json['dtype']!r} is not a floating dtype")
+    perm = static["perm"]
+    if perm is not None and sorted(perm) != list(range(len(shape))):
+        raise ValueError(f"perm {static_json['perm']!r} is not a permutation of the "
+                         f"{len(shape)} axes")
+    if static["act_fmt"] not in (None, *ACT_FORMATS):
+        raise ValueError(f"act_fmt {static['act_fmt']!r} is not one of None, "
+                         f"{', '.join(ACT_FORMATS)}")
+    layout = static["layout"]
+    want = {"data": _data_shape(layout, fmt), "scales": layout.scale_shape,
+            "zeros": layout.scale_shape}
+    for name, shape_ in want.items():
+        if name in fields and tuple(fields[name].shape) != tuple(shape_):
+            raise ValueError(f"{name} has shape {tuple(fields[name].shape)} but the layout "
+                             f"(shape {layout.shape}, axis {layout.axis}, block_size "
+                             f"{layout.block_size}, {fmt.name}) needs {tuple(shape_)}")
+    if shell:
+        return QArray(data=None, scales=None, **static)
+    return QArray(**fields, **static)
+
+
 # -- tensors -------------------------------------------------------------------------------
 def _put(tensors: dict, name: str, a) -> dict:
     a = np.asarray(jax.device_get(a))
@@ -96,18 +155,23 @@ def _get(tensors: dict, meta: dict):
 
 
 # -- structure -----------------------------------------------------------------------------
-def _structure(tree, leaf_ids):
-    """The tree's containers as JSON (dicts with str keys, lists, tuples, None), with
-    leaves as {"leaf": i}; None when some other pytree node is in the way."""
+def _structure(tree, leaf_ids, kinds: set):
+    """The tree's containers as JSON (dicts with str keys, lists, tuples, None, LoraArrays
+    as {"lora": {"w", "a", "b"}, "alpha"}), with leaves as {"leaf": i}; raises _Opaque
+    when some other pytree node is in the way. Adds the node kinds used to `kinds`."""
     if tree is None:
         return {"none": True}
     if isinstance(tree, QArray) or jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree)):
         return {"leaf": leaf_ids.pop(0)}
+    if isinstance(tree, LoraArray):    # children in flattening order: w, a, b
+        kinds.add("lora")
+        return {"lora": {n: _structure(getattr(tree, n), leaf_ids, kinds) for n in ("w", "a", "b")},
+                "alpha": tree.alpha}
     if type(tree) is dict and all(isinstance(k, str) for k in tree):
         keys = sorted(tree)        # jax flattens dicts in sorted key order
-        return {"dict": {k: _structure(tree[k], leaf_ids) for k in keys}}
+        return {"dict": {k: _structure(tree[k], leaf_ids, kinds) for k in keys}}
     if type(tree) in (list, tuple):
-        return {type(tree).__name__: [_structure(v, leaf_ids) for v in tree]}
+        return {type(tree).__name__: [_structure(v, leaf_ids, kinds) for v in tree]}
     raise _Opaque
 
 
@@ -115,16 +179,45 @@ class _Opaque(Exception):
     pass
 
 
-def _rebuild(node, leaves):
+def _shell(cls, **fields):
+    """A Value with these fields, unchecked: what JAX's unflatten builds for the halves of
+    `qkern.lora.partition` (None where the other half has the arrays)."""
+    obj = object.__new__(cls)
+    for n, v in fields.items():
+        object.__setattr__(obj, n, v)
+    return obj
+
+
+def _rebuild(node, leaves, where: str = ""):
+    """The tree from its JSON structure; a ValueError (with the path where) when the
+    structure is malformed."""
+    at = where or "the root"
+    if not isinstance(node, dict) or len(node) != (2 if "lora" in node else 1):
+        raise ValueError(f"unreadable structure at {at}: {node!r}"[:300])
+    sub = lambda k: f"{where}/{k}" if where else str(k)   # noqa: E731
     if "leaf" in node:
-        return leaves[node["leaf"]]
+        i = node["leaf"]
+        if not _is_int(i) or not 0 <= i < len(leaves):
+            raise ValueError(f"structure at {at} refers to leaf {i!r}; there are {len(leaves)}")
+        return leaves[i]
     if "none" in node:
         return None
     if "dict" in node:
-        return {k: _rebuild(v, leaves) for k, v in node["dict"].items()}
+        return {k: _rebuild(v, leaves, sub(k)) for k, v in node["dict"].items()}
     if "list" in node:
-        return [_rebuild(v, leaves) for v in node["list"]]
-    return tuple(_rebuild(v, leaves) for v in node["tuple"])
+        return [_rebuild(v, leaves, sub(i)) for i, v in enumerate(node["list"])]
+    if "tuple" in node:
+        return tuple(_rebuild(v, leaves, sub(i)) for i, v in enumerate(node["tuple"]))
+    if "lora" in node:
+        parts = {n: _rebuild(node["lora"][n], leaves, sub(n)) for n in ("w", "a", "b")}
+        if any(v is None for v in parts.values()):
+            # a half from qkern.lora.partition (None for the base or the factors)
+            return _shell(LoraArray, **parts, alpha=node["alpha"])
+        try:
+            return LoraArray(**parts, alpha=node["alpha"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the LoraArray at {at} does not fit together: {e}") from None
+    raise ValueError(f"unreadable structure at {at}: unknown node {sorted(node)}")
 
 
 # -- public ----------------------------------------------------------------------------------
@@ -134,9 +227,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         qkern.save("model.safetensors", qparams)
 
     Leaves: arrays (any dtype), QArrays (with their static metadata), Python scalars and
-    strings. Nested dicts (string keys), lists, tuples and None load without help; a tree
-    with other nodes (an Equinox module, a Flax NNX state, dataclasses) loads with
-    `qkern.load(path, like=template)`.
+    strings. Nested dicts (string keys), lists, tuples, None and LoraArrays (dense or
+    QArray base) load without help; a tree with other nodes (an Equinox module, a Flax NNX
+    state, dataclasses) loads with `qkern.load(path, like=template)`.
     """
     st = _safetensors()
     is_q = lambda v: isinstance(v, QArray)
@@ -159,11 +252,13 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         else:
             raise TypeError(f"qkern.save: cannot store the leaf {p!r} of type {type(v).__name__}; "
                             "leaves must be arrays, QArrays, or Python scalars/strings.")
+    kinds: set = set()
     try:
-        structure = _structure(tree, list(range(len(entries))))
+        structure = _structure(tree, list(range(len(entries))), kinds)
     except _Opaque:
         structure = None
-    header = {"format": FORMAT, "version": VERSION, "qkern": __version__,
+    version = VERSION if "lora" in kinds else 1      # the lowest version that holds it
+    header = {"format": FORMAT, "version": version, "qkern": __version__,
               "structure": structure, "leaves": entries}
     st.save_file(tensors, os.fspath(path), metadata={"qkern": json.dumps(header)})
 
@@ -176,12 +271,17 @@ def load(path: str | os.PathLike, *, like: Any = None) -> Any:
 
     like: a tree with the saved tree's structure (leaves may be anything: arrays,
     `jax.ShapeDtypeStruct`s, QArrays), for trees with nodes other than dicts, lists,
-    tuples and None; its key paths must match the saved ones. Raises `CheckpointError` for
-    a file qkern did not write or a format version this qkern cannot read.
+    tuples, None and LoraArrays; its key paths must match the saved ones. Raises
+    FileNotFoundError for a missing file, and `CheckpointError` (a ValueError) for a file
+    qkern did not write, a format version this qkern cannot read, or a damaged header
+    (naming the leaf whose entry or QArray metadata does not fit its arrays).
     """
     st = _safetensors()
     from safetensors import safe_open
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "qkern.load: no checkpoint file at this path",
+                                path)
     try:
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
@@ -194,29 +294,57 @@ def load(path: str | os.PathLike, *, like: Any = None) -> Any:
         header = json.loads(meta["qkern"])
     except ValueError as e:
         raise CheckpointError(f"{path}: unreadable qkern metadata ({e}).") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a qkern checkpoint: its qkern metadata has no "
+                              f"format {FORMAT!r}.")
     version = header.get("version")
-    if header.get("format") != FORMAT or version not in _READS:
-            raise CheckpointError(
+    if version not in _READS:
+        raise CheckpointError(
             f"{path}: qkern checkpoint format version {version!r} (written by qkern "
             f"{header.get('qkern', '?')}); this qkern {__version__} reads version(s) "
             f"{', '.join(map(str, _READS))}. Load it with a matching qkern, or re-save it.")
+    missing = [k for k in ("leaves", "structure") if k not in header]
+    if missing or not isinstance(header["leaves"], list):
+        what = (f"has no {' or '.join(map(repr, missing))}" if missing
+                else "has a 'leaves' that is not a list")
+        raise CheckpointError(f"{path}: not a qkern checkpoint: its qkern header {what} "
+                              "(a damaged file, or one not written by qkern.save).")
     tensors = st.load_file(path)
-    leaves = []
-    for e in header["leaves"]:
-        if e["kind"] == "array":
-            leaves.append(_get(tensors, e["tensor"]))
-        elif e["kind"] == "py":
-            leaves.append(e["value"])
-        else:
-            fields = {f: _get(tensors, m) for f, m in e["fields"].items()}
-            static = {n: _static_from_json(n, v) for n, v in e["static"].items()}
-            leaves.append(QArray(**fields, **static))
+    leaves = [_leaf(e, i, tensors, path) for i, e in enumerate(header["leaves"])]
+    paths = [e["path"] for e in header["leaves"]]
     if like is not None:
-        return _into(like, leaves, [e["path"] for e in header["leaves"]], path)
+        return _into(like, leaves, paths, path)
     if header["structure"] is None:
         raise CheckpointError(f"{path}: the saved tree has pytree nodes other than dicts, lists, "
-                              "tuples and None; load it with qkern.load(path, like=template).")
-    return _rebuild(header["structure"], leaves)
+                              "tuples, None and LoraArrays; load it with "
+                              "qkern.load(path, like=template).")
+    try:
+        return _rebuild(header["structure"], leaves)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: {e}.") from None
+
+
+def _leaf(e, i: int, tensors: dict, path: str):
+    """Leaf `i` from its header entry; CheckpointError naming the file and leaf when the
+    entry is malformed or does not fit its arrays."""
+    name = e.get("path", f"#{i}") if isinstance(e, dict) else f"#{i}"
+    try:
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise ValueError(f"entry {e!r}"[:200] + " has no path")
+        kind = e.get("kind")
+        if kind == "array":
+            return _get(tensors, e["tensor"])
+        if kind == "py":
+            return e["value"]
+        if kind == "qarray":
+            fields = {f: _get(tensors, m) for f, m in e["fields"].items()}
+            return _qarray(fields, e["static"])
+        raise ValueError(f"unknown kind {kind!r}")
+    except KeyError as err:
+        raise CheckpointError(f"{path}: damaged checkpoint: leaf {name!r}: missing "
+                              f"{err}.") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: damaged checkpoint: leaf {name!r}: {err}.") from None
 
 
 def _into(like, leaves, paths, path):

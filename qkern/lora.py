@@ -2,18 +2,24 @@
 
     params = qkern.quantize(params, "nf4", where=r".*kernel")            # optional: QLoRA
     params = qkern.loraify(params, rank=8, key=key, where=r".*kernel")
+    grads = qkern.lora.grad(loss)(params, batch)       # d loss / d (a, b) of every adapter
     train, frozen = qkern.lora.partition(params)      # a and b of every adapter / the rest
-    grads = jax.grad(lambda t: loss(qkern.lora.combine(t, frozen), batch))(train)
+    train = jax.tree_util.tree_map(lambda p, g: p - lr * g, train, grads)   # or optax
+    params = qkern.lora.combine(train, frozen)
     merged = qkern.lora.merge(params)                  # plain arrays again
     served = qkern.lora.merge(params, requantize=True) # or re-quantised like each base
 
-See docs/qlora.md for a full fine-tuning example.
+`jax.grad(loss)(params, ...)` over a QLoRA tree fails with JAX's "grad requires real- or
+complex-valued inputs ... got uint8": a QArray's codes are integers. `qkern.lora.grad` and
+`qkern.lora.value_and_grad` differentiate the adapters' factors only. See docs/qlora.md
+for a full fine-tuning example.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +30,7 @@ from .recipes._paths import path_str, selector, warn_no_match
 from .types.lora import LoraArray
 from .types.qarray import QArray
 
-__all__ = ["LoraArray", "loraify", "merge", "partition", "combine"]
+__all__ = ["LoraArray", "loraify", "merge", "partition", "combine", "grad", "value_and_grad"]
 
 
 def _is_weight(v: Any) -> bool:
@@ -115,8 +121,10 @@ def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
 def partition(tree: Any) -> tuple[Any, Any]:
     """(trainable, frozen): two trees of `tree`'s structure. `trainable` holds the `a` and
     `b` of every LoraArray and None elsewhere; `frozen` holds every other leaf (bases,
-    non-adapted weights, integer codes) and None where `trainable` has a leaf. Differentiate
-    with respect to `trainable` only, then `combine(trainable, frozen)`."""
+    non-adapted weights, integer codes) and None where `trainable` has a leaf (a QArray
+    keeps its static fields in both halves, with None for the arrays the other half has).
+    Differentiate with respect to `trainable` only, then `combine(trainable, frozen)`;
+    `qkern.lora.grad` does this for you."""
     def split(v):
         if not isinstance(v, LoraArray):
             return None, v
@@ -135,3 +143,79 @@ def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of `partition`: take each leaf from whichever tree has it."""
     return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
                                   is_leaf=lambda v: v is None)
+
+
+# -- gradients with respect to the adapters ---------------------------------------------------
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False) -> Callable:
+    """`jax.value_and_grad` for trees holding `LoraArray`s: differentiate the adapters only.
+
+        loss, grads = qkern.lora.value_and_grad(loss_fn)(params, batch)
+        train, frozen = qkern.lora.partition(params)
+        updates, opt_state = optimiser.update(grads, opt_state, train)     # optax
+        params = qkern.lora.combine(optax.apply_updates(train, updates), frozen)
+
+    The argument(s) at `argnums` are split with `partition`, and `fun` is called with the
+    tree put back together (`combine`), so it takes the whole tree as before (wrap the
+    model in `qkern.quaxify` as usual). Only the `a` and `b` of every LoraArray are
+    differentiated: bases (dense or QArray, whose integer codes `jax.grad` refuses) and
+    every leaf outside an adapter are constants.
+
+    Returns `(value, grads)` (`((value, aux), grads)` with has_aux), where `grads` has the
+    structure of the trainable half, `qkern.lora.partition(arg)[0]`: the tree's containers
+    with a LoraArray (gradients in `a` and `b`; its base emptied: None, or a QArray whose
+    arrays are None) at every adapter, and None at every other leaf; a tuple of such trees when `argnums` is a tuple. Apply it to the
+    trainable half, as above. Works under `jax.jit`. Raises ValueError when a
+    differentiated argument holds no LoraArray.
+    """
+    single = not isinstance(argnums, (tuple, list))
+    nums = (argnums,) if single else tuple(argnums)
+    for i in nums:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"qkern.lora.value_and_grad: argnums must be an int or a tuple of "
+                            f"ints, got {argnums!r}.")
+    name = getattr(fun, "__name__", "fun")
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        try:
+            pos = [range(len(args))[i] for i in nums]     # negative argnums too
+        except IndexError:
+            raise TypeError(f"qkern.lora.value_and_grad({name}): argnums={argnums!r} but "
+                            f"{len(args)} positional argument(s) given.") from None
+        halves = [partition(args[i]) for i in pos]
+        for i, (train, _) in zip(pos, halves):
+            if not jax.tree_util.tree_leaves(train):
+                raise ValueError(
+                    f"qkern.lora.value_and_grad({name}): argument {i} holds no LoraArray, so "
+                    "there is nothing to train; add adapters with qkern.loraify, or use "
+                    "jax.grad for a tree of plain float arrays.")
+
+        def on_trainable(*trains):
+            full = list(args)
+            for i, t, (_, frozen) in zip(pos, trains, halves):
+                full[i] = combine(t, frozen)
+            return fun(*full, **kwargs)
+
+        value, grads = jax.value_and_grad(on_trainable, argnums=tuple(range(len(pos))),
+                                          has_aux=has_aux)(*(t for t, _ in halves))
+        return value, grads[0] if single else grads
+
+    return wrapped
+
+
+def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+    """`jax.grad` for trees holding `LoraArray`s: the gradient with respect to the adapters'
+    `a` and `b` only, shaped like `qkern.lora.partition(arg)[0]` (the trainable half); with
+    has_aux, `(grads, aux)`. See `value_and_grad` for the details and how to apply it.
+
+        grads = qkern.lora.grad(loss_fn)(params, batch)
+    """
+    vg = value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        value, grads = vg(*args, **kwargs)
+        return (grads, value[1]) if has_aux else grads
+
+    return wrapped

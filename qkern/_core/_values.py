@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 __all__ = ["Value", "ArrayValue", "ArrayLike", "static_field", "is_value",
-           "materialise_checked"]
+           "materialise_checked", "has_array_leaf", "describe_leaf", "fields_repr"]
 
 _STATIC = "qkern.static"
 
@@ -207,6 +207,50 @@ class ArrayLike(metaclass=_ArrayLikeMeta):
 
     def __init__(self):
         raise TypeError("qkern.ArrayLike is an annotation, not a type to instantiate.")
+
+
+# -- printing -------------------------------------------------------------------------------
+# A Value's children are not always arrays: JAX rebuilds Values around whatever a tree
+# function returns (`tree_map(lambda a: a.shape, tree)` gives tuples, `qkern.lora.partition`
+# None, `jax.eval_shape` ShapeDtypeStructs, a trace tracers). Printing must work for all.
+def has_array_leaf(x: Any) -> bool:
+    """True for a child with an array's `shape` (a tuple) and `dtype`: an array, a tracer,
+    a `jax.ShapeDtypeStruct`."""
+    return isinstance(getattr(x, "shape", None), tuple) and hasattr(x, "dtype")
+
+
+def describe_leaf(x: Any, limit: int = 60) -> str:
+    """One child of a Value, short: `float32[64,2]` for an array or a ShapeDtypeStruct
+    (`... traced` for a tracer), a Value's own repr, and the repr of anything else (a shape
+    tuple, None), cut to `limit` characters."""
+    if isinstance(x, Value):
+        return repr(x)
+    if has_array_leaf(x):
+        try:
+            dtype = np.dtype(x.dtype).name
+        except TypeError:                 # extended dtypes (PRNG keys)
+            dtype = str(x.dtype)
+        out = f"{dtype}[{','.join(map(str, x.shape))}]"
+        return out + " traced" if isinstance(x, jax.core.Tracer) else out
+    try:
+        out = repr(x)
+    except Exception:                     # a repr must not fail because a child's does
+        out = f"<{type(x).__name__}>"
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+def fields_repr(value: "Value", names: tuple[str, ...] | None = None, *,
+                static: bool = False) -> str:
+    """`name=child, ...` for the pytree children of `value` (all, or `names`), each as
+    `describe_leaf` writes it; static=True adds the static fields (`name=repr`)."""
+    fields = dataclasses.fields(value)
+    if names is None:
+        names = tuple(f.name for f in fields if not _is_static(f))
+    parts = [f"{n}={describe_leaf(getattr(value, n, None))}" for n in names]
+    if static:
+        parts += [f"{f.name}={describe_leaf(getattr(value, f.name, None))}"
+                  for f in fields if _is_static(f)]
+    return ", ".join(parts)
 
 
 def is_value(x: Any) -> bool:

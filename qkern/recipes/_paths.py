@@ -22,12 +22,26 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+def compile_where(where: str) -> re.Pattern:
+    """The regex `where`, compiled; a ValueError naming the pattern and what is wrong with it
+    (rather than a bare `re.error` at the first leaf)."""
+    try:
+        return re.compile(where)
+    except re.error as e:
+        raise ValueError(
+            f"where={where!r} is not a valid regular expression ({e}); `where` is matched in "
+            "full against key paths such as 'layers/0/attn/kernel'.") from None
+
+
 def selector(where: str | Callable | None) -> Callable[[str, Any], bool]:
-    """`where` as a predicate (path, leaf) -> bool: a regex matched in full, or a callable."""
+    """`where` as a predicate (path, leaf) -> bool: a regex matched in full, or a callable.
+
+    Raises ValueError for a regex that does not compile, TypeError for anything else that
+    is neither a string, a callable nor None."""
     if where is None:
         return lambda path, leaf: True
     if isinstance(where, str):
-        pattern = re.compile(where)
+        pattern = compile_where(where)
         return lambda path, leaf: pattern.fullmatch(path) is not None
     if callable(where):
         return lambda path, leaf: bool(where(path, leaf))

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration
 from ..types.qarray import QArray
+from ._paths import selector
 
 ACT_FORMATS = ("int8",)
 _PlainArray = (jax.Array, np.ndarray)
@@ -42,6 +43,11 @@ class Rule:
     (W8A8, needs fmt="int8" with symmetric calibration): per row on the fly, or with the
     static per-tensor scale that `qkern.calibrate` records.
     min_size: leaves with fewer elements stay dense (listed as such in the report).
+
+    A rule checks its fields when it is written, with `qkern.quantize`'s messages: the
+    types (block_size and axis are ints, not floats or bools), a known format, the block
+    sizes and calibrations that format takes, and a `where` regex that compiles
+    (ValueError naming it). Only what depends on a leaf (its shape) is checked at use.
     """
 
     where: str | Callable | None = None
@@ -55,9 +61,14 @@ class Rule:
     min_size: int = 1024
 
     def __post_init__(self):
-        if self.fmt is not None:
-            get_format(self.fmt)          # unknown formats fail when the rule is written
-            parse_calibration(self.calibration)
+        # Everything that does not depend on a leaf fails when the rule is written, with
+        # the messages `qkern.quantize` gives for the same options.
+        selector(self.where)              # a bad regex, or a `where` of the wrong type
+        check_options(self.fmt, block_size=self.block_size, axis=self.axis,
+                      calibration=self.calibration, scale_dtype=self.scale_dtype,
+                      double_quant=self.double_quant)
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)):
+            raise TypeError(f"min_size must be an int, got {self.min_size!r}.")
         if self.act_fmt is not None:
             if self.act_fmt not in ACT_FORMATS:
                 raise ValueError(f"Rule(act_fmt={self.act_fmt!r}): activation formats are "
@@ -81,6 +92,52 @@ class Rule:
         if self.act_fmt is not None:
             parts.append(f"act_fmt={self.act_fmt!r}")
         return f"Rule(where={_where_str(self.where)}, {', '.join(parts)})"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_options(fmt, *, block_size=None, axis=-2, calibration="absmax", scale_dtype=None,
+                  double_quant=False) -> None:
+    """The checks of `qkern.quantize`'s options that need no array (types, ranges, and
+    which formats take which block sizes and calibrations), with its messages."""
+    if block_size is not None:
+        if not _is_int(block_size):
+            raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}.")
+    if axis is not None and not _is_int(axis):
+        raise TypeError(f"axis must be an int or None, got {axis!r}.")
+    if scale_dtype is not None:
+        try:
+            floating = jnp.issubdtype(scale_dtype, jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), "
+                            f"got {scale_dtype!r}.")
+    if fmt is None:
+        return
+    f = get_format(fmt)                   # unknown formats
+    cal = parse_calibration(calibration)
+    if f.kind == "mx":
+        if block_size not in (None, 32):
+            raise ValueError(f"{f.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
+        if axis is None:
+            raise ValueError(f"{f.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
+    elif f.packed and axis is not None and block_size is not None and block_size % 2:
+        raise ValueError(
+            f"{f.name} packs two codes per byte along the block axis, so block_size must "
+            f"be even; got {block_size}.")
+    if cal.method == "minmax" and not f.supports_zero_points:
+        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats, not {f.name}.")
+    if f.kind == "mx" and cal.method != "absmax":
+        raise ValueError(f"{f.name} scales are powers of two from each block's absmax; "
+                         f"calibration={calibration!r} does not apply.")
+    if double_quant and (f.kind == "mx" or cal.method == "minmax"):
+        raise ValueError("double_quant applies to formats with float scales and symmetric "
+                         f"calibration, not {f.name} with {cal.method}.")
 
 
 def is_plain_array(x: Any) -> bool:

@@ -9,12 +9,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import ArrayValue, static_field
+from .._core import ArrayValue, Value, static_field
+from .._core._values import describe_leaf, fields_repr, has_array_leaf
 from .qarray import QArray
 
 
 def _shape(x) -> tuple[int, ...]:
-    return tuple(x.logical_shape) if isinstance(x, QArray) else tuple(np.shape(x))
+    if isinstance(x, QArray):
+        return tuple(x.logical_shape)
+    return tuple(x.shape) if has_array_leaf(x) else tuple(np.shape(x))
+
+
+def _as_array(name: str, x: Any) -> Any:
+    """A field as an array: arrays, tracers, ShapeDtypeStructs and QArrays as they are,
+    array-likes (lists, tuples, scalars) through `jnp.asarray`, as jnp functions take them."""
+    if isinstance(x, QArray) and name == "w":
+        return x
+    if isinstance(x, Value):
+        raise TypeError(f"LoraArray: {name} must be an array{' or a QArray' if name == 'w' else ''}, "
+                        f"got a {type(x).__name__}.")
+    if has_array_leaf(x):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"LoraArray: {name} must be an array or array-like (a nested list of "
+                        f"numbers), got {describe_leaf(x)} ({e}).") from None
+
+
+def _well_formed(x: Any) -> bool:
+    if isinstance(x, QArray):
+        return has_array_leaf(x.data) and has_array_leaf(x.scales)
+    return has_array_leaf(x)
 
 
 class LoraArray(ArrayValue):
@@ -39,6 +65,8 @@ class LoraArray(ArrayValue):
     alpha: float = static_field(default=None)
 
     def __post_init__(self):
+        for name in ("w", "a", "b"):
+            object.__setattr__(self, name, _as_array(name, getattr(self, name)))
         ws, as_, bs = _shape(self.w), _shape(self.a), _shape(self.b)
         if len(ws) < 2:
             raise ValueError(f"LoraArray: w must have rank >= 2 ([..., in, out]), got shape {ws}.")
@@ -105,6 +133,13 @@ class LoraArray(ArrayValue):
         return (w.astype(jnp.float32) + self.scale * ab).astype(w.dtype)
 
     def __repr__(self) -> str:
-        kind = "QArray" if isinstance(self.w, QArray) else "dense"
-        return (f"LoraArray(shape={_shape(self.w)}, dtype={np.dtype(self.w.dtype).name}, "
-                f"base={kind}, rank={self.rank}, alpha={self.alpha})")
+        # Printing never fails: `qkern.lora.partition` leaves None for the factors (frozen
+        # half) or the base (trainable half), `tree_map(lambda a: a.shape, ...)` shapes.
+        if all(_well_formed(v) for v in (self.w, self.a, self.b)):
+            try:
+                kind = f"QArray({self.w.fmt})" if isinstance(self.w, QArray) else "dense"
+                return (f"LoraArray(shape={_shape(self.w)}, dtype={np.dtype(self.w.dtype).name}, "
+                        f"base={kind}, rank={self.rank}, alpha={self.alpha})")
+            except Exception:
+                pass
+        return f"LoraArray({fields_repr(self)}, alpha={self.alpha!r})"

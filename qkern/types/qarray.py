@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core import ArrayValue, static_field
+from .._core._values import fields_repr, has_array_leaf
 from ..formats import Layout, dequantize_array, get_format
 
 
@@ -100,12 +101,24 @@ class QArray(ArrayValue):
         return 8.0 * self.nbytes() / float(np.prod(self.logical_shape))
 
     def __repr__(self) -> str:
-        blocks = "per tensor" if self.layout.per_tensor else (
-            f"blocks of {self.block_size} along axis {self.block_axis}")
-        act = "" if self.act_fmt is None else f", act_fmt={self.act_fmt}" + (
-            ", static act_scale" if self.act_scale is not None else "")
-        return (f"QArray({self.fmt}, shape={self.logical_shape}, dtype={np.dtype(self.dtype).name}, "
-                f"{blocks}{act})")
+        # Printing never fails: the children may be shapes (`tree_map(lambda a: a.shape,
+        # ...)`), None (the trainable half of `qkern.lora.partition`), ShapeDtypeStructs
+        # or tracers, and the static fields whatever a pytree function left there.
+        try:
+            blocks = "per tensor" if self.layout.per_tensor else (
+                f"blocks of {self.block_size} along axis {self.block_axis}")
+            act = "" if self.act_fmt is None else f", act_fmt={self.act_fmt}" + (
+                ", static act_scale" if self.act_scale is not None else "")
+            head = (f"{self.fmt}, shape={self.logical_shape}, "
+                    f"dtype={np.dtype(self.dtype).name}, {blocks}{act}")
+        except Exception:
+            return f"QArray({fields_repr(self, static=True)})"
+        if has_array_leaf(self.data) and has_array_leaf(self.scales):
+            return f"QArray({head})"
+        # not arrays: show what the children are (the optional ones where present)
+        shown = tuple(n for n in ("data", "scales", "zeros", "dq_scale", "dq_offset", "act_scale")
+                      if n in ("data", "scales") or getattr(self, n) is not None)
+        return f"QArray({head}; {fields_repr(self, shown)})"
 
 
 def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:

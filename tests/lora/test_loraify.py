@@ -1,7 +1,6 @@
 """loraify over pytrees, merge back (dense or re-quantised), partition/combine for training."""
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -3,8 +3,6 @@ from qkern.calibrate."""
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
