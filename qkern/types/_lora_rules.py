@@ -14,6 +14,7 @@ from .._core import ArrayLike, Value, quaxify, register
 from ..pallas import stored_operand
 from ..pallas.lora_qmatmul import lora_qmatmul
 from .lora import LoraArray
+from ._qarray_matmul import matmul_dtypes
 from .qarray import QArray
 
 lax = jax.lax
@@ -66,7 +67,10 @@ def _matmul(x, lw: LoraArray, params, w_on_left: bool):
     lhs, rhs = (lw, x) if w_on_left else (x, lw)
     if layout is None:
         return Value.default(lax.dot_general_p, [lhs, rhs], params)
-    out_dtype = params.get("preferred_element_type") or jnp.result_type(x, lw.dtype)
+    # Mixed precision as dense JAX (see _qarray_matmul.matmul_dtypes): bf16 x against a
+    # float32 adapter computes in float32.
+    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, lw.dtype)
+    x = x.astype(compute) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
     if not xb and len(xc) == 1:
         y = _fused_kernel(x, lw, xc[0], wc[0], w_on_left)
         if y is not None:

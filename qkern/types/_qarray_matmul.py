@@ -52,8 +52,7 @@ def qmatmul_dispatch(lhs, rhs, params):
     # (preferred_element_type honoured), computed in the widest of x's, W's and that dtype
     # (bf16 x against a float32 QArray computes in float32, like x @ dequantize(q); bf16 x
     # and W with float32 preferred compute in float32).
-    out_dtype = _dense_result_dtype(lhs, rhs, params)
-    compute = jnp.promote_types(jnp.promote_types(jnp.result_type(x), w.dtype), out_dtype)
+    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, w.dtype)
     xm = jnp.moveaxis(x, x_axis, -1).astype(compute)
     if w.act_fmt is not None and physical == 0:
         y = _act_quantised(xm, w, op)
@@ -64,12 +63,16 @@ def qmatmul_dispatch(lhs, rhs, params):
     return y.astype(out_dtype)
 
 
-def _dense_result_dtype(lhs, rhs, params):
-    """The dtype of the dense `dot_general(lhs, rhs, **params)` (QArrays by their avals)."""
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, QArray)
+def matmul_dtypes(lhs, rhs, params, x, w_dtype):
+    """(result dtype, compute dtype) of a dot_general with a Value operand, as dense JAX
+    has them: the result dtype of the dense `dot_general(lhs, rhs, **params)` (Values by
+    their avals; `preferred_element_type` honoured), computed in the widest of x's, the
+    weight's and that dtype."""
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, Value)
                                           else jnp.result_type(a))
-    return jax.eval_shape(lambda a, b: jax.lax.dot_general_p.bind(a, b, **params),
-                          spec(lhs), spec(rhs)).dtype
+    out = jax.eval_shape(lambda a, b: jax.lax.dot_general_p.bind(a, b, **params),
+                         spec(lhs), spec(rhs)).dtype
+    return out, jnp.promote_types(jnp.promote_types(jnp.result_type(x), w_dtype), out)
 
 
 def _act_quantised(xm, w, op):

@@ -102,3 +102,33 @@ def test_grad_dtype_follows_x():
     gd = jax.grad(lambda x: jnp.sum(x @ qkern.dequantize(q)))(x)
     assert g.dtype == gd.dtype == jnp.bfloat16
     assert rel(g, gd) < 1e-2
+
+
+def lora_case(base, x_dtype, rank=8):
+    kw, ka, kb, kx = jax.random.split(jax.random.PRNGKey(3), 4)
+    w = jax.random.normal(kw, (K, N), jnp.float32)
+    a = jax.random.normal(ka, (K, rank), jnp.float32) / 16
+    b = jax.random.normal(kb, (rank, N), jnp.float32) / 4
+    w = qkern.quantize(w, "nf4") if base == "nf4" else w
+    x = jax.random.normal(kx, (3, K), jnp.float32).astype(x_dtype)
+    return x, qkern.LoraArray(w, a, b, alpha=16.0)
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("form", ["matmul", "dot_general", "left"])
+def test_lora_bf16_activations_against_f32_adapter(base, form):
+    """The LoRA path promotes like dense JAX too (it computed in bf16 and cast afterwards)."""
+    x, lw = lora_case(base, jnp.bfloat16)
+    fn = FORMS[form]
+    y = jax.jit(qkern.quaxify(fn))(x, lw)
+    full = lw.materialise()
+    assert y.dtype == fn(x, full).dtype == jnp.float32
+    ref = jnp.dot(x.astype(jnp.float32), full, precision=jax.lax.Precision.HIGHEST)
+    assert rel(y, ref) < 1e-5
+
+
+def test_lora_preferred_element_type():
+    x, lw = lora_case("nf4", jnp.bfloat16)
+    lw = qkern.quaxify(lambda l: l.astype(jnp.bfloat16))(lw)
+    f = qkern.quaxify(lambda x, l: jax.lax.dot_general(x, l, DN, preferred_element_type=jnp.float32))
+    assert f(x, lw).dtype == jnp.float32
