@@ -79,10 +79,68 @@ def _finite_number(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_axis(axis) -> None:
     """`axis` must be an int (or None, per tensor): 1.0 or "0" would otherwise fail deep inside."""
-    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+    if axis is not None and not _is_int(axis):
         raise TypeError(f"axis must be an int (the block axis) or None (per tensor), got {axis!r}.")
+
+
+def check_options(fmt, *, block_size=None, axis=-2, calibration="absmax", scale_dtype=None,
+                  double_quant=False) -> None:
+    """The checks of `qkern.quantize`'s options that need no array (types, ranges, and
+    which formats take which block sizes and calibrations): run by `quantize` and when a
+    `qkern.Rule` is written, with the same messages. fmt None: the type checks only."""
+    if block_size is not None:
+        if not _is_int(block_size):
+            raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}.")
+    check_axis(axis)
+    if scale_dtype is not None:
+        try:
+            floating = jnp.issubdtype(scale_dtype, jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), "
+                            f"got {scale_dtype!r}.")
+    if fmt is None:
+        return
+    f = get_format(fmt)                   # unknown formats
+    check_blocks(f, block_size, per_tensor=axis is None)
+    check_calibration(f, calibration, double_quant)
+
+
+def check_blocks(fmt: Format, block_size, per_tensor: bool) -> None:
+    """The block sizes a format takes (MX: 32 only; 4-bit: even)."""
+    if fmt.kind == "mx":
+        if block_size not in (None, 32):
+            raise ValueError(f"{fmt.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
+        if per_tensor:
+            raise ValueError(f"{fmt.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
+    elif fmt.packed and not per_tensor and block_size is not None and block_size % 2:
+        raise ValueError(
+            f"{fmt.name} packs two codes per byte along the block axis, so block_size must "
+            f"be even; got {block_size}.")
+
+
+def check_calibration(fmt: Format, calibration, double_quant: bool) -> Calibration:
+    """The calibrations (and double quantisation) a format takes; the parsed calibration."""
+    cal = parse_calibration(calibration)
+    if cal.method == "minmax" and not fmt.supports_zero_points:
+        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats of 2 "
+                         f"bits or more, not {fmt.name}.")
+    if fmt.kind == "mx" and cal.method != "absmax":
+        raise ValueError(f"{fmt.name} scales are powers of two from each block's absmax; "
+                         f"calibration={calibration!r} does not apply.")
+    if double_quant and (fmt.kind == "mx" or cal.method == "minmax"):
+        raise ValueError("double_quant applies to formats with float scales and symmetric "
+                         f"calibration, not {fmt.name} with {cal.method}.")
+    return cal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +177,7 @@ class Layout:
 
 def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> Layout:
     shape = tuple(int(d) for d in shape)
-    check_axis(axis)
+    check_options(None, block_size=block_size, axis=axis)
     ndim = len(shape)
     if ndim == 0:
         raise ValueError("qkern.quantize needs an array of rank >= 1, got a scalar.")
@@ -133,11 +191,8 @@ def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> 
     if n == 0:
         raise ValueError(f"cannot quantise an empty axis: shape {shape}, axis {axis}.")
     even = lambda b: b + (b % 2) if fmt.packed else b
+    check_blocks(fmt, block_size, per_tensor)
     if fmt.kind == "mx":
-        if block_size not in (None, 32):
-            raise ValueError(f"{fmt.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
-        if per_tensor:
-            raise ValueError(f"{fmt.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
         block = 32
     elif per_tensor:
         block = even(n)
@@ -145,16 +200,10 @@ def make_layout(shape, fmt: Format, block_size, axis, *, default_axis: bool) -> 
         block = even(n) if fmt.default_block is None else min(fmt.default_block, even(n))
     else:
         block = int(block_size)
-        if block <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}.")
         if block > even(n):
             raise ValueError(
                 f"block_size {block} is larger than axis {axis} of shape {shape} (length {n}); "
                 "use a smaller block_size, or block_size=None for one block per channel.")
-        if fmt.packed and block % 2:
-            raise ValueError(
-                f"{fmt.name} packs two codes per byte along the block axis, so block_size must "
-                f"be even; got {block}.")
     return Layout(shape, axis, block, per_tensor, even_blocks=fmt.packed)
 
 
@@ -185,19 +234,11 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     """Quantise `w`; returns the QArray fields (data, scales, zeros, dq_scale, dq_offset)
     and the static layout."""
     fmt = get_format(fmt)
-    cal = parse_calibration(calibration)
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"qkern.quantize expects a floating-point array, got dtype {w.dtype}.")
     layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
-    if cal.method == "minmax" and not fmt.supports_zero_points:
-        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats, not {fmt.name}.")
-    if fmt.kind == "mx" and cal.method != "absmax":
-        raise ValueError(f"{fmt.name} scales are powers of two from each block's absmax; "
-                         f"calibration={calibration!r} does not apply.")
-    if double_quant and (fmt.kind == "mx" or cal.method == "minmax"):
-        raise ValueError("double_quant applies to formats with float scales and symmetric "
-                         f"calibration, not {fmt.name} with {cal.method}.")
+    cal = check_calibration(fmt, calibration, double_quant)
 
     x = w.astype(jnp.float32)
     pad = layout.padded - layout.length
@@ -217,7 +258,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     zeros = None
     # Zero points: minmax, or an asymmetric fixed range, on integer formats. Other formats
     # take a fixed range as the symmetric bound max(|lo|, |hi|).
-    asymmetric = fmt.kind == "int" and (
+    asymmetric = fmt.supports_zero_points and (
         cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi))
 
     if fmt.kind == "mx":
@@ -261,6 +302,8 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
                 zero = fmt.qmin - jnp.round(lo / safe)
                 codes = jnp.clip(jnp.round(y) + zero, fmt.qmin, fmt.qmax)
                 zeros = _to_scale_shape(zero.astype(jnp.int8), layout)
+            elif fmt.binary:     # int1: the sign (0 counts as +)
+                codes = jnp.where(y < 0, -1, 1)
             else:
                 codes = jnp.clip(jnp.round(y), -fmt.qmax, fmt.qmax)
             codes = codes.astype(jnp.int8)

@@ -31,11 +31,17 @@ class Format:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        """Largest integer code (int1: +1; its codes are -1 and +1, no zero)."""
+        return 1 if self.bits == 1 else 2 ** (self.bits - 1) - 1
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return -1 if self.bits == 1 else -(2 ** (self.bits - 1))
+
+    @property
+    def binary(self) -> bool:
+        """int1: a code is the sign of the scaled value, -1 or +1."""
+        return self.kind == "int" and self.bits == 1
 
     @property
     def value_max(self) -> float:
@@ -48,21 +54,22 @@ class Format:
 
     @property
     def supports_zero_points(self) -> bool:
-        return self.kind == "int"
+        return self.kind == "int" and not self.binary
 
 
 def _int(bits: int, block) -> Format:
     emulated = bits not in (4, 8)
+    what = "signs: -1 or +1 times the scale" if bits == 1 else f"signed {bits}-bit integers"
     return Format(
         f"int{bits}", "int", bits, packed=(bits == 4), default_block=block,
-        description=(f"signed {bits}-bit integers" + (" (emulated: one byte per code)"
-                                                       if emulated else "")))
+        description=what + (" (emulated: one byte per code)" if emulated else ""))
 
 
 FORMATS: dict[str, Format] = {
     "int8": _int(8, None),
     "int4": _int(4, 128),
     **{f"int{b}": _int(b, 128) for b in (2, 3, 5, 6, 7)},
+    "int1": _int(1, 128),
     "nf4": Format("nf4", "codebook", 4, True, 64, codebook=_codebooks.NF4,
                   description="NormalFloat4, bitsandbytes' codebook"),
     "fp4": Format("fp4", "codebook", 4, True, 64, codebook=_codebooks.FP4, sign_magnitude=True,

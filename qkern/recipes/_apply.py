@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats import get_format, parse_calibration, quantize_array
-from ..formats._quantize import check_axis, make_layout, refuse_nonfinite
+from ..formats._quantize import check_options, make_layout, refuse_nonfinite
 from ..types.qarray import QArray
 from ._gptq_core import GPTQ
 from ._gptq_driver import gptq_one, gptq_tree
@@ -79,11 +79,7 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         get_format(fmt)  # unknown formats and options fail before any work
         if act_fmt is not None:
             Rule(fmt=fmt, act_fmt=act_fmt, calibration=calibration)   # the same checks
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
-        raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
-    check_axis(axis)
-    if scale_dtype is not None and not jnp.issubdtype(scale_dtype, jnp.floating):
-        raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), got {scale_dtype!r}.")
+    check_options(None, block_size=block_size, axis=axis, scale_dtype=scale_dtype)
     if isinstance(x, (np.generic, float, int, complex)):
         raise TypeError(f"qkern.quantize needs an array of rank >= 1 or a pytree of arrays, got the scalar {x!r}.")
     if gptq is not None:

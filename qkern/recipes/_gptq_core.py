@@ -225,6 +225,9 @@ def _round(w, scale, zero, fmt):
             z = zero.astype(jnp.float32)
             c = jnp.clip(jnp.round(y) + z, fmt.qmin, fmt.qmax)
             v = c - z
+        elif fmt.binary:
+            c = jnp.where(y < 0, -1.0, 1.0)
+            v = c
         else:
             c = jnp.clip(jnp.round(y), -fmt.qmax, fmt.qmax)
             v = c

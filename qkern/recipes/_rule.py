@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats import get_format, parse_calibration
+from ..formats._quantize import check_options
 from ..types.qarray import QArray
 from ._paths import selector
 
@@ -94,50 +95,6 @@ class Rule:
         return f"Rule(where={_where_str(self.where)}, {', '.join(parts)})"
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_options(fmt, *, block_size=None, axis=-2, calibration="absmax", scale_dtype=None,
-                  double_quant=False) -> None:
-    """The checks of `qkern.quantize`'s options that need no array (types, ranges, and
-    which formats take which block sizes and calibrations), with its messages."""
-    if block_size is not None:
-        if not _is_int(block_size):
-            raise TypeError(f"block_size must be an int or None, got {block_size!r}.")
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}.")
-    if axis is not None and not _is_int(axis):
-        raise TypeError(f"axis must be an int or None, got {axis!r}.")
-    if scale_dtype is not None:
-        try:
-            floating = jnp.issubdtype(scale_dtype, jnp.floating)
-        except TypeError:
-            floating = False
-        if not floating:
-            raise TypeError(f"scale_dtype must be a floating dtype (e.g. jnp.bfloat16), "
-                            f"got {scale_dtype!r}.")
-    if fmt is None:
-        return
-    f = get_format(fmt)                   # unknown formats
-    cal = parse_calibration(calibration)
-    if f.kind == "mx":
-        if block_size not in (None, 32):
-            raise ValueError(f"{f.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
-        if axis is None:
-            raise ValueError(f"{f.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
-    elif f.packed and axis is not None and block_size is not None and block_size % 2:
-        raise ValueError(
-            f"{f.name} packs two codes per byte along the block axis, so block_size must "
-            f"be even; got {block_size}.")
-    if cal.method == "minmax" and not f.supports_zero_points:
-        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats, not {f.name}.")
-    if f.kind == "mx" and cal.method != "absmax":
-        raise ValueError(f"{f.name} scales are powers of two from each block's absmax; "
-                         f"calibration={calibration!r} does not apply.")
-    if double_quant and (f.kind == "mx" or cal.method == "minmax"):
-        raise ValueError("double_quant applies to formats with float scales and symmetric "
-                         f"calibration, not {f.name} with {cal.method}.")
 
 
 def is_plain_array(x: Any) -> bool:

@@ -11,7 +11,7 @@ import qkern
 W = np.ones((64, 8), np.float32)
 
 
-@pytest.mark.parametrize("fmt", ["int9", "nf5", "fp8", "INT8", "", "int1"])
+@pytest.mark.parametrize("fmt", ["int9", "nf5", "fp8", "INT8", "", "int0"])
 def test_unknown_format(fmt):
     with pytest.raises(ValueError, match="format") as e:
         qkern.quantize(W, fmt)

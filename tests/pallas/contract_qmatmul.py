@@ -185,6 +185,13 @@ class QmatmulContract:
         dy = random_dy(3, 200, jnp.bfloat16)
         assert_matches(self.mm(dy, op, transposed=True), ref_t(dy, op))
 
+    def test_int1_signs(self):
+        """int1 (codes -1/+1, one byte each) through the one-byte integer path."""
+        x, _, op = make_case("int1", dict(block_size=64), 3, 384, 200, jnp.float32)
+        assert_matches(self.mm(x, op), ref(x, op))
+        dy = random_dy(3, 200, jnp.float32)
+        assert_matches(self.mm(dy, op, transposed=True), ref_t(dy, op))
+
     @pytest.mark.parametrize("m", [2, 33])
     def test_default_config(self, m):
         """config=None takes the autotune cache's or the heuristic's config, fitted to the

@@ -70,7 +70,7 @@ def test_block_size_is_not_truncated():
 
 @pytest.mark.parametrize("axis", [1.0, "0", True, (0,)])
 def test_axis_must_be_an_int_or_none(axis):
-    with pytest.raises(TypeError, match=r"axis must be an int or None, got " + re.escape(repr(axis))):
+    with pytest.raises(TypeError, match=r"axis must be an int .*or None .*got " + re.escape(repr(axis))):
         qkern.Rule(axis=axis)
 
 

@@ -5,7 +5,7 @@ about a cycle per weight (bench/nf4_lookup.py), which kept nf4 below the dense m
 qgemv.cc decodes codes in registers instead (a 16-entry table in two registers, `vpermps`
 and a blend; int8 widened and converted) and never writes a decoded weight. It covers the
 4-bit formats (int4, nf4, fp4, mxfp4), the one-byte integer formats (int8 and the
-emulated int2/3/5/6/7) and the fp8 formats (fp8_e4m3, fp8_e5m2, mxfp8: bit patterns turned
+emulated int1/2/3/5/6/7) and the fp8 formats (fp8_e4m3, fp8_e5m2, mxfp8: bit patterns turned
 into float16 ones and converted by F16C, decoding exactly as `astype(float32)` does,
 subnormals and NaN/inf codes included), with per-block or per-channel scales and minmax
 zero points.
