@@ -111,7 +111,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from ._bench import qmatmul, trace_compile
+    from ._bench import decode, qmatmul, trace_compile
 
     _require_runnable_backend()
     if args.plot:  # fail before the (long) measurements, not after
@@ -124,12 +124,16 @@ def _cmd_bench(args) -> int:
                           progress=args.progress)
     tc_rows = [] if args.skip_trace else trace_compile.run(
         layers=args.layers, width=args.width, rank=args.rank, progress=args.progress)
+    dec_rows = [] if not args.decode else decode.run(
+        formats=args.formats, layers=args.decode_layers, width=args.decode_width,
+        repeats=args.decode_repeats, progress=args.progress)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
     if args.json:
         print(json.dumps({"device": str(jax.devices()[0].device_kind),
                           "jax": jax.__version__, "native_cpu_kernels": _native.status(),
-                          "qmatmul": mm_rows, "trace_compile": tc_rows}, indent=2))
+                          "qmatmul": mm_rows, "trace_compile": tc_rows, "decode": dec_rows},
+                         indent=2))
         return 0
     dense = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     print(f"Quantised x @ W against the dense {dense} matmul, K={args.k}, N={args.n}, on "
@@ -146,6 +150,13 @@ def _cmd_bench(args) -> int:
         print(f"Dispatch-trace cost: {args.layers}-layer width-{args.width} MLP whose weights "
               f"are a user-defined low-rank Value type (rank {args.rank}), vs dense weights.")
         print(trace_compile.format_table(tc_rows))
+    if dec_rows:
+        mb = dec_rows[0]["weight_bytes"] / 1e6
+        print()
+        print(f"Decode: one token through {args.decode_layers} layers of {args.decode_width} x "
+              f"{args.decode_width} weights ({mb:.0f} MB in float32), each format against the "
+              f"same stack in float32 and bfloat16:")
+        print(decode.format_table(dec_rows))
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0
@@ -357,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rank", type=_positive_int, default=8,
                        help="dispatch-trace benchmark: rank of the low-rank weight type "
                             "(default: 8)")
+    bench.add_argument("--decode", action="store_true",
+                       help="also time one decode token through a stack of weights larger than "
+                            "the last-level cache, per format against float32 and bfloat16 "
+                            "(needs ~4x the float32 stack in memory: 8 GB by default)")
+    bench.add_argument("--decode-layers", type=_positive_int, default=32,
+                       help="decode benchmark: layers in the stack (default: 32)")
+    bench.add_argument("--decode-width", type=_positive_int, default=4096,
+                       help="decode benchmark: width of each square layer (default: 4096)")
+    bench.add_argument("--decode-repeats", type=_positive_int, default=5,
+                       help="decode benchmark: timed tokens per entry, median taken "
+                            "(default: 5)")
     _add_progress(bench)
     bench.set_defaults(func=_cmd_bench)
 

@@ -403,3 +403,28 @@ def test_tune_progress_when_forced(capsys):
     assert drawn[-1][1] >= 2 * 3         # each problem: its default, a candidate, the finals
     assert cli.main(argv) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_bench_decode_rows_against_float32_and_bfloat16(capsys):
+    """`qkern bench --decode`: one token through a stack of layers, each format against the
+    same stack in float32 and bfloat16, in the table and the JSON."""
+    args = ["bench", "--formats", "int8,nf4", "--m", "1", "--k", "256", "--n", "128",
+            "--repeats", "2", "--skip-trace", "--decode", "--decode-layers", "3",
+            "--decode-width", "256", "--decode-repeats", "2", "--no-progress"]
+    assert cli.main(args + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["decode"]
+    assert [r["entry"] for r in rows] == ["float32", "bfloat16", "int8", "nf4"]
+    by = {r["entry"]: r for r in rows}
+    assert by["float32"]["weight_bytes"] == 3 * 256 * 256 * 4
+    assert (by["nf4"]["weight_bytes"] < by["int8"]["weight_bytes"] < by["bfloat16"]["weight_bytes"]
+            < by["float32"]["weight_bytes"])
+    assert by["float32"]["speedup_vs_f32"] == 1.0 and by["bfloat16"]["speedup_vs_bf16"] == 1.0
+    assert by["float32"]["rel_error"] == 0.0
+    assert 0 < by["int8"]["rel_error"] < 0.05 and 0 < by["nf4"]["rel_error"] < 0.4
+    for r in rows:
+        assert r["ms_per_token"] > 0 and abs(r["tokens_per_s"] * r["ms_per_token"] - 1e3) < 1e-6
+        assert abs(r["speedup_vs_f32"] - by["float32"]["ms_per_token"] / r["ms_per_token"]) < 1e-9
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Decode: one token through 3 layers of 256 x 256 weights" in out
+    assert re.search(r"\| nf4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", out)
