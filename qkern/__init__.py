@@ -26,6 +26,8 @@ from .recipes import (
     fake_quant,
     hessians,
     quantize,
+    quantize_model,
+    QuantizedModel,
     ste,
 )
 from ._checkpoint import CheckpointError, load, save
@@ -51,6 +53,8 @@ __all__ = [
     "lora",
     "quantize",
     "dequantize",
+    "quantize_model",
+    "QuantizedModel",
     "Rule",
     "QuantReport",
     "fake_quant",
