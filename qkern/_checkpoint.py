@@ -188,9 +188,10 @@ def _shell(cls, **fields):
     return obj
 
 
-def _rebuild(node, leaves, where: str = ""):
+def _rebuild(node, leaves, where: str = "", shell_ok: bool = False):
     """The tree from its JSON structure; a ValueError (with the path where) when the
-    structure is malformed."""
+    structure is malformed. A QArray without arrays (the base in the trainable half of
+    `qkern.lora.partition`) is allowed only as a LoraArray's `w` (shell_ok)."""
     at = where or "the root"
     if not isinstance(node, dict) or len(node) != (2 if "lora" in node else 1):
         raise ValueError(f"unreadable structure at {at}: {node!r}"[:300])
@@ -199,6 +200,9 @@ def _rebuild(node, leaves, where: str = ""):
         i = node["leaf"]
         if not _is_int(i) or not 0 <= i < len(leaves):
             raise ValueError(f"structure at {at} refers to leaf {i!r}; there are {len(leaves)}")
+        if isinstance(leaves[i], QArray) and leaves[i].data is None and not shell_ok:
+            raise ValueError(f"the QArray at {at} has no arrays (only the base of a LoraArray "
+                             "in the trainable half of qkern.lora.partition may)")
         return leaves[i]
     if "none" in node:
         return None
@@ -209,7 +213,12 @@ def _rebuild(node, leaves, where: str = ""):
     if "tuple" in node:
         return tuple(_rebuild(v, leaves, sub(i)) for i, v in enumerate(node["tuple"]))
     if "lora" in node:
-        parts = {n: _rebuild(node["lora"][n], leaves, sub(n)) for n in ("w", "a", "b")}
+        parts = {n: _rebuild(node["lora"][n], leaves, sub(n), shell_ok=(n == "w"))
+                 for n in ("w", "a", "b")}
+        if (isinstance(parts["w"], QArray) and parts["w"].data is None
+                and (parts["a"] is None or parts["b"] is None)):
+            raise ValueError(f"the LoraArray at {at} has neither its base's arrays nor both "
+                             "factors")
         if any(v is None for v in parts.values()):
             # a half from qkern.lora.partition (None for the base or the factors)
             return _shell(LoraArray, **parts, alpha=node["alpha"])
@@ -257,7 +266,8 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         structure = _structure(tree, list(range(len(entries))), kinds)
     except _Opaque:
         structure = None
-    version = VERSION if "lora" in kinds else 1      # the lowest version that holds it
+    # the lowest version that holds it (without a structure, `like=` rebuilds any tree)
+    version = VERSION if "lora" in kinds and structure is not None else 1
     header = {"format": FORMAT, "version": version, "qkern": __version__,
               "structure": structure, "leaves": entries}
     st.save_file(tensors, os.fspath(path), metadata={"qkern": json.dumps(header)})
@@ -320,8 +330,9 @@ def load(path: str | os.PathLike, *, like: Any = None) -> Any:
                               "qkern.load(path, like=template).")
     try:
         return _rebuild(header["structure"], leaves)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: damaged checkpoint: {e}.") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = str(e) if isinstance(e, ValueError) else f"unreadable structure ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{path}: damaged checkpoint: {what}.") from None
 
 
 def _leaf(e, i: int, tensors: dict, path: str):

@@ -70,15 +70,20 @@ def _cmd_info(args) -> int:
     print(f"jax     {jax.__version__}")
     print(f"python  {platform.python_version()} ({platform.machine()})")
     print(f"jax platform   {jax.default_backend()}")
-    with warnings.catch_warnings():    # the same warning is printed below, on stdout
-        warnings.simplefilter("ignore")
-        name = resolve().name
-    source = f"from {ENV_VAR}" if env_backend() else "the device's"
-    print(f"qkern backend  {name}  ({source}; override: {ENV_VAR} or qkern.backend(...))")
-    why = _env_backend_unavailable()
-    if why is not None:
-        print(f"  warning: {why}: quantised matmuls will fail to compile here; unset "
-              f"{ENV_VAR} or set it to xla")
+    bad_env = None
+    try:
+        with warnings.catch_warnings():    # the same warning is printed below, on stdout
+            warnings.simplefilter("ignore")
+            name = resolve().name
+        source = f"from {ENV_VAR}" if env_backend() else "the device's"
+        print(f"qkern backend  {name}  ({source}; override: {ENV_VAR} or qkern.backend(...))")
+        why = _env_backend_unavailable()
+        if why is not None:
+            print(f"  warning: {why}: quantised matmuls will fail to compile here; unset "
+                  f"{ENV_VAR} or set it to xla")
+    except ValueError as err:              # a bad QKERN_BACKEND: shown, and exit code 2
+        bad_env = str(err)
+        print(f"qkern backend  error: {bad_env}")
     if jax.default_backend() == "cpu":
         print(f"native CPU kernels  {_native.status()}  (off: {_native.ENV_VAR}=0)")
     for d in jax.devices():
@@ -102,6 +107,9 @@ def _cmd_info(args) -> int:
               f"{e.get('default_ms', float('nan')):.3f} ms)")
     if limit is not None and len(here) > limit:
         print(f"  ... {len(here) - limit} more (qkern info --all)")
+    if bad_env is not None:
+        print(f"qkern info: error: {bad_env}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -435,11 +443,15 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)  # bad arguments: one-line error, exit code 2
-    try:
-        env_backend()
-    except ValueError as err:  # a bad QKERN_BACKEND: every command would trip on it
-        print(f"qkern {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # A bad QKERN_BACKEND: every command that resolves the backend would trip on it. `info`
+    # reports it (it is where one looks), and `tune --backend`/`--clear` do not read it.
+    skips = args.command == "info" or (args.command == "tune" and (args.backend or args.clear))
+    if not skips:
+        try:
+            env_backend()
+        except ValueError as err:
+            print(f"qkern {args.command}: error: {err}", file=sys.stderr)
+            return 2
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)

@@ -113,7 +113,8 @@ def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
     out = _quantize(stored, q.fmt, block_size=None if lay.per_tensor else lay.block_size,
                     axis=None if lay.per_tensor else lay.axis,
                     calibration="minmax" if q.zeros is not None else "absmax",
-                    scale_dtype=q.scales.dtype if q.dq_scale is None else None,
+                    scale_dtype=(q.scales.dtype if q.dq_scale is None and q.format.kind != "mx"
+                                 else None),
                     double_quant=q.dq_scale is not None)
     return out if q.perm is None else dataclasses.replace(out, perm=q.perm)
 

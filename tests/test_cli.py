@@ -297,9 +297,19 @@ def test_a_bad_QKERN_BACKEND_is_one_line_and_exit_2(argv, monkeypatch, capsys):
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
-    assert not out and len(lines) == 1, err
+    assert len(lines) == 1, err
     assert lines[0].startswith(f"qkern {argv[0]}: error: QKERN_BACKEND='cuda'")
     assert "triton, mosaic_tpu, xla" in lines[0]
+    if argv == ["info"]:      # where one looks: everything else is still shown
+        assert "qkern backend  error: QKERN_BACKEND='cuda'" in out and "jax platform" in out
+    else:
+        assert not out
+
+
+def test_a_bad_QKERN_BACKEND_does_not_block_tune_with_its_own_backend(monkeypatch, capsys):
+    monkeypatch.setenv("QKERN_BACKEND", "cuda")
+    assert cli.main(TINY_TUNE + ["--dry-run", "--backend", "xla"]) == 0
+    assert cli.main(["tune", "--clear"]) == 0
 
 
 def test_a_bad_QKERN_BACKEND_elsewhere_is_a_value_error_naming_it(monkeypatch):
@@ -429,3 +439,10 @@ def test_bench_decode_rows_against_float32_and_bfloat16(capsys):
     out = capsys.readouterr().out
     assert "Decode: one token through 3 layers of 256 x 256 weights" in out
     assert re.search(r"\| nf4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", out)
+
+
+def test_bench_decode_progress_reaches_its_total(capsys):
+    assert cli.main(["bench", "--formats", "int8", "--m", "1", "--k", "256", "--n", "128",
+                     "--repeats", "2", "--skip-trace", "--decode", "--decode-layers", "2",
+                     "--decode-width", "128", "--decode-repeats", "1", "--progress"]) == 0
+    assert_monotone_and_complete(bars(capsys.readouterr().err, "qkern bench decode"), 1 + 2)

@@ -39,7 +39,7 @@ def run(formats=DEFAULT_FORMATS, layers: int = 32, width: int = 4096, repeats: i
     """One row per entry (float32, bfloat16, then each format): ms per token, tokens/s,
     weight bytes and speed-ups over float32 and bfloat16, and the output's error against
     float32. progress: a bar on stderr (None: when stderr is a terminal)."""
-    with bar(len(formats) + 3, "qkern bench decode", enabled=progress) as b:
+    with bar(len(formats) + 2, "qkern bench decode", enabled=progress) as b:
         b.set_postfix_str("float32 weights")
         key = jax.random.PRNGKey(0)
         ws = jax.random.normal(key, (layers, width, width), jnp.float32) / np.sqrt(width)

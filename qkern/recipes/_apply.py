@@ -179,7 +179,7 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
 
 
 def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="absmax",
-                  scale_dtype=None, double_quant=False) -> QArray:
+                  scale_dtype=None, double_quant=False, who: str = "qkern.quantize") -> QArray:
     w = jnp.asarray(w)
     default_axis = axis == -2 and w.ndim == 1
     fmt = get_format(fmt)
@@ -193,12 +193,12 @@ def _quantize_one(w, fmt, *, axis, act_fmt=None, block_size=None, calibration="a
         # scan step's slice); stored as given, every matmul would transpose the codes.
         q = _quantize_one(jnp.swapaxes(w, -1, -2), fmt, axis=nd - 2, act_fmt=act_fmt,
                           block_size=block_size, calibration=calibration,
-                          scale_dtype=scale_dtype, double_quant=double_quant)
+                          scale_dtype=scale_dtype, double_quant=double_quant, who=who)
         return dataclasses.replace(q, perm=tuple(range(nd - 2)) + (nd - 1, nd - 2))
     fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
                               block_size=block_size, calibration=calibration,
                               scale_dtype=scale_dtype, double_quant=double_quant)
-    refuse_nonfinite(fields.pop("nonfinite_blocks"), w)
+    refuse_nonfinite(fields.pop("nonfinite_blocks"), w, who)
     return QArray(**fields, fmt=fmt.name, layout=layout, dtype=np.dtype(w.dtype),
                   act_fmt=act_fmt)
 

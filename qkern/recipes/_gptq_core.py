@@ -31,8 +31,8 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration, quantize_array
 from ..formats._packing import pack_halves
-from ..formats._quantize import (dequantize_scales, make_layout, nearest_code, refuse_nonfinite,
-                                 round_to_float)
+from ..formats._quantize import (check_calibration, dequantize_scales, make_layout, nearest_code,
+                                 refuse_nonfinite, round_to_float)
 from ..types.qarray import QArray
 
 _CHUNK = 128          # rows per lazy batch update (the paper's B)
@@ -135,9 +135,7 @@ def prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_
         raise TypeError(f"GPTQ expects a floating-point weight, got dtype {w.dtype}.")
     check_supported(fmt, calibration, double_quant, w.shape, axis)
     fmt = get_format(fmt)
-    cal = parse_calibration(calibration)
-    if cal.method == "minmax" and not fmt.supports_zero_points:
-        raise ValueError(f"calibration='minmax' (zero points) applies to integer formats, not {fmt.name}.")
+    cal = check_calibration(fmt, calibration, double_quant)
     layout = make_layout(w.shape, fmt, block_size, axis, default_axis=False)
     h = jnp.asarray(h, jnp.float32)
     k = layout.length

@@ -51,8 +51,8 @@ class QuantizedModel:
 
 jax.tree_util.register_pytree_node(
     QuantizedModel,
-    lambda m: ((m.params,), (m.fn, m.framework)),
-    lambda aux, children: QuantizedModel(aux[0], children[0], aux[1]))
+    lambda m: ((m.params,), (m.fn, m.framework, m.report)),
+    lambda aux, children: QuantizedModel(aux[0], children[0], aux[1], aux[2]))
 
 
 def _linen_apply(module):

@@ -81,6 +81,7 @@ def _check_like(out, x, fn) -> None:
 
 def _round_trip(w, fmt, *, block_size, axis, calibration, scale_dtype, double_quant):
     return _quantize_one(w, fmt, axis=axis, block_size=block_size, calibration=calibration,
+                         who="qkern.fake_quant",
                          scale_dtype=scale_dtype, double_quant=double_quant).materialise()
 
 

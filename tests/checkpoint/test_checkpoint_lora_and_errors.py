@@ -195,3 +195,31 @@ def test_malformed_qarray_metadata_fails_at_load_naming_the_leaf(tmp_path, case)
     msg = str(e.value)
     assert "bad.safetensors" in msg and "'layers/0/kernel'" in msg, msg
     assert re.search(detail, msg), msg
+
+
+@pytest.mark.parametrize("structure", [{"dict": [1]}, {"lora": {"w": {"leaf": 0}}, "alpha": 1.0},
+                                       {"list": 5}, {"tuple": {"a": 1}}],
+                         ids=["dict-of-list", "lora-without-factors", "list-of-int", "tuple-of-dict"])
+def test_a_damaged_structure_is_a_checkpoint_error(tmp_path, structure):
+    """Structures of the wrong shape raised bare AttributeError / KeyError / TypeError."""
+    qkern.save(tmp_path / "m.safetensors", {"w": _w(4, 4)})
+    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
+                    lambda h: h.__setitem__("structure", structure))
+    with pytest.raises(qkern.CheckpointError, match=r"bad\.safetensors: damaged checkpoint"):
+        qkern.load(tmp_path / "bad.safetensors")
+
+
+def test_a_qarray_without_arrays_is_refused_outside_a_lora_base(tmp_path):
+    """Only the base of a LoraArray in the trainable half may come without arrays; a QArray
+    entry with no tensors anywhere else loaded as an empty QArray that failed at first use."""
+    qkern.save(tmp_path / "m.safetensors", {"q": qkern.quantize(_w(64, 64), "int8")})
+
+    def empty(h):
+        h["leaves"][0]["fields"] = {}
+    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", empty)
+    with pytest.raises(qkern.CheckpointError, match=r"the QArray at q has no arrays"):
+        qkern.load(tmp_path / "bad.safetensors")
+    train, _ = qkern.lora.partition({"l": _lora(qkern.quantize(_w(64, 32), "nf4"), 2)})
+    qkern.save(tmp_path / "train.safetensors", train)
+    back = qkern.load(tmp_path / "train.safetensors")                   # the allowed place
+    assert back["l"].w.data is None and back["l"].a.shape == (64, 2)

@@ -78,8 +78,10 @@ def test_storage_bytes_and_bits_per_parameter():
 def test_zero_points_refused_with_a_reason():
     with pytest.raises(ValueError, match="integer formats of 2 bits or more, not int1"):
         qkern.quantize(weight(), "int1", calibration="minmax")
-    with pytest.raises(ValueError, match="not int1"):
+    with pytest.raises(ValueError, match="integer formats of 2 bits or more, not int1"):
         qkern.Rule(fmt="int1", calibration="minmax")
+    with pytest.raises(ValueError, match="integer formats of 2 bits or more, not int1"):
+        qkern.quantize(weight(), "int1", calibration="minmax", gptq=jnp.eye(256))
 
 
 def test_asymmetric_fixed_range_is_symmetric_for_int1():

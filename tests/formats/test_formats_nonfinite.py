@@ -46,7 +46,7 @@ def test_eager_refusal_counts_and_names_the_leaf():
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4", "mxfp4"])
 def test_eager_fake_quant_refuses(fmt):
-    with pytest.raises(ValueError, match=r"1 of 1024 values are NaN or inf"):
+    with pytest.raises(ValueError, match=r"1 of 1024 values are NaN or inf; qkern.fake_quant refuses"):
         qkern.fake_quant(poisoned(np.nan), fmt)
     with pytest.raises(ValueError, match=r"'w'.*NaN or inf"):
         qkern.fake_quant({"w": poisoned(np.inf)}, rules=[qkern.Rule(fmt="int4")])

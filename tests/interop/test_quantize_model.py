@@ -102,6 +102,9 @@ def test_apply_function_and_params():
     assert qm.framework == "function"
     np.testing.assert_allclose(qm(x, scale=2.0), apply(qkern.dequantize(qm.params), x, 2.0), **TOL)
     assert "w1" in str(qm.report)
+    moved = jax.device_put(qm)                     # rebuilt from its leaves: report kept
+    assert isinstance(moved, qkern.QuantizedModel) and moved.report == qm.report
+    np.testing.assert_allclose(moved(x), qm(x), **TOL)
 
 
 def test_bad_calls_say_what_to_pass():

@@ -152,3 +152,16 @@ def test_partition_and_combine_train_only_the_factors(keys, fmt):
     g = jax.jit(jax.grad(loss))(train)
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(train)
     assert all(np.any(np.asarray(v)) for v in jax.tree_util.tree_leaves(g))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_merge_requantize_an_mx_base(keys, fmt):
+    """MX scales are uint8 exponents; re-quantising passed them as scale_dtype and failed."""
+    w = jax.random.normal(keys[0], (64, 32))
+    lw = LoraArray.init(qkern.quantize(w, fmt), 4, keys[1])
+    lw = dataclasses.replace(lw, b=jax.random.normal(keys[2], lw.b.shape) * 0.1)
+    merged = qkern.lora.merge({"k": lw}, requantize=True)["k"]
+    assert isinstance(merged, qkern.QArray) and merged.fmt == fmt
+    dense = qkern.lora.merge({"k": lw})["k"]
+    rel = jnp.linalg.norm(qkern.dequantize(merged) - dense) / jnp.linalg.norm(dense)
+    assert rel < 0.2
