@@ -337,12 +337,22 @@ ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                    codes.dimensions(), scales, y, block_size, threads);
 }
 
-// fp8 codes arrive as their bit patterns (uint8): `e5m2` 0 for float8_e4m3fn, 1 for e5m2.
-ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+// fp8 codes in their own dtype (float8_e4m3fn or float8_e5m2), read as bytes: passing
+// them as uint8 would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
+ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                    ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t block_size, int64_t threads, int64_t e5m2) {
-  return BytesImpl("qkern_fp8_gemv", e5m2 ? 2 : 1, x.typed_data(), codes.typed_data(),
-                   x.dimensions(), codes.dimensions(), scales, y, block_size, threads);
+                   int64_t block_size, int64_t threads) {
+  int64_t kind;
+  if (codes.element_type() == ffi::DataType::F8E4M3FN) {
+    kind = 1;
+  } else if (codes.element_type() == ffi::DataType::F8E5M2) {
+    kind = 2;
+  } else {
+    return ffi::Error::InvalidArgument("qkern_fp8_gemv: codes must be float8_e4m3fn or float8_e5m2");
+  }
+  return BytesImpl("qkern_fp8_gemv", kind, x.typed_data(),
+                   static_cast<const uint8_t*>(codes.untyped_data()), x.dimensions(),
+                   codes.dimensions(), scales, y, block_size, threads);
 }
 
 }  // namespace
@@ -369,12 +379,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Gemv, Int8Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("e5m2"));
+                                  .Attr<int64_t>("threads"));
 
 // Whether this CPU runs the kernels (the library is built with -mavx2 -mfma -mf16c).
 extern "C" int qkern_native_supported() {
