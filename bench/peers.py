@@ -12,11 +12,16 @@ its own dequantised weight before timing. The table gives each median and its sp
 over XLA's dense float32 matmul, and the ratios the project tracks: qkern int8 against
 PyTorch int8, qkern int4 and nf4 against PyTorch int4 (above 1: qkern is faster). The
 machine's CPU model and its vector flags are printed with it.
+
+PyTorch's OpenMP threads spin for a while after each call; in turns on a 2-core machine
+that spinning ate whichever call came next (qkern's native kernels ran at half speed).
+OMP_WAIT_POLICY=PASSIVE (set here unless already set) makes them sleep instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -107,6 +112,7 @@ def main(argv=None) -> None:
                    help="qkern formats (default: int8,int4,nf4,fp8_e4m3)")
     p.add_argument("--repeats", type=int, default=20, help="timed turns (default: 20)")
     a = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch starts OpenMP
     try:
         import torch
     except ImportError:
@@ -118,7 +124,8 @@ def main(argv=None) -> None:
     qmm = jax.jit(qkern.quaxify(lambda x, w: x @ w))
     wj = jnp.asarray(w)
     print(f"x[M, {a.k}] @ W[{a.k}, {a.n}], medians of {a.repeats} turns; {cpu()}; "
-          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     for m in [int(s) for s in a.m.split(",")]:
         x = np.asarray(jax.random.normal(jax.random.PRNGKey(m), (m, a.k), jnp.float32))
         xj = jnp.asarray(x)
