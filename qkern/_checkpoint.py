@@ -188,10 +188,10 @@ def _shell(cls, **fields):
     return obj
 
 
-def _rebuild(node, leaves, where: str = "", shell_ok: bool = False):
+def _rebuild(node, leaves, where: str = ""):
     """The tree from its JSON structure; a ValueError (with the path where) when the
-    structure is malformed. A QArray without arrays (the base in the trainable half of
-    `qkern.lora.partition`) is allowed only as a LoraArray's `w` (shell_ok)."""
+    structure is malformed. (A QArray without arrays is a legitimate leaf: the trainable
+    half of `qkern.lora.partition` keeps every QArray's static fields that way.)"""
     at = where or "the root"
     if not isinstance(node, dict) or len(node) != (2 if "lora" in node else 1):
         raise ValueError(f"unreadable structure at {at}: {node!r}"[:300])
@@ -200,9 +200,6 @@ def _rebuild(node, leaves, where: str = "", shell_ok: bool = False):
         i = node["leaf"]
         if not _is_int(i) or not 0 <= i < len(leaves):
             raise ValueError(f"structure at {at} refers to leaf {i!r}; there are {len(leaves)}")
-        if isinstance(leaves[i], QArray) and leaves[i].data is None and not shell_ok:
-            raise ValueError(f"the QArray at {at} has no arrays (only the base of a LoraArray "
-                             "in the trainable half of qkern.lora.partition may)")
         return leaves[i]
     if "none" in node:
         return None
@@ -213,8 +210,7 @@ def _rebuild(node, leaves, where: str = "", shell_ok: bool = False):
     if "tuple" in node:
         return tuple(_rebuild(v, leaves, sub(i)) for i, v in enumerate(node["tuple"]))
     if "lora" in node:
-        parts = {n: _rebuild(node["lora"][n], leaves, sub(n), shell_ok=(n == "w"))
-                 for n in ("w", "a", "b")}
+        parts = {n: _rebuild(node["lora"][n], leaves, sub(n)) for n in ("w", "a", "b")}
         if (isinstance(parts["w"], QArray) and parts["w"].data is None
                 and (parts["a"] is None or parts["b"] is None)):
             raise ValueError(f"the LoraArray at {at} has neither its base's arrays nor both "

@@ -209,17 +209,16 @@ def test_a_damaged_structure_is_a_checkpoint_error(tmp_path, structure):
         qkern.load(tmp_path / "bad.safetensors")
 
 
-def test_a_qarray_without_arrays_is_refused_outside_a_lora_base(tmp_path):
-    """Only the base of a LoraArray in the trainable half may come without arrays; a QArray
-    entry with no tensors anywhere else loaded as an empty QArray that failed at first use."""
-    qkern.save(tmp_path / "m.safetensors", {"q": qkern.quantize(_w(64, 64), "int8")})
-
-    def empty(h):
-        h["leaves"][0]["fields"] = {}
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", empty)
-    with pytest.raises(qkern.CheckpointError, match=r"the QArray at q has no arrays"):
-        qkern.load(tmp_path / "bad.safetensors")
+def test_a_lora_with_neither_base_arrays_nor_factors_is_refused(tmp_path):
+    """A LoraArray entry whose base has no arrays (the trainable half) must have both
+    factors; one without is damaged, not a tree to rebuild."""
     train, _ = qkern.lora.partition({"l": _lora(qkern.quantize(_w(64, 32), "nf4"), 2)})
     qkern.save(tmp_path / "train.safetensors", train)
-    back = qkern.load(tmp_path / "train.safetensors")                   # the allowed place
+    back = qkern.load(tmp_path / "train.safetensors")                   # the trainable half
     assert back["l"].w.data is None and back["l"].a.shape == (64, 2)
+
+    def drop_b(h):
+        h["structure"]["dict"]["l"]["lora"]["b"] = {"none": None}
+    _rewrite_header(tmp_path / "train.safetensors", tmp_path / "bad.safetensors", drop_b)
+    with pytest.raises(qkern.CheckpointError, match=r"the LoraArray at l has neither"):
+        qkern.load(tmp_path / "bad.safetensors")
