@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qkern
+from ..recipes._rule import nbytes
 from .progress import bar
 from .timing import interleaved_medians
 
@@ -29,11 +30,6 @@ def _step(x, ws):
     return jax.lax.scan(layer, x, ws)[0]
 
 
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
-               for a in jax.tree_util.tree_leaves(tree))
-
-
 def run(formats=DEFAULT_FORMATS, layers: int = 32, width: int = 4096, repeats: int = 5,
         progress: bool | None = None) -> list[dict]:
     """One row per entry (float32, bfloat16, then each format): ms per token, tokens/s,
@@ -45,30 +41,30 @@ def run(formats=DEFAULT_FORMATS, layers: int = 32, width: int = 4096, repeats: i
         ws = jax.random.normal(key, (layers, width, width), jnp.float32) / np.sqrt(width)
         x = jax.random.normal(jax.random.PRNGKey(1), (1, width), jnp.float32)
         dense = jax.jit(_step)
-        candidates = {"float32": (lambda: dense(x, ws), _nbytes(ws))}
+        candidates = {"float32": (lambda: dense(x, ws), nbytes(ws))}
         wb = ws.astype(jnp.bfloat16)
         xb = x.astype(jnp.bfloat16)
-        candidates["bfloat16"] = (lambda: dense(xb, wb), _nbytes(wb))
+        candidates["bfloat16"] = (lambda: dense(xb, wb), nbytes(wb))
         b.update()
         quantised = jax.jit(qkern.quaxify(_step))
         for fmt in formats:
             b.set_postfix_str(f"quantising to {fmt}")
             q = qkern.quantize(ws, fmt)
-            candidates[fmt] = (lambda q=q: quantised(x, q), _nbytes(q))
+            candidates[fmt] = (lambda q=q: quantised(x, q), nbytes(q))
             b.update()
         b.set_postfix_str("timing")
         times = interleaved_medians({k: fn for k, (fn, _) in candidates.items()},
                                     repeats=repeats)
         ref = np.asarray(candidates["float32"][0](), np.float32)
         rows = []
-        for name, (fn, nbytes) in candidates.items():
+        for name, (fn, size) in candidates.items():
             out = np.asarray(fn(), np.float32)
             t = times[name]
             rows.append(dict(
                 entry=name, layers=layers, width=width, ms_per_token=t * 1e3,
-                tokens_per_s=1.0 / t, weight_bytes=nbytes,
+                tokens_per_s=1.0 / t, weight_bytes=size,
                 speedup_vs_f32=times["float32"] / t, speedup_vs_bf16=times["bfloat16"] / t,
-                gbps=nbytes / t / 1e9,
+                gbps=size / t / 1e9,
                 rel_error=float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
                 device=str(jax.devices()[0].device_kind)))
         b.update()

@@ -97,20 +97,9 @@ def test_file_is_plain_safetensors_with_versioned_header(tmp_path):
     assert entry["static"]["fmt"] == "nf4" and entry["static"]["layout"]["block_size"] == 32
 
 
-def _rewrite_header(src, dst, edit):
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-    with safe_open(str(src), framework="numpy") as f:
-        meta = dict(f.metadata())
-    header = json.loads(meta["qkern"])
-    edit(header)
-    meta["qkern"] = json.dumps(header)
-    save_file(load_file(str(src)), str(dst), metadata=meta)
-
-
-def test_incompatible_version_errors_clearly(tmp_path):
+def test_incompatible_version_errors_clearly(tmp_path, rewrite_header):
     qkern.save(tmp_path / "m.safetensors", {"w": qkern.quantize(_w(64, 64), "int8")})
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "v99.safetensors",
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "v99.safetensors",
                     lambda h: h.update(version=99, qkern="9.0.0"))
     with pytest.raises(qkern.CheckpointError, match=r"version 99 \(written by qkern 9\.0\.0\).*reads version\(s\) 1, 2"):
         qkern.load(tmp_path / "v99.safetensors")

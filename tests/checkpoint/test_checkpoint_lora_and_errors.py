@@ -69,17 +69,6 @@ def _header(path):
         return json.loads(f.metadata()["qkern"])
 
 
-def _rewrite_header(src, dst, edit):
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-    with safe_open(str(src), framework="numpy") as f:
-        meta = dict(f.metadata())
-    header = json.loads(meta["qkern"])
-    edit(header)
-    meta["qkern"] = json.dumps(header)
-    save_file(load_file(str(src)), str(dst), metadata=meta)
-
-
 # -- LoraArrays -----------------------------------------------------------------------------
 def test_lora_trees_load_without_like(tmp_path):
     tree = make_tree()
@@ -121,13 +110,13 @@ def test_files_without_lora_keep_version_1_and_like_still_works(tmp_path):
     _assert_same(tree, qkern.load(tmp_path / "m.safetensors", like=tree))
 
 
-def test_a_lora_whose_parts_do_not_fit_fails_at_load(tmp_path):
+def test_a_lora_whose_parts_do_not_fit_fails_at_load(tmp_path, rewrite_header):
     qkern.save(tmp_path / "m.safetensors", {"x": {"l": _lora(_w(64, 32), 4)}, "y": _w(64, 3)})
 
     def swap(h):                       # point the adapter's `a` at another [64, 3] tensor
         node = h["structure"]["dict"]["x"]["dict"]["l"]["lora"]
         node["a"] = h["structure"]["dict"]["y"]
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", swap)
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", swap)
     with pytest.raises(qkern.CheckpointError, match=r"bad\.safetensors.*LoraArray at x/l"):
         qkern.load(tmp_path / "bad.safetensors")
 
@@ -142,9 +131,9 @@ def test_a_missing_file_is_file_not_found(tmp_path):
 
 
 @pytest.mark.parametrize("drop", ["leaves", "structure"])
-def test_a_header_without_leaves_is_not_a_qkern_checkpoint(tmp_path, drop):
+def test_a_header_without_leaves_is_not_a_qkern_checkpoint(tmp_path, drop, rewrite_header):
     qkern.save(tmp_path / "m.safetensors", {"w": _w(4, 4)})
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
                     lambda h: h.pop(drop))
     with pytest.raises(ValueError) as e:
         qkern.load(tmp_path / "bad.safetensors")
@@ -185,11 +174,11 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_qarray_metadata_fails_at_load_naming_the_leaf(tmp_path, case):
+def test_malformed_qarray_metadata_fails_at_load_naming_the_leaf(tmp_path, case, rewrite_header):
     edit, detail = MALFORMED[case]
     tree = {"layers": [{"kernel": qkern.quantize(_w(64, 64), "nf4", block_size=32)}]}
     qkern.save(tmp_path / "m.safetensors", tree)
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", edit)
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", edit)
     with pytest.raises(qkern.CheckpointError) as e:
         qkern.load(tmp_path / "bad.safetensors")
     msg = str(e.value)
@@ -200,16 +189,16 @@ def test_malformed_qarray_metadata_fails_at_load_naming_the_leaf(tmp_path, case)
 @pytest.mark.parametrize("structure", [{"dict": [1]}, {"lora": {"w": {"leaf": 0}}, "alpha": 1.0},
                                        {"list": 5}, {"tuple": {"a": 1}}],
                          ids=["dict-of-list", "lora-without-factors", "list-of-int", "tuple-of-dict"])
-def test_a_damaged_structure_is_a_checkpoint_error(tmp_path, structure):
+def test_a_damaged_structure_is_a_checkpoint_error(tmp_path, structure, rewrite_header):
     """Structures of the wrong shape raised bare AttributeError / KeyError / TypeError."""
     qkern.save(tmp_path / "m.safetensors", {"w": _w(4, 4)})
-    _rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
                     lambda h: h.__setitem__("structure", structure))
     with pytest.raises(qkern.CheckpointError, match=r"bad\.safetensors: damaged checkpoint"):
         qkern.load(tmp_path / "bad.safetensors")
 
 
-def test_a_lora_with_neither_base_arrays_nor_factors_is_refused(tmp_path):
+def test_a_lora_with_neither_base_arrays_nor_factors_is_refused(tmp_path, rewrite_header):
     """A LoraArray entry whose base has no arrays (the trainable half) must have both
     factors; one without is damaged, not a tree to rebuild."""
     train, _ = qkern.lora.partition({"l": _lora(qkern.quantize(_w(64, 32), "nf4"), 2)})
@@ -219,6 +208,6 @@ def test_a_lora_with_neither_base_arrays_nor_factors_is_refused(tmp_path):
 
     def drop_b(h):
         h["structure"]["dict"]["l"]["lora"]["b"] = {"none": None}
-    _rewrite_header(tmp_path / "train.safetensors", tmp_path / "bad.safetensors", drop_b)
+    rewrite_header(tmp_path / "train.safetensors", tmp_path / "bad.safetensors", drop_b)
     with pytest.raises(qkern.CheckpointError, match=r"the LoraArray at l has neither"):
         qkern.load(tmp_path / "bad.safetensors")
