@@ -119,7 +119,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from ._bench import decode, qmatmul, trace_compile
+    from ._bench import conv, decode, qmatmul, trace_compile
 
     _require_runnable_backend()
     if args.plot:  # fail before the (long) measurements, not after
@@ -135,12 +135,15 @@ def _cmd_bench(args) -> int:
     dec_rows = [] if not args.decode else decode.run(
         formats=args.formats, layers=args.decode_layers, width=args.decode_width,
         repeats=args.decode_repeats, progress=args.progress)
+    conv_rows = [] if not args.conv else conv.run(
+        formats=args.formats, repeats=args.conv_repeats, progress=args.progress)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
     if args.json:
         print(json.dumps({"device": str(jax.devices()[0].device_kind),
                           "jax": jax.__version__, "native_cpu_kernels": _native.status(),
-                          "qmatmul": mm_rows, "trace_compile": tc_rows, "decode": dec_rows},
+                          "qmatmul": mm_rows, "trace_compile": tc_rows, "decode": dec_rows,
+                          "conv": conv_rows},
                          indent=2))
         return 0
     dense = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -165,6 +168,11 @@ def _cmd_bench(args) -> int:
               f"{args.decode_width} weights ({mb:.0f} MB in float32), each format against the "
               f"same stack in float32 and bfloat16:")
         print(decode.format_table(dec_rows))
+    if conv_rows:
+        print()
+        print("Convolution: ResNet-style 3x3, stride 1, SAME, NHWC; each quantised kernel "
+              "against the dense float32 convolution and against dequantising it first:")
+        print(conv.format_table(conv_rows))
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0
@@ -380,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time one decode token through a stack of weights larger than "
                             "the last-level cache, per format against float32 and bfloat16 "
                             "(needs ~4x the float32 stack in memory: 8 GB by default)")
+    bench.add_argument("--conv", action="store_true",
+                       help="also time ResNet-style 3x3 convolutions with quantised kernels "
+                            "(each format and int8 W8A8) against the dense convolution")
+    bench.add_argument("--conv-repeats", type=_positive_int, default=10,
+                       help="convolution benchmark: timed calls per entry, median taken "
+                            "(default: 10)")
     bench.add_argument("--decode-layers", type=_positive_int, default=32,
                        help="decode benchmark: layers in the stack (default: 32)")
     bench.add_argument("--decode-width", type=_positive_int, default=4096,

@@ -103,7 +103,10 @@ def check_supported(fmt, calibration, double_quant, shape, axis) -> None:
     cal = parse_calibration(calibration)
     if len(shape) != 2:
         raise ValueError(f"GPTQ quantises 2-D kernels ([in, out] or [out, in]); got shape "
-                         f"{tuple(shape)}. Quantise stacked weights slice by slice, or without gptq=.")
+                         f"{tuple(shape)}. A convolution kernel has no GPTQ path (its Hessian "
+                         "would need the im2col view of the inputs): quantise it without gptq= "
+                         "(its own qkern.quantize call, or leave it to a rule in a call without "
+                         "gptq=). Quantise stacked weights slice by slice.")
     if axis is None:
         raise ValueError("GPTQ needs a block axis (the contracted one); axis=None (one scale "
                          "per tensor) is not supported: use axis=-2 (or the block axis).")

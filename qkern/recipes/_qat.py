@@ -26,6 +26,7 @@ import numpy as np
 
 from .._core import ArrayLike, ArrayValue, register, static_field
 from ..formats import get_format
+from ..types._qarray_conv import qconv_dispatch
 from ..types._qarray_matmul import qmatmul_dispatch
 from ..types.qarray import QArray
 from ._apply import _quantize_one
@@ -211,3 +212,26 @@ def _(x: ArrayLike, w: FakeQuant, **params):
 @register(jax.lax.dot_general_p)
 def _(w: FakeQuant, x: ArrayLike, **params):
     return _fq_matmul(w, x, params)
+
+
+@register(jax.lax.conv_general_dilated_p)
+def _(x: ArrayLike, w: FakeQuant, **params):
+    """A convolution with a FakeQuant kernel runs the serving convolution (W8A8 included),
+    straight through the kernel's rounding to `w`."""
+    fq = w
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return qconv_dispatch(x, fq.quantised(w), params)
+
+    def conv_fwd(x, w):
+        return conv(x, w), (x, w)
+
+    def conv_bwd(res, dy):
+        x, w = res
+        _, vjp = jax.vjp(lambda x, wq: jax.lax.conv_general_dilated_p.bind(x, wq, **params),
+                         x, fq.quantised(w).materialise())
+        return vjp(dy)
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    return conv(x, fq.w)

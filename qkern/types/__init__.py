@@ -1,6 +1,6 @@
 """Array types built on the extension API: QArray (quantised), LoraArray (low-rank update)."""
 
-from . import _lora_rules, _qarray_rules  # noqa: F401  (register the types' rules)
+from . import _lora_rules, _qarray_conv, _qarray_rules  # noqa: F401  (register the types' rules)
 from .lora import LoraArray
 from .qarray import QArray
 
