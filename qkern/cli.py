@@ -136,7 +136,8 @@ def _cmd_bench(args) -> int:
         formats=args.formats, layers=args.decode_layers, width=args.decode_width,
         repeats=args.decode_repeats, progress=args.progress)
     conv_rows = [] if not args.conv else conv.run(
-        formats=args.formats, repeats=args.conv_repeats, progress=args.progress)
+        formats=args.formats, shapes=args.conv_shapes, repeats=args.conv_repeats,
+        progress=args.progress)
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
     if args.json:
@@ -295,6 +296,18 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(t) for t in parts)
 
 
+def _conv_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """"8:28:128,1:7:512" -> ((8, 28, 128), (1, 7, 512)): batch, spatial size, channels."""
+    shapes = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        if len(fields) != 3:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated BATCH:SIZE:CHANNELS (e.g. 8:28:128,1:7:512), got {text!r}")
+        shapes.append(tuple(_positive_int(f) for f in fields))
+    return tuple(shapes)
+
+
 def _names(text: str, choices, what: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(","))
     unknown = [n for n in names if n not in choices]
@@ -391,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--conv", action="store_true",
                        help="also time ResNet-style 3x3 convolutions with quantised kernels "
                             "(each format and int8 W8A8) against the dense convolution")
+    bench.add_argument("--conv-shapes", type=_conv_shapes,
+                       default=((8, 28, 128), (8, 14, 256), (1, 7, 512)),
+                       help="convolution benchmark: BATCH:SIZE:CHANNELS of each input, comma-"
+                            "separated (default: 8:28:128,8:14:256,1:7:512)")
     bench.add_argument("--conv-repeats", type=_positive_int, default=10,
                        help="convolution benchmark: timed calls per entry, median taken "
                             "(default: 10)")

@@ -441,6 +441,32 @@ def test_bench_decode_rows_against_float32_and_bfloat16(capsys):
     assert re.search(r"\| nf4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", out)
 
 
+def test_bench_conv_rows_against_dense_and_dequantise_first(capsys):
+    """`qkern bench --conv`: each format's 3x3 convolution against the dense one and against
+    dequantising first, plus int8 W8A8, in the table and the JSON."""
+    args = ["bench", "--formats", "int8,nf4", "--m", "1", "--k", "256", "--n", "128",
+            "--repeats", "2", "--skip-trace", "--conv", "--conv-shapes", "1:6:16,2:5:8",
+            "--conv-repeats", "2", "--no-progress"]
+    assert cli.main(args + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["conv"]
+    assert [(r["shape"], r["entry"]) for r in rows] == [
+        (s, e) for s in ("1x6x6x16", "2x5x5x8") for e in ("float32", "int8", "nf4", "int8 W8A8")]
+    for shape in ("1x6x6x16", "2x5x5x8"):
+        by = {r["entry"]: r for r in rows if r["shape"] == shape}
+        assert by["float32"]["speedup_vs_f32"] == 1.0 and by["float32"]["rel_error"] == 0.0
+        assert by["nf4"]["kernel_bytes"] < by["int8"]["kernel_bytes"] < by["float32"]["kernel_bytes"]
+        assert 0 < by["int8"]["rel_error"] < 0.05 and 0 < by["nf4"]["rel_error"] < 0.3
+        assert 0 < by["int8 W8A8"]["rel_error"] < 0.05
+        assert by["int8 W8A8"]["speedup_vs_dequantize_first"] is None
+        assert by["nf4"]["speedup_vs_dequantize_first"] > 0
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Convolution: ResNet-style 3x3" in out
+    assert re.search(r"\| 2x5x5x8 \| int8 W8A8 \| [\d.]+ \| \d+ \| [\d.]+x \| - \|", out)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--conv-shapes", "8:28"])
+
+
 def test_bench_decode_progress_reaches_its_total(capsys):
     assert cli.main(["bench", "--formats", "int8", "--m", "1", "--k", "256", "--n", "128",
                      "--repeats", "2", "--skip-trace", "--decode", "--decode-layers", "2",

@@ -28,10 +28,11 @@ def _conv(x, w):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def run(formats=DEFAULT_FORMATS, shapes=DEFAULT_SHAPES, repeats: int = 10,
+def run(formats=DEFAULT_FORMATS, shapes=None, repeats: int = 10,
         progress: bool | None = None) -> list[dict]:
     """One row per (shape, entry): ms, kernel bytes, speed-up over the dense float32
     convolution and over dequantise-then-convolve, relative error against float32."""
+    shapes = DEFAULT_SHAPES if shapes is None else shapes
     rows = []
     entries = ["float32"] + [f for f in formats] + ["int8 W8A8"]
     with bar(len(shapes) * len(entries), "qkern bench conv", enabled=progress) as b:
