@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from .. import _compat
 from ..pallas import _backend
-from ..pallas._config import DECODE_M, KERNELS, MatmulConfig, Problem
+from ..pallas._config import DECODE_M, KERNELS, MatmulConfig, Problem, heuristic_config
 from ..pallas.lora_qmatmul import lora_qmatmul
 from ..pallas.qmatmul import qmatmul
 from ..pallas.w8a8 import w8a8_matmul
@@ -104,7 +104,10 @@ def shipped_default(problem: Problem, op) -> MatmulConfig | None:
     if problem.backend != "xla":
         return None
     mod = module(problem)
-    return mod.candidates(problem, op, mod.SPACE, "")[2]
+    anchor = mod.candidates(problem, op, mod.SPACE, "")[2]
+    if heuristic_config(problem).dequantize:      # small weights at prefill sizes
+        return dataclasses.replace(anchor, dequantize=True)
+    return anchor
 
 
 # --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 One config type for every backend; each backend reads the fields it uses (Triton: all;
 Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan); `dequantize=True` on any
 backend runs dequantise-then-dot instead of the kernel. Defaults come from a
-heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M); the
+heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M), plus one
+rule on xla (`heuristic_config`: small weights at prefill sizes dequantise first); the
 autotuner (`qkern tune`) replaces them with measured winners per device: kernels ask
 `config_for(problem)`, which returns the autotune cache's winner for this device, or the
 shipped heuristic on a miss.
@@ -59,6 +60,25 @@ HEURISTICS: dict[tuple[str, str], MatmulConfig] = {
 def default_config(backend: str, m: int) -> MatmulConfig:
     regime = "decode" if m <= DECODE_M else "prefill"
     return HEURISTICS[(backend, regime)]
+
+
+# xla, weight-only, prefill: a weight whose float32 form is at most this many bytes is
+# dequantised whole and multiplied by XLA's dense dot instead of the K-chunked scan.
+# Measured on a 2-core AMD EPYC (docs/benchmarks.md, "Weight-only matmuls above the decode
+# kernels"): at M = 32-512, weights of 384x384 to 1536x384 ran 0.62-0.97x dense through the
+# scan and 0.81-1.26x dequantised first (int4 0.62-0.88x -> 0.89-1.14x); at 4096x4096 the
+# scan wins (0.77-1.12x against 0.41-0.65x): dequantising 67 MB costs more than the dot.
+SMALL_WEIGHT_BYTES = 8 << 20
+
+
+def heuristic_config(problem: "Problem") -> MatmulConfig:
+    """The shipped config for `problem` when nothing is tuned: the table's entry for its
+    backend and regime; on xla, dequantise-then-dot for small weights at prefill sizes."""
+    cfg = default_config(problem.backend, problem.m)
+    if (problem.backend == "xla" and problem.kernel in ("qmatmul", "qmatmul_t")
+            and problem.regime == "prefill" and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES):
+        cfg = dataclasses.replace(cfg, dequantize=True)
+    return cfg
 
 
 # Problem.kernel -> the kernel family that runs it. "qmatmul": x @ W; "qmatmul_t": dy @ W.T
@@ -134,5 +154,5 @@ def config_for(problem: Problem, *, interpret: bool = False,
             if hit is not None:
                 return hit
     if heuristic and problem.backend == "xla":
-        return default_config("xla", problem.m)
+        return heuristic_config(problem)
     return None

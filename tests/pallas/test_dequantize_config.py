@@ -84,4 +84,8 @@ def test_a_cached_dequantize_winner_reaches_qmatmul(monkeypatch):
     text = str(jax.make_jaxpr(lambda x: qmatmul(x, op, backend="xla"))(x))
     assert "scan" not in text and "dot_general" in text
     monkeypatch.setattr(_cache, "lookup", lambda problem: None)
+    # nothing cached: the heuristic, which dequantises this small weight at M = 64 ...
+    assert "scan" not in str(jax.make_jaxpr(lambda x: qmatmul(x, op, backend="xla"))(x))
+    from qkern.pallas import _config      # ... and runs the scan where weights count as large
+    monkeypatch.setattr(_config, "SMALL_WEIGHT_BYTES", 0)
     assert "scan" in str(jax.make_jaxpr(lambda x: qmatmul(x, op, backend="xla"))(x))

@@ -11,6 +11,7 @@ import pytest
 
 import qkern
 from qkern.pallas import MatmulConfig, qmatmul
+from qkern.pallas._config import SMALL_WEIGHT_BYTES, Problem, config_for, default_config
 from qkern.pallas.qmatmul._xla import qmatmul_t_xla, qmatmul_xla
 
 from .contract_qmatmul import (CROSS_INDEX, CROSS_T_INDEX, DTYPES, FORMAT_IDS, FORMATS,
@@ -24,6 +25,11 @@ EXTRA = MX_FORMATS + [("int3", {}), ("nf4", dict(double_quant=True)),
 class TestXla(QmatmulContract):
     backend = "xla"
     interpret = False
+
+    def config(self, m):
+        # The scan's table entry, explicitly: the heuristic would dequantise these small
+        # test weights first at M > 16 (`heuristic_config`), and the contract is the scan's.
+        return default_config("xla", m)
 
     @pytest.mark.parametrize("fmt,opts", FORMATS + EXTRA,
                              ids=FORMAT_IDS + [f"extra-{f}-{i}" for i, (f, _) in enumerate(EXTRA)])
@@ -112,3 +118,33 @@ def test_grad_through_quaxified_layers():
     g = jax.jit(jax.grad(qkern.quaxify(model)))(x, ws)
     g_ref = jax.grad(model)(x, [w.materialise() for w in ws])
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["qmatmul", "qmatmul_t"])
+def test_heuristic_dequantises_small_weights_at_prefill_sizes(kernel, monkeypatch):
+    """On xla with nothing tuned, weights up to SMALL_WEIGHT_BYTES in float32 run
+    dequantise-then-dot above the decode regime; larger weights and decode sizes run the
+    scan (or the native kernel); W8A8 keeps its own path."""
+    from qkern.pallas import _config
+    monkeypatch.setattr(_config, "LOOKUPS", [])          # no autotune cache
+    side = int((SMALL_WEIGHT_BYTES // 4) ** 0.5)
+    small = lambda m, kern=kernel: Problem("xla", kern, m, side, side, "float32", "nf4", 64)
+    big = Problem("xla", kernel, 64, side, 2 * side, "float32", "nf4", 64)
+    assert config_for(small(64)).dequantize
+    assert config_for(small(17)).dequantize
+    assert not config_for(small(16)).dequantize           # decode regime
+    assert not config_for(big).dequantize
+    assert not config_for(small(64, "w8a8")).dequantize
+    assert config_for(Problem("triton", kernel, 64, 64, 64, "float32", "nf4", 64)) is None
+
+
+def test_small_weight_prefill_through_quaxify_matches_scan():
+    """The QArray route takes the heuristic's dequantise-first config at M > 16 and agrees
+    with the scan."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (96, 80))
+    x = jax.random.normal(jax.random.PRNGKey(1), (40, 96))
+    q = qkern.quantize(w, "nf4", block_size=32)
+    got = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, q)
+    scan = qmatmul(x, qkern.pallas.stored_operand(q), backend="xla",
+                   config=default_config("xla", 40))
+    np.testing.assert_allclose(got, scan, rtol=1e-5, atol=1e-5)
