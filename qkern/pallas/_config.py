@@ -4,7 +4,7 @@ One config type for every backend; each backend reads the fields it uses (Triton
 Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan); `dequantize=True` on any
 backend runs dequantise-then-dot instead of the kernel. Defaults come from a
 heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M), plus one
-rule on xla (`heuristic_config`: small weights at prefill sizes dequantise first); the
+rule on xla (`heuristic_config`: small weights at M >= 128 dequantise first); the
 autotuner (`qkern tune`) replaces them with measured winners per device: kernels ask
 `config_for(problem)`, which returns the autotune cache's winner for this device, or the
 shipped heuristic on a miss.
@@ -62,21 +62,24 @@ def default_config(backend: str, m: int) -> MatmulConfig:
     return HEURISTICS[(backend, regime)]
 
 
-# xla, weight-only, prefill: a weight whose float32 form is at most this many bytes is
-# dequantised whole and multiplied by XLA's dense dot instead of the K-chunked scan.
-# Measured on a 2-core AMD EPYC (docs/benchmarks.md, "Weight-only matmuls above the decode
-# kernels"): at M = 32-512, weights of 384x384 to 1536x384 ran 0.62-0.97x dense through the
-# scan and 0.81-1.26x dequantised first (int4 0.62-0.88x -> 0.89-1.14x); at 4096x4096 the
-# scan wins (0.77-1.12x against 0.41-0.65x): dequantising 67 MB costs more than the dot.
+# xla, weight-only, M >= DEQUANTIZE_MIN_M: a weight whose float32 form is at most
+# SMALL_WEIGHT_BYTES is dequantised whole and multiplied by XLA's dense dot instead of the
+# K-chunked scan. Measured on a 2-core AMD EPYC (docs/benchmarks.md, "Weight-only matmuls
+# above the decode kernels"): alone, at M = 128-512, weights of 384x384 to 1536x384 ran
+# 0.62-0.97x dense through the scan and 0.89-1.02x dequantised first; at 4096x4096 the scan
+# wins (dequantising 67 MB costs more than the dot). In the MiniLM demo the switch helped at
+# M = 1024 (batch 32: int4 0.72x -> 0.90x, nf4 0.80x -> 0.94x) and hurt at M = 32 (batch 1:
+# int8 0.86x -> 0.45x, nf4 0.64x -> 0.42x), so it starts at M = 128.
 SMALL_WEIGHT_BYTES = 8 << 20
+DEQUANTIZE_MIN_M = 128
 
 
 def heuristic_config(problem: "Problem") -> MatmulConfig:
     """The shipped config for `problem` when nothing is tuned: the table's entry for its
-    backend and regime; on xla, dequantise-then-dot for small weights at prefill sizes."""
+    backend and regime; on xla, dequantise-then-dot for small weights at M >= 128."""
     cfg = default_config(problem.backend, problem.m)
     if (problem.backend == "xla" and problem.kernel in ("qmatmul", "qmatmul_t")
-            and problem.regime == "prefill" and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES):
+            and problem.m >= DEQUANTIZE_MIN_M and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES):
         cfg = dataclasses.replace(cfg, dequantize=True)
     return cfg
 

@@ -79,12 +79,12 @@ def test_autotune_times_dequantize_for_prefill_only(backend):
 def test_a_cached_dequantize_winner_reaches_qmatmul(monkeypatch):
     from qkern.autotune import _cache
 
-    x, op = _case("int8", m=64)
+    x, op = _case("int8", m=128)
     monkeypatch.setattr(_cache, "lookup", lambda problem: MatmulConfig(dequantize=True))
     text = str(jax.make_jaxpr(lambda x: qmatmul(x, op, backend="xla"))(x))
     assert "scan" not in text and "dot_general" in text
     monkeypatch.setattr(_cache, "lookup", lambda problem: None)
-    # nothing cached: the heuristic, which dequantises this small weight at M = 64 ...
+    # nothing cached: the heuristic, which dequantises this small weight at M = 128 ...
     assert "scan" not in str(jax.make_jaxpr(lambda x: qmatmul(x, op, backend="xla"))(x))
     from qkern.pallas import _config      # ... and runs the scan where weights count as large
     monkeypatch.setattr(_config, "SMALL_WEIGHT_BYTES", 0)

@@ -11,7 +11,8 @@ import pytest
 
 import qkern
 from qkern.pallas import MatmulConfig, qmatmul
-from qkern.pallas._config import SMALL_WEIGHT_BYTES, Problem, config_for, default_config
+from qkern.pallas._config import (DEQUANTIZE_MIN_M, SMALL_WEIGHT_BYTES, Problem, config_for,
+                                  default_config)
 from qkern.pallas.qmatmul._xla import qmatmul_t_xla, qmatmul_xla
 
 from .contract_qmatmul import (CROSS_INDEX, CROSS_T_INDEX, DTYPES, FORMAT_IDS, FORMATS,
@@ -123,28 +124,29 @@ def test_grad_through_quaxified_layers():
 @pytest.mark.parametrize("kernel", ["qmatmul", "qmatmul_t"])
 def test_heuristic_dequantises_small_weights_at_prefill_sizes(kernel, monkeypatch):
     """On xla with nothing tuned, weights up to SMALL_WEIGHT_BYTES in float32 run
-    dequantise-then-dot above the decode regime; larger weights and decode sizes run the
+    dequantise-then-dot from M = DEQUANTIZE_MIN_M; larger weights and smaller M run the
     scan (or the native kernel); W8A8 keeps its own path."""
     from qkern.pallas import _config
     monkeypatch.setattr(_config, "LOOKUPS", [])          # no autotune cache
     side = int((SMALL_WEIGHT_BYTES // 4) ** 0.5)
     small = lambda m, kern=kernel: Problem("xla", kern, m, side, side, "float32", "nf4", 64)
-    big = Problem("xla", kernel, 64, side, 2 * side, "float32", "nf4", 64)
-    assert config_for(small(64)).dequantize
-    assert config_for(small(17)).dequantize
+    big = Problem("xla", kernel, 256, side, 2 * side, "float32", "nf4", 64)
+    assert config_for(small(DEQUANTIZE_MIN_M)).dequantize
+    assert config_for(small(4096)).dequantize
+    assert not config_for(small(DEQUANTIZE_MIN_M - 1)).dequantize
     assert not config_for(small(16)).dequantize           # decode regime
     assert not config_for(big).dequantize
-    assert not config_for(small(64, "w8a8")).dequantize
+    assert not config_for(small(256, "w8a8")).dequantize
     assert config_for(Problem("triton", kernel, 64, 64, 64, "float32", "nf4", 64)) is None
 
 
 def test_small_weight_prefill_through_quaxify_matches_scan():
-    """The QArray route takes the heuristic's dequantise-first config at M > 16 and agrees
-    with the scan."""
+    """The QArray route takes the heuristic's dequantise-first config at M >= 128 and
+    agrees with the scan."""
     w = jax.random.normal(jax.random.PRNGKey(0), (96, 80))
-    x = jax.random.normal(jax.random.PRNGKey(1), (40, 96))
+    x = jax.random.normal(jax.random.PRNGKey(1), (130, 96))
     q = qkern.quantize(w, "nf4", block_size=32)
     got = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, q)
     scan = qmatmul(x, qkern.pallas.stored_operand(q), backend="xla",
-                   config=default_config("xla", 40))
+                   config=default_config("xla", 130))
     np.testing.assert_allclose(got, scan, rtol=1e-5, atol=1e-5)
