@@ -42,6 +42,12 @@ custom_vjp_call_p = _prims.custom_vjp_call_p
 from jax._src import ad_util as _ad_util  # noqa: E402
 from jax._src import core as _core  # noqa: E402
 
+# `lax.ragged_dot` / `lax.ragged_dot_general` bind this primitive; it is not public in jax
+# 0.10 to 0.12 (`jax.lax` exports only the functions).
+ragged_dot_general_p = getattr(jax.lax, "ragged_dot_general_p", None)
+if ragged_dot_general_p is None:
+    from jax._src.lax.lax import ragged_dot_general_p  # noqa: E402
+
 
 def jaxprs_in_params(params: dict) -> bool:
     """Whether a primitive's params hold a jaxpr (it is a higher-order primitive)."""

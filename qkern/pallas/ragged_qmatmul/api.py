@@ -1,0 +1,109 @@
+"""Ragged (grouped) quantised matmul, the mixture-of-experts product: backend selection
+and the gradient.
+
+    y = ragged_qmatmul(x, op, group_sizes)   # x [M, K], op a StackedOperand of W [E, K, N]
+
+Row i of x is multiplied by expert e's weight, where the rows of x are grouped
+contiguously by expert and group e has `group_sizes[e]` rows: `jax.lax.ragged_dot(x, W,
+group_sizes)` with W quantised. Rows past sum(group_sizes) are zero.
+
+Backends, from the backend table (`pallas/_backend.py`), family "ragged_qmatmul": "xla"
+(`_xla.py`, every device) and "triton" (`_triton.py`: the forward product; its gradient
+and W8A8 run the xla schedule over 2-D Triton kernels). "mosaic_tpu" has no grouped
+kernel: on a TPU the xla schedule runs, with a warning, and each of its windows runs the
+2-D Mosaic kernel. Gradient with
+respect to x (custom_vjp): the same grouped product against each expert's transpose
+(`dy @ W_e.T`, from the same storage); the frozen quantised experts and the integer
+group sizes get no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _backend
+from .._config import MatmulConfig
+from ..qmatmul.api import _zero_cotangent
+from ..w8a8.base import check_act_scale, check_w8a8_operand
+from . import _triton, _xla
+from .base import StackedOperand, check_activation, check_group_sizes, check_operand
+
+FAMILY = "ragged_qmatmul"
+_backend.register(FAMILY, xla=_xla, triton=_triton)
+
+__all__ = ["ragged_qmatmul", "StackedOperand"]
+
+
+def _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8=False):
+    module, used = _backend.implementation(FAMILY, sel, op)
+    if transposed:
+        return module.transposed(x, op, group_sizes, config, interpret=used.interpret,
+                                 **(dict(inner=inner) if module is _xla else {}))
+    kw = dict(inner=inner) if module is _xla else {}
+    if w8a8:
+        kw.update(w8a8=True, act_scale=act_scale)
+    return module.forward(x, op, group_sizes, config, interpret=used.interpret, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ragged(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8):
+    return _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
+
+
+def _fwd(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8):
+    y = _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
+    return y, (op, group_sizes, act_scale)
+
+
+def _bwd(sel, inner, config, transposed, w8a8, res, dy):
+    op, group_sizes, act_scale = res
+    # The window chosen for the forward suits the backward too (same rows, same groups).
+    # W8A8: straight-through on the activation rounding, as `w8a8_matmul`'s gradient.
+    dx = _run(dy, op, group_sizes, None, sel, inner, config, not transposed)
+    d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
+    return (dx, jax.tree_util.tree_map(_zero_cotangent, op),
+            np.zeros(group_sizes.shape, jax.dtypes.float0), d_scale)
+
+
+_ragged.defvjp(_fwd, _bwd)
+
+
+def ragged_qmatmul(x: jax.Array, op: StackedOperand, group_sizes, *,
+                   transposed: bool = False, w8a8: bool = False, act_scale=None,
+                   backend: str | None = None,
+                   config: MatmulConfig | None = None,
+                   interpret: bool | None = None) -> jax.Array:
+    """x[M, K] times expert e's quantised W_e[K, N] for the rows of group e; [M, N].
+
+    transposed=True: x[M, N] times W_e.T, [M, K] (the gradient's direction). group_sizes:
+    [E] integers, traced or not; concrete ones must be non-negative and sum to at most M.
+    Accumulates in float32; returns x's dtype. backend / interpret: as for `qmatmul`.
+    w8a8=True (forward only; symmetric int8 experts): x is quantised to int8 as
+    `w8a8_matmul` does it, per row (act_scale None) or by the static scalar `act_scale`.
+    config: a MatmulConfig; the xla backend reads `block_m`, its window of rows (None:
+    `_xla.default_tm`), the Triton kernel block_m/n/k, warps and stages (None: its
+    heuristic).
+
+        op = StackedOperand(...)                   # under quaxify, from a QArray [E, K, N]
+        y = ragged_qmatmul(x, op, jnp.array([3, 0, 5, 2]))
+    """
+    check_operand(op)
+    if w8a8:
+        if transposed:
+            raise ValueError("ragged_qmatmul: w8a8=True has no transposed kernel; the "
+                             "gradient runs weight-only by itself.")
+        check_w8a8_operand(jax.eval_shape(lambda o: o.expert(0), op))
+        act_scale = check_act_scale(act_scale)
+    elif act_scale is not None:
+        raise ValueError("ragged_qmatmul: act_scale is for w8a8=True only.")
+    want, what = (op.n, "N") if transposed else (op.k, "K")
+    check_activation(x, "x", want, what)
+    group_sizes = check_group_sizes(group_sizes, op.experts, x.shape[0])
+    req = _backend.resolve(backend, interpret)
+    _backend.implementation(FAMILY, req, op)           # an explicit backend that cannot run raises
+    inner = (req.name if req.explicit else None, req.interpret if req.explicit else interpret)
+    return _ragged(x, op, group_sizes, act_scale, req, inner, config, transposed, w8a8)
