@@ -16,7 +16,7 @@ from qkern.pallas.lora_qmatmul import lora_qmatmul
 from qkern.pallas.w8a8 import w8a8_matmul
 
 FAMILIES = {"qmatmul": ("forward", "transposed"), "w8a8": ("forward",),
-            "lora_qmatmul": ("forward",)}
+            "lora_qmatmul": ("forward",), "ragged_qmatmul": ("forward", "transposed")}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -31,7 +31,7 @@ def test_every_family_registers_every_backend_with_the_protocol(family):
 
 
 def test_every_problem_kernel_names_a_registered_family():
-    assert set(KERNELS.values()) == set(FAMILIES)
+    assert set(KERNELS.values()) <= set(FAMILIES)     # ragged_qmatmul has no tuned Problem
     assert Problem("xla", "lora_t", 1, 2, 3, "float32", "int8", 2).family == "lora_qmatmul"
 
 

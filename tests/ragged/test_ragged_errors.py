@@ -88,16 +88,18 @@ def test_zero_rows(q):
     assert y.shape == (0, N)
 
 
-def test_explicit_pallas_backend_without_a_ragged_kernel_raises(q):
+def test_explicit_pallas_backend_without_a_ragged_kernel_raises(q, monkeypatch):
+    monkeypatch.delitem(_backend._TABLE["ragged_qmatmul"], "mosaic_tpu")
     with pytest.raises(ValueError, match=r"the mosaic_tpu backend has no ragged_qmatmul kernel"):
         ragged_qmatmul(jnp.ones((4, K)), stacked_operand(q), jnp.asarray([1, 1, 1, 1]),
                        backend="mosaic_tpu", interpret=True)
 
 
-def test_a_backend_without_the_family_runs_xla_windows_on_its_2d_kernel(q):
-    """Under `qkern.backend("mosaic_tpu")` (no grouped Mosaic kernel) the grouped schedule
-    falls back to xla with a warning, and each window runs the Mosaic 2-D kernel (here in
-    interpret mode)."""
+def test_a_backend_without_the_family_runs_xla_windows_on_its_2d_kernel(q, monkeypatch):
+    """Under `qkern.backend("mosaic_tpu")` with the grouped Mosaic kernel taken out of the
+    table, the grouped schedule falls back to xla with a warning, and each window runs the
+    Mosaic 2-D kernel (here in interpret mode)."""
+    monkeypatch.delitem(_backend._TABLE["ragged_qmatmul"], "mosaic_tpu")
     x = jax.random.normal(jax.random.PRNGKey(2), (6, K))
     g = jnp.asarray([2, 0, 3, 1])
     _backend._warned.clear()
@@ -125,7 +127,7 @@ def test_w8a8_arguments_are_checked(q):
 
 def test_the_family_is_in_the_backend_table_with_the_protocol():
     impls = _backend.implementations("ragged_qmatmul")
-    assert set(impls) == {"xla", "triton"}          # no grouped Mosaic kernel yet
+    assert set(impls) == {"xla", "triton", "mosaic_tpu"}
     for name, module in impls.items():
         for attr in ("forward", "transposed", "candidates"):
             assert callable(getattr(module, attr)), (name, attr)

@@ -8,10 +8,9 @@ contiguously by expert and group e has `group_sizes[e]` rows: `jax.lax.ragged_do
 group_sizes)` with W quantised. Rows past sum(group_sizes) are zero.
 
 Backends, from the backend table (`pallas/_backend.py`), family "ragged_qmatmul": "xla"
-(`_xla.py`, every device) and "triton" (`_triton.py`: the forward product; its gradient
-and W8A8 run the xla schedule over 2-D Triton kernels). "mosaic_tpu" has no grouped
-kernel: on a TPU the xla schedule runs, with a warning, and each of its windows runs the
-2-D Mosaic kernel. Gradient with
+(`_xla.py`, every device), "triton" (`_triton.py`) and "mosaic_tpu" (`_mosaic.py`): each
+a grouped forward kernel, whose gradient and W8A8 run the xla schedule over that
+backend's 2-D kernels. Gradient with
 respect to x (custom_vjp): the same grouped product against each expert's transpose
 (`dy @ W_e.T`, from the same storage); the frozen quantised experts and the integer
 group sizes get no gradient.
@@ -29,11 +28,11 @@ from .. import _backend
 from .._config import MatmulConfig
 from ..qmatmul.api import _zero_cotangent
 from ..w8a8.base import check_act_scale, check_w8a8_operand
-from . import _triton, _xla
+from . import _mosaic, _triton, _xla
 from .base import StackedOperand, check_activation, check_group_sizes, check_operand
 
 FAMILY = "ragged_qmatmul"
-_backend.register(FAMILY, xla=_xla, triton=_triton)
+_backend.register(FAMILY, xla=_xla, triton=_triton, mosaic_tpu=_mosaic)
 
 __all__ = ["ragged_qmatmul", "StackedOperand"]
 
