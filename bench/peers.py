@@ -4,6 +4,7 @@ int4 matmuls, and both libraries' dense float32 matmul, in turns in one process.
     pip install torch==2.13.0            # the CPU wheel; torch is not a qkern dependency
     python bench/peers.py                # x[M, 4096] @ W[4096, 4096], M = 1 and 16
     python bench/peers.py --m 1,16,64 --repeats 30
+    python bench/peers.py --isa all      # qkern's native kernels in each variant the CPU runs
 
 PyTorch's kernels take bfloat16 activations (`torch.ops.aten._weight_int8pack_mm`, per
 channel int8; `torch.ops.aten._weight_int4pack_mm_for_cpu`, int4 in groups of 128 with a
@@ -103,6 +104,23 @@ def torch_entries(torch, w: np.ndarray, x: np.ndarray, group: int = 128) -> dict
     return out
 
 
+def _qkern_call(xj, q, isa: str):
+    """`xj @ q` through qkern, compiled now with the native kernels capped at `isa` (read
+    when the function is traced; "" leaves the choice to qkern)."""
+    old = os.environ.get("QKERN_NATIVE_ISA")
+    if isa:
+        os.environ["QKERN_NATIVE_ISA"] = isa
+    try:
+        compiled = jax.jit(qkern.quaxify(lambda x, w: x @ w)).lower(xj, q).compile()
+    finally:
+        if isa:
+            if old is None:
+                del os.environ["QKERN_NATIVE_ISA"]
+            else:
+                os.environ["QKERN_NATIVE_ISA"] = old
+    return lambda: compiled(xj, q)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", default="1,16", help="comma-separated rows of x (default: 1,16)")
@@ -111,6 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--formats", default="int8,int4,nf4,fp8_e4m3",
                    help="qkern formats (default: int8,int4,nf4,fp8_e4m3)")
     p.add_argument("--repeats", type=int, default=20, help="timed turns (default: 20)")
+    p.add_argument("--isa", default="", help="qkern's native-kernel variants to time side by "
+                   "side (comma-separated, or all: every one this CPU runs); default: the one "
+                   "qkern picks")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch starts OpenMP
     try:
@@ -121,7 +142,10 @@ def main(argv=None) -> None:
     w = np.array(jax.random.normal(jax.random.PRNGKey(0), (a.k, a.n), jnp.float32))
     qs = {f: qkern.quantize(jnp.asarray(w), f) for f in formats}
     dense = jax.jit(lambda x, w: x @ w)
-    qmm = jax.jit(qkern.quaxify(lambda x, w: x @ w))
+    isas = [""]
+    if a.isa:
+        from qkern.pallas.qmatmul._native import _build
+        isas = _build.runnable_variants() if a.isa == "all" else a.isa.split(",")
     wj = jnp.asarray(w)
     print(f"x[M, {a.k}] @ W[{a.k}, {a.n}], medians of {a.repeats} turns; {cpu()}; "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads, "
@@ -131,9 +155,11 @@ def main(argv=None) -> None:
         xj = jnp.asarray(x)
         entries = {"XLA dense float32": (lambda: dense(xj, wj), x @ w)}
         entries.update(torch_entries(torch, w, x))
-        for f, q in qs.items():
-            entries[f"qkern {f}"] = (lambda q=q: qmm(xj, q),
-                                     x @ np.asarray(qkern.dequantize(q), np.float32))
+        for isa in isas:
+            for f, q in qs.items():
+                name = f"qkern {f}" + (f" [{isa}]" if isa else "")
+                entries[name] = (_qkern_call(xj, q, isa),
+                                 x @ np.asarray(qkern.dequantize(q), np.float32))
         for name, (fn, ref) in entries.items():      # each against its own dequantised weight
             out = _ready(fn())
             got = out.float().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
@@ -150,11 +176,15 @@ def main(argv=None) -> None:
         for name, s in t.items():
             print(f"| {name} | {s * 1e3:.3f} | {base / s:.2f}x |")
         ratios = []
-        if "qkern int8" in t:
-            ratios.append(("qkern int8 vs torch int8", t["torch int8 weight-only (bf16 x)"] / t["qkern int8"]))
-        for f in ("int4", "nf4"):
-            if f"qkern {f}" in t:
-                ratios.append((f"qkern {f} vs torch int4", t["torch int4 g128 (bf16 x)"] / t[f"qkern {f}"]))
+        for isa in isas:
+            sfx = f" [{isa}]" if isa else ""
+            if f"qkern int8{sfx}" in t:
+                ratios.append((f"qkern int8{sfx} vs torch int8",
+                               t["torch int8 weight-only (bf16 x)"] / t[f"qkern int8{sfx}"]))
+            for f in ("int4", "nf4"):
+                if f"qkern {f}{sfx}" in t:
+                    ratios.append((f"qkern {f}{sfx} vs torch int4",
+                                   t["torch int4 g128 (bf16 x)"] / t[f"qkern {f}{sfx}"]))
         print("  " + "; ".join(f"{k}: {v:.2f}x" for k, v in ratios))
 
 

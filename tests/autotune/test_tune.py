@@ -83,7 +83,8 @@ def _scan_lengths(m, k=256, n=128):
     return found
 
 
-def test_a_write_in_this_process_reaches_functions_traced_afterwards():
+def test_a_write_in_this_process_reaches_functions_traced_afterwards(monkeypatch):
+    monkeypatch.setenv("QKERN_NATIVE_ISA", "avx2")   # int8 runs native only to M = 8 there
     # No cache clearing here: jax caches traces of the kernels, and the tuner itself traced
     # the candidate configs; the next trace must still pick up the new winner. M = 12: the
     # scan (at M <= 8 int8 runs the native CPU kernel, which has no scan to count).

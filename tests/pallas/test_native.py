@@ -1,4 +1,5 @@
-"""The native CPU kernels (qkern/pallas/_native): built on this machine, used by the `xla`
+"""The native CPU kernels (qkern/pallas/qmatmul/_native), in the variant qkern picks (the
+instruction-set variants: test_native_isa.py): built on this machine, used by the `xla`
 backend at small M, right for every format they take, and out of the way where they
 cannot run (larger M, wide vmaps, batched weights, other platforms, a failed build)."""
 
@@ -227,8 +228,12 @@ def test_builds_from_scratch_into_an_empty_cache(monkeypatch, tmp_path):
     # what a fresh machine does on first use (the other tests may reuse a cached library)
     monkeypatch.setattr(_build, "_state", {})
     monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
-    assert _native.status().startswith(f"available ({tmp_path / 'native'}")
-    (lib,) = (tmp_path / "native").glob("qgemv-*.so")
+    v = _native.variant()
+    path = _build.library_path(_build._compiler(), v)
+    assert path.parent == tmp_path / "native"
+    assert _native.status().startswith(f"available ({v}: ")
+    assert _native.status().endswith(f"; {path})")
+    (lib,) = (tmp_path / "native").glob("qgemv-*.so")                 # the loaded variant only
     umask = os.umask(0)
     os.umask(umask)
     assert lib.stat().st_mode & 0o777 == 0o755 & ~umask      # loadable by others too
@@ -243,7 +248,8 @@ def test_kernel_refuses_inconsistent_shapes():
     x = jnp.ones((1, 64), jnp.float32)
     codes = jnp.zeros((16, 8), jnp.uint8)            # 32 logical rows, x has 64
     scales = jnp.ones((1, 8), jnp.float32)
-    call = jax.ffi.ffi_call("qkern_packed4_gemv", jax.ShapeDtypeStruct((1, 8), jnp.float32))
+    call = jax.ffi.ffi_call(_build.target("qkern_packed4_gemv", _native.variant()),
+                            jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="inconsistent shapes"):
         jax.block_until_ready(call(x, codes, scales, jnp.zeros(16, jnp.float32),
                                    block_size=np.int64(64), threads=np.int64(1)))

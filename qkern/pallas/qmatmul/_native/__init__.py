@@ -11,8 +11,11 @@ subnormals and NaN/inf codes included), with per-block or per-channel scales and
 zero points.
 
 `qmatmul_small_m(x2, op, config)` runs it when `eligible(x2, op)`; the library is built on
-first use (_build.py). It is bound as a primitive whose lowering picks the kernel or the
-scan (`qmatmul/_xla.py`'s `_scan_matmul`):
+first use (_build.py), in the best instruction-set variant the CPU runs (`avx2`, `avx512`;
+`$QKERN_NATIVE_ISA` caps it). The variant is read when a function is traced (a primitive
+parameter naming its FFI targets), so a function jitted earlier keeps its variant. It is
+bound as a primitive whose lowering picks the kernel or the scan (`qmatmul/_xla.py`'s
+`_scan_matmul`):
 - the kernel only when lowering for CPU, for one device, outside `jax.export`: GPU and
   TPU lowerings, SPMD programs over several devices (whose partitioner would gather an
   opaque custom call's operands onto every device) and exported functions (which may only
@@ -38,19 +41,23 @@ from ....formats import FORMATS, get_format
 from ..._config import MatmulConfig
 from ..._decode import nibble_table
 from ..._operand import QOperand
-from ._build import ENV_VAR, library, status
+from ._build import ENV_VAR, ISA_VAR, VARIANTS, library, status, target, variant
 
-__all__ = ["ENV_VAR", "eligible", "max_m", "qmatmul_small_m", "runs_for", "status"]
+__all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "eligible", "max_m", "qmatmul_small_m",
+           "runs_for", "status", "variant"]
 
 
-def max_m(op) -> int:
+def max_m(op, isa: str | None = None) -> int:
     """Rows of x at or below which the kernel runs for `op`. It decodes each code once for
     up to four rows of x, so its time grows with M faster than the scan's. Measured on a
-    2-core EPYC (K = N = 4096, `python bench/native_crossover.py`, docs/benchmarks.md): it
-    beats the scan up to M = 8 for every format it takes; at M = 16 it still beats it for
-    the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a gather) and not for int4
-    and int8."""
-    return 16 if op.fmt.kind in ("codebook", "mx", "float") else 8
+    2-core EPYC (K = N = 4096, `python bench/native_crossover.py --isa all`,
+    docs/benchmarks.md): it beats the scan up to M = 8 for every format it takes; at M = 16
+    it still beats it for the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a
+    gather), and for int4 and int8 only in the avx512 variant (`isa`; default: the one
+    loaded now)."""
+    if op.fmt.kind in ("codebook", "mx", "float"):
+        return 16
+    return 16 if (isa or variant()) == "avx512" else 8
 
 
 def _table(fmt) -> np.ndarray:
@@ -108,22 +115,26 @@ def _threads(op) -> int:
     return max(1, min(cpus, op.n // MIN_COLUMNS, MAX_THREADS))
 
 
-def _native(x2: jax.Array, op) -> jax.Array:
-    """float32 [M, N] from the FFI kernel, zero points applied."""
-    if library() is None:   # registers the FFI targets (normally done by `eligible`)
-        raise RuntimeError(f"qkern's native CPU kernels are {status()}")
+def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
+    """float32 [M, N] from the FFI kernel of variant `isa` (default: the loaded one), zero
+    points applied. A variant named must have been loaded in this process before (which
+    registered its targets): the primitive names the one `eligible` loaded."""
+    if isa is None:
+        if library() is None:   # registers the FFI targets (normally done by `eligible`)
+            raise RuntimeError(f"qkern's native CPU kernels are {status()}")
+        isa = variant()
     m = x2.shape[0]
     x32 = x2.astype(jnp.float32)
     if op.k_padded != op.k:
         x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
-    target = _kernel_for(op)
+    name = _kernel_for(op)
     out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
     attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op)))
     args = (x32, op.data, op.scales.astype(jnp.float32))
-    if target == "qkern_packed4_gemv":
+    if name == "qkern_packed4_gemv":
         args += (jnp.asarray(_table(op.fmt)),)
     # qkern_fp8_gemv takes the float8 codes as they are (a uint8 bitcast would be a copy)
-    y = jax.ffi.ffi_call(target, out)(*args, **attrs)
+    y = jax.ffi.ffi_call(target(name, isa), out)(*args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
         xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)
         y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
@@ -132,7 +143,7 @@ def _native(x2: jax.Array, op) -> jax.Array:
 
 # -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
 # Operands: x2, data, scales[, zeros]; params: fmt (its name), block_size, k (the
-# QOperand's static fields) and block_k (the scan's config).
+# QOperand's static fields), block_k (the scan's config) and isa (the kernel's variant).
 small_m_matmul_p = Primitive("qkern_small_m_matmul")
 
 
@@ -150,14 +161,15 @@ def _unpack(args, fmt, block_size, k):
 SCAN: list = []
 
 
-def _scan_fn(*args, fmt, block_size, k, block_k):
+def _scan_fn(*args, fmt, block_size, k, block_k, isa):
+    del isa
     x2, op = _unpack(args, fmt, block_size, k)
     return SCAN[0](x2, op, MatmulConfig(block_k=block_k))
 
 
-def _native_fn(*args, fmt, block_size, k, block_k):
+def _native_fn(*args, fmt, block_size, k, block_k, isa):
     del block_k
-    return _native(*_unpack(args, fmt, block_size, k))
+    return _native(*_unpack(args, fmt, block_size, k), isa=isa)
 
 
 def _abstract_eval(x2, data, *_, **__):
@@ -190,7 +202,7 @@ def _batch(args, dims, **params):
         b, m, kk = x.shape
         op = _operand(args[1], args[2], args[3] if len(args) > 3 else None,
                       params["fmt"], params["block_size"], params["k"])
-        if b * m <= max_m(op):
+        if b * m <= max_m(op, params["isa"]):
             y = small_m_matmul_p.bind(x.reshape(b * m, kk), *args[1:], **params)
             return y.reshape(b, m, -1), 0
     axes = tuple(None if d is not_mapped else d for d in dims)
@@ -209,4 +221,5 @@ def qmatmul_small_m(x2: jax.Array, op, config) -> jax.Array:
     scan with `config` elsewhere (see the module docstring). Call it when `eligible`."""
     zeros = () if op.zeros is None else (op.zeros,)
     return small_m_matmul_p.bind(x2, op.data, op.scales, *zeros, fmt=op.fmt.name,
-                                 block_size=op.block_size, k=op.k, block_k=config.block_k)
+                                 block_size=op.block_size, k=op.k, block_k=config.block_k,
+                                 isa=variant())

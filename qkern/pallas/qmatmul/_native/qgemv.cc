@@ -1,14 +1,20 @@
 // qkern's native CPU kernels: y[M, N] = x[M, K] @ W[K, N] for small M with W quantised,
 // called from XLA through the FFI (see __init__.py, which builds and registers this file).
 //
-// x86-64 with AVX2, FMA and F16C. Codes are decoded in registers, eight at a time, once for
-// up to four rows of x, and never written out: 4-bit codes go through a 16-entry table held
-// in two registers (vpermps on the low three bits, a blend on the fourth), int8 codes are
-// widened and converted, fp8 codes are moved into float16 bit patterns and converted by
-// vcvtph2ps (E5M2 is the top byte of a float16; E4M3FN is rebiased by a factor 2^8 and its
-// one NaN code blended in), subnormals, inf and NaN included. Per block of rows the
-// products are summed unscaled, then scaled once per column. Zero points are left to the
-// caller (a [M, nb] @ [nb, N] term).
+// One source, compiled once per instruction-set variant (_build.py picks the best the CPU
+// runs): without QKERN_AVX512, for x86-64 with AVX2, FMA and F16C (the floor: 256-bit
+// vectors, eight codes at a time); with QKERN_AVX512 (and -mavx512f -mavx512bw
+// -mavx512vl), the same loops on 512-bit vectors, sixteen codes at a time. Codes are
+// decoded in registers, once for up to four rows of x, and never written out: 4-bit codes
+// go through a 16-entry table (AVX2: held in two registers, vpermps on the low three bits
+// and a blend on the fourth; AVX-512: one register, one vpermps), int8 codes are widened
+// and converted, fp8 codes are moved into float16 bit patterns and converted by vcvtph2ps
+// (E5M2 is the top byte of a float16; E4M3FN is rebiased by a factor 2^8 and its one NaN
+// code blended in), subnormals, inf and NaN included. Per block of rows the products are
+// summed unscaled, then scaled once per column. Zero points are left to the caller (a
+// [M, nb] @ [nb, N] term). Both variants do the same float32 operations in the same order
+// per column (the columns past the last whole vector with scalar fused multiply-adds), so
+// they give the same results, bit for bit.
 //
 // Storage (qkern/pallas/_operand.py): 4-bit codes are uint8 [R, N], byte row r holding
 // logical row r in its low nibble and row r + R in its high nibble; int8 and fp8 codes
@@ -32,27 +38,64 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 32;  // columns are split between threads in multiples of this
+constexpr int64_t kLine = 64;  // bytes per cache line
 
-// table[c & 15] for eight codes: vpermps reads the low three bits of each lane and the
-// blend takes the upper half of the table where bit 3 is set (the sign bit of `bit3`).
-inline __m256 Lookup16(__m256 t0, __m256 t1, __m256i c, __m256i bit3) {
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, c), _mm256_permutevar8x32_ps(t1, c),
-                          _mm256_castsi256_ps(bit3));
+// -- the vector layer: everything below it is written once for both variants -----------
+#if defined(QKERN_AVX512)
+constexpr int64_t kW = 16;        // float lanes per vector
+constexpr size_t kAlign = 64;
+using VF = __m512;
+inline VF VLoad(const float* p) { return _mm512_load_ps(p); }
+inline void VStore(float* p, VF v) { _mm512_store_ps(p, v); }
+inline VF VFma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF VSplat(float v) { return _mm512_set1_ps(v); }
+
+inline __m128i Load16Bytes(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
-// Both nibbles of eight bytes (zero-extended into 32-bit lanes), looked up.
-inline void Nibbles(__m256 t0, __m256 t1, __m256i b, __m256* lo, __m256* hi) {
-  *lo = Lookup16(t0, t1, b, _mm256_slli_epi32(b, 28));
-  *hi = Lookup16(t0, t1, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
+// A 16-entry float table in one register: vpermps reads the low four bits of each lane.
+struct Table16 {
+  explicit Table16(const float* t) : t(_mm512_loadu_ps(t)) {}
+  // Both nibbles of kW bytes, looked up.
+  void Nibbles(const uint8_t* p, VF* lo, VF* hi) const {
+    const __m512i b = _mm512_cvtepu8_epi32(Load16Bytes(p));
+    *lo = _mm512_permutexvar_ps(b, t);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+  }
+  __m512 t;
+};
+#else
+constexpr int64_t kW = 8;
+constexpr size_t kAlign = 32;
+using VF = __m256;
+inline VF VLoad(const float* p) { return _mm256_load_ps(p); }
+inline void VStore(float* p, VF v) { _mm256_store_ps(p, v); }
+inline VF VFma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF VSplat(float v) { return _mm256_set1_ps(v); }
+
+inline __m128i Load8Bytes(const uint8_t* p) {
+  return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
 }
 
-inline __m256i Load8(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline __m256i Load8Signed(const int8_t* p) {
-  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
+// A 16-entry float table in two registers: vpermps reads the low three bits of each lane,
+// and the blend takes the upper half of the table where bit 3 is set (the sign bit of
+// `bit3`).
+struct Table16 {
+  explicit Table16(const float* t) : t0(_mm256_loadu_ps(t)), t1(_mm256_loadu_ps(t + 8)) {}
+  __m256 Lookup(__m256i c, __m256i bit3) const {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, c), _mm256_permutevar8x32_ps(t1, c),
+                            _mm256_castsi256_ps(bit3));
+  }
+  // Both nibbles of kW bytes (zero-extended into 32-bit lanes), looked up.
+  void Nibbles(const uint8_t* p, VF* lo, VF* hi) const {
+    const __m256i b = _mm256_cvtepu8_epi32(Load8Bytes(p));
+    *lo = Lookup(b, _mm256_slli_epi32(b, 28));
+    *hi = Lookup(_mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
+  }
+  __m256 t0, t1;
+};
+#endif
 
 struct Args4 {
   const float* x;        // [M, 2R]
@@ -69,48 +112,67 @@ struct Args4 {
 constexpr int64_t kPanel = 2048;
 
 // Partial sums for up to four rows of x: on the heap (64 KB would strain small thread
-// stacks), 32-byte aligned for the aligned vector loads.
+// stacks), aligned to a vector for the aligned vector loads.
 struct Buffer {
   explicit Buffer(int64_t n)
-      : data(static_cast<float*>(std::aligned_alloc(32, (n * sizeof(float) + 31) / 32 * 32))) {}
+      : data(static_cast<float*>(
+            std::aligned_alloc(kAlign, (n * sizeof(float) + kAlign - 1) / kAlign * kAlign))) {}
   ~Buffer() { std::free(data); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   float* data;
 };
 
+// Fetches U rows (`stride` bytes apart) of the cache line at pf + i into cache. Code rows
+// are a page apart at N = 4096 and each thread reads part of each: the hardware
+// prefetchers, which stop at pages, barely help, so the rows the next call reads are fetched
+// while these are used (int8 ran 1.3-1.6x faster at M = 1, 4-bit formats 1.1-1.2x).
+template <int U>
+inline void Prefetch(const uint8_t* pf, int64_t stride, int64_t i) {
+  for (int q = 0; q < U; ++q)
+    _mm_prefetch(reinterpret_cast<const char*>(pf + q * stride + i), _MM_HINT_T0);
+}
+
 // Adds U code rows from row r (columns c0 .. c0 + w) into the partial sums of MR rows of x
 // (panels of pw columns each): each code is decoded once for all MR rows.
 template <int U, int MR>
 inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0, int64_t w,
-                           int64_t pw, float* lo, float* hi, __m256 t0, __m256 t1) {
+                           int64_t pw, float* lo, float* hi, const Table16& t) {
   const uint8_t* p = a.codes + r * a.n + c0;
-  const int64_t wv = w / 8 * 8, xs = 2 * a.r;  // xs: from one row of x to the next
-  for (int64_t i = 0; i < wv; i += 8) {
-    __m256 al[MR], ah[MR];
+  const int64_t wv = w / kW * kW, xs = 2 * a.r;  // xs: from one row of x to the next
+  VF xl[U][MR], xh[U][MR];  // the x values, broadcast once (the stores below may alias x)
+  for (int q = 0; q < U; ++q)
     for (int k = 0; k < MR; ++k) {
-      al[k] = _mm256_load_ps(lo + k * pw + i);
-      ah[k] = _mm256_load_ps(hi + k * pw + i);
+      xl[q][k] = VSplat(x[k * xs + r + q]);
+      xh[q][k] = VSplat(x[k * xs + a.r + r + q]);
+    }
+  const uint8_t* pf = r + 2 * U <= a.r ? p + U * a.n : nullptr;
+  for (int64_t i = 0; i < wv; i += kW) {
+    if (pf != nullptr && i % kLine == 0) Prefetch<U>(pf, a.n, i);
+    VF al[MR], ah[MR];
+    for (int k = 0; k < MR; ++k) {
+      al[k] = VLoad(lo + k * pw + i);
+      ah[k] = VLoad(hi + k * pw + i);
     }
     for (int q = 0; q < U; ++q) {
-      __m256 vl, vh;
-      Nibbles(t0, t1, Load8(p + q * a.n + i), &vl, &vh);
+      VF vl, vh;
+      t.Nibbles(p + q * a.n + i, &vl, &vh);
       for (int k = 0; k < MR; ++k) {
-        al[k] = _mm256_fmadd_ps(vl, _mm256_broadcast_ss(x + k * xs + r + q), al[k]);
-        ah[k] = _mm256_fmadd_ps(vh, _mm256_broadcast_ss(x + k * xs + a.r + r + q), ah[k]);
+        al[k] = VFma(vl, xl[q][k], al[k]);
+        ah[k] = VFma(vh, xh[q][k], ah[k]);
       }
     }
     for (int k = 0; k < MR; ++k) {
-      _mm256_store_ps(lo + k * pw + i, al[k]);
-      _mm256_store_ps(hi + k * pw + i, ah[k]);
+      VStore(lo + k * pw + i, al[k]);
+      VStore(hi + k * pw + i, ah[k]);
     }
   }
-  for (int64_t i = wv; i < w; ++i)  // the last columns, one at a time
+  for (int64_t i = wv; i < w; ++i)  // the last columns, one at a time, fused as above
     for (int q = 0; q < U; ++q) {
       const uint8_t b = p[q * a.n + i];
       for (int k = 0; k < MR; ++k) {
-        lo[k * pw + i] += x[k * xs + r + q] * a.table[b & 15];
-        hi[k * pw + i] += x[k * xs + a.r + r + q] * a.table[b >> 4];
+        lo[k * pw + i] = std::fma(a.table[b & 15], x[k * xs + r + q], lo[k * pw + i]);
+        hi[k * pw + i] = std::fma(a.table[b >> 4], x[k * xs + a.r + r + q], hi[k * pw + i]);
       }
     }
 }
@@ -121,7 +183,7 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
 template <int MR>
 void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1,
                   float* lo, float* hi) {
-  const __m256 t0 = _mm256_loadu_ps(a.table), t1 = _mm256_loadu_ps(a.table + 8);
+  const Table16 t(a.table);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
   const int64_t pw = kPanel;
@@ -135,8 +197,8 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
       std::fill(lo, lo + MR * kPanel, 0.0f);
       std::fill(hi, hi + MR * kPanel, 0.0f);
       int64_t r = r0;
-      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR>(a, x, r, c0, w, pw, lo, hi, t0, t1);
-      for (; r < r0 + g; ++r) Packed4AddRows<1, MR>(a, x, r, c0, w, pw, lo, hi, t0, t1);
+      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR>(a, x, r, c0, w, pw, lo, hi, t);
+      for (; r < r0 + g; ++r) Packed4AddRows<1, MR>(a, x, r, c0, w, pw, lo, hi, t);
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i)
           y[k * a.n + c0 + i] += lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i];
@@ -165,25 +227,54 @@ struct Args8 {
   int64_t m, k, n, nb, block;
 };
 
-// One-byte codes to float32: eight at a time (Vec) and one at a time (One, the tail).
+// One-byte codes to float32: kW at a time (Vec) and one at a time (One, the tail).
+#if defined(QKERN_AVX512)
 struct Int8Codes {
-  static __m256 Vec(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(Load8Signed(reinterpret_cast<const int8_t*>(p)));
+  static VF Vec(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load16Bytes(p)));
   }
   static float One(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
 };
 
 struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
-  static __m256 Vec(const uint8_t* p) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
+  static VF Vec(const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(Load16Bytes(p)), 8));
   }
   static float One(uint8_t b) { return _cvtsh_ss(static_cast<uint16_t>(b << 8)); }
 };
 
 struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
-  static __m256 Vec(const uint8_t* p) {
-    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  static VF Vec(const uint8_t* p) {
+    const __m256i b = _mm256_cvtepu8_epi16(Load16Bytes(p));
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+    const __m256i h = _mm256_or_si256(
+        _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+        _mm256_slli_epi16(mag, 7));  // as float16: value / 2^8
+    const __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, _mm256_set1_epi16(0x7f));
+    return _mm512_mask_blend_ps(nan, v, _mm512_set1_ps(NAN));
+  }
+  static float One(uint8_t b) {
+    if ((b & 0x7f) == 0x7f) return NAN;
+    return _cvtsh_ss(static_cast<uint16_t>(((b & 0x80) << 8) | ((b & 0x7f) << 7))) * 256.0f;
+  }
+};
+#else
+struct Int8Codes {
+  static VF Vec(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(Load8Bytes(p))); }
+  static float One(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
+};
+
+struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
+  static VF Vec(const uint8_t* p) {
+    return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), Load8Bytes(p)));
+  }
+  static float One(uint8_t b) { return _cvtsh_ss(static_cast<uint16_t>(b << 8)); }
+};
+
+struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
+  static VF Vec(const uint8_t* p) {
+    const __m128i b = _mm_cvtepu8_epi16(Load8Bytes(p));
     const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
     const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
                                    _mm_slli_epi16(mag, 7));  // as float16: value / 2^8
@@ -196,26 +287,31 @@ struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
     return _cvtsh_ss(static_cast<uint16_t>(((b & 0x80) << 8) | ((b & 0x7f) << 7))) * 256.0f;
   }
 };
+#endif
 
 template <typename D, int U, int MR>
 inline void BytesAddRows(const Args8& a, const float* x, int64_t r, int64_t c0, int64_t w,
                          int64_t pw, float* acc) {
   const uint8_t* p = a.codes + r * a.n + c0;
-  const int64_t wv = w / 8 * 8;
-  for (int64_t i = 0; i < wv; i += 8) {
-    __m256 v[MR];
-    for (int k = 0; k < MR; ++k) v[k] = _mm256_load_ps(acc + k * pw + i);
+  const int64_t wv = w / kW * kW;
+  VF xv[U][MR];  // the x values, broadcast once (the stores below may alias x)
+  for (int q = 0; q < U; ++q)
+    for (int k = 0; k < MR; ++k) xv[q][k] = VSplat(x[k * a.k + r + q]);
+  const uint8_t* pf = r + 2 * U <= a.k ? p + U * a.n : nullptr;  // as in Packed4AddRows
+  for (int64_t i = 0; i < wv; i += kW) {
+    if (pf != nullptr && i % kLine == 0) Prefetch<U>(pf, a.n, i);
+    VF v[MR];
+    for (int k = 0; k < MR; ++k) v[k] = VLoad(acc + k * pw + i);
     for (int q = 0; q < U; ++q) {
-      const __m256 c = D::Vec(p + q * a.n + i);
-      for (int k = 0; k < MR; ++k)
-        v[k] = _mm256_fmadd_ps(c, _mm256_broadcast_ss(x + k * a.k + r + q), v[k]);
+      const VF c = D::Vec(p + q * a.n + i);
+      for (int k = 0; k < MR; ++k) v[k] = VFma(c, xv[q][k], v[k]);
     }
-    for (int k = 0; k < MR; ++k) _mm256_store_ps(acc + k * pw + i, v[k]);
+    for (int k = 0; k < MR; ++k) VStore(acc + k * pw + i, v[k]);
   }
-  for (int64_t i = wv; i < w; ++i)
+  for (int64_t i = wv; i < w; ++i)  // the last columns, one at a time, fused as above
     for (int q = 0; q < U; ++q)
       for (int k = 0; k < MR; ++k)
-        acc[k * pw + i] += x[k * a.k + r + q] * D::One(p[q * a.n + i]);
+        acc[k * pw + i] = std::fma(D::One(p[q * a.n + i]), x[k * a.k + r + q], acc[k * pw + i]);
 }
 
 template <typename D, int MR>
@@ -385,9 +481,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
                                   .Attr<int64_t>("block_size")
                                   .Attr<int64_t>("threads"));
 
-// Whether this CPU runs the kernels (the library is built with -mavx2 -mfma -mf16c).
+#if defined(QKERN_AVX512)
+#define QKERN_VARIANT "avx512"
+#else
+#define QKERN_VARIANT "avx2"
+#endif
+
+// The variant this library was built as (_build.py checks it matches the file it loaded).
+extern "C" const char* qkern_native_variant() { return QKERN_VARIANT; }
+
+// Whether this CPU (and its OS) runs this variant: cpuid, through the compiler's runtime.
 extern "C" int qkern_native_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#if defined(QKERN_AVX512)
+  ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512vl");
+#endif
+  return ok;
 }

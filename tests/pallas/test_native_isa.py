@@ -1,0 +1,210 @@
+"""The native CPU kernels' instruction-set variants (qkern/pallas/qmatmul/_native/_build.py):
+every variant this CPU runs gives the XLA reference's results, `$QKERN_NATIVE_ISA` picks
+the loaded variant (and a value naming none is refused, with the valid ones named), and
+every variant compiles here, whether or not this CPU runs it."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qkern.pallas import qmatmul
+from qkern.pallas.qmatmul import _native
+from qkern.pallas.qmatmul._native import _build
+
+from .contract_qmatmul import assert_matches, make_case, reference_matmul
+from .test_native import FORMATS, IDS
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+RUNNABLE = _build.runnable_variants() if X86 else []
+needs_native = pytest.mark.skipif(_build.library() is None,
+                                  reason=f"native kernels {_native.status()}")
+
+
+def _targets(fn, *args) -> set[str]:
+    """The native FFI targets the compiled `fn` calls."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return {f"{name}_{v}" for name in _build.TARGETS.values() for v in _build.VARIANTS
+            if f"{name}_{v}" in hlo}
+
+
+@pytest.fixture(params=list(_build.VARIANTS))
+def isa(request, monkeypatch):
+    """Each variant, capped to by the environment; skipped where this CPU cannot run it."""
+    if request.param not in RUNNABLE or _build.library() is None:
+        pytest.skip(f"this CPU does not run the {request.param} variant "
+                    f"(runs: {', '.join(RUNNABLE) or 'none'})")
+    monkeypatch.setenv(_build.ISA_VAR, request.param)
+    assert _native.variant() == request.param, _native.status()
+    return request.param
+
+
+@pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
+@pytest.mark.parametrize("m,k,n", [(1, 1000, 2100), (2, 300, 37), (7, 160, 72)])
+def test_matches_reference(isa, fmt, opts, m, k, n):
+    # 2100 and 37 columns leave tails past whole vectors of 8 and 16; 7 rows of x take the
+    # four-, two- and one-row paths; 1000 rows of int8 split over two threads where there
+    # are two
+    x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
+    fn = lambda x, op: qmatmul(x, op, backend="xla")
+    want = {f"{_native._kernel_for(op)}_{isa}"} if m <= _native.max_m(op) else set()
+    assert _targets(fn, x, op) == want
+    assert_matches(jax.jit(fn)(x, op), reference_matmul(x, op))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_fp8_decodes_every_bit_pattern_as_astype(isa, dtype):
+    from .test_native import test_fp8_decodes_every_bit_pattern_as_astype as check
+    check(dtype)
+
+
+@pytest.mark.parametrize("fmt,opts", [("nf4", {}), ("int4", dict(calibration="minmax")),
+                                      ("int8", {}), ("fp8_e4m3", {})], ids=str)
+def test_variants_give_identical_results(monkeypatch, fmt, opts):
+    """The variants do the same float32 operations in the same order per column (200
+    columns: a tail past the last whole vector of 16)."""
+    if len(RUNNABLE) < 2 or _build.library() is None:
+        pytest.skip(f"this CPU runs one variant at most ({', '.join(RUNNABLE) or 'none'})")
+    x, _, op = make_case(fmt, opts, 3, 512, 200, jnp.float32)
+    outs = []
+    for v in RUNNABLE:
+        monkeypatch.setenv(_build.ISA_VAR, v)
+        outs.append(np.asarray(jax.jit(lambda x: qmatmul(x, op, backend="xla"))(x)))
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
+@needs_native
+def test_cap_changes_the_loaded_variant_and_status_says_why(monkeypatch):
+    monkeypatch.delenv(_build.ISA_VAR, raising=False)
+    best = RUNNABLE[-1]
+    assert _native.variant() == best
+    assert _native.status().startswith(f"available ({best}: the best this CPU runs; ")
+    monkeypatch.setenv(_build.ISA_VAR, " AVX2 ")            # case and spaces do not matter
+    assert _native.variant() == "avx2"
+    if best != "avx2":
+        assert _native.status().startswith(
+            f"available (avx2: {_build.ISA_VAR}=avx2 caps it; this CPU runs up to {best}; ")
+    monkeypatch.setenv(_build.ISA_VAR, "auto")
+    assert _native.variant() == best
+    x, _, op = make_case("int8", {}, 1, 256, 64, jnp.float32)
+    fn = lambda x: qmatmul(x, op, backend="xla")
+    assert _targets(fn, x) == {f"qkern_int8_gemv_{best}"}
+
+
+@needs_native
+@pytest.mark.parametrize("value", ["amx", "avx512_vnni", "sse2", "avx-512"])
+def test_a_cap_naming_no_variant_is_refused(monkeypatch, caplog, value):
+    monkeypatch.setenv(_build.ISA_VAR, value)
+    with pytest.raises(ValueError, match=f"{_build.ISA_VAR}='{value}' is not one of avx2, avx512"):
+        _build.isa_cap()
+    x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
+    with caplog.at_level(logging.INFO, logger="qkern"):
+        assert not _native.eligible(x, op)                # refused: the scan runs
+    assert _native.status() == f"unavailable: {_build.ISA_VAR}={value!r} is not one of " \
+        "avx2, avx512 (or auto, the best this CPU runs); AVX-512 VNNI and AMX have no " \
+        "variant of their own: their products take int8 or bfloat16 operands, not float32 " \
+        "activations"
+    assert [r.levelname for r in caplog.records if "unavailable" in r.message] == ["WARNING"]
+    fn = lambda x: qmatmul(x, op, backend="xla")
+    assert _targets(fn, x) == set()
+    assert_matches(jax.jit(fn)(x), reference_matmul(x, op))
+
+
+@needs_native
+def test_a_function_jitted_earlier_keeps_its_variant(monkeypatch):
+    if len(RUNNABLE) < 2:
+        pytest.skip("this CPU runs one variant")
+    x, _, op = make_case("int4", {}, 1, 256, 64, jnp.float32)
+    f = jax.jit(lambda x: qmatmul(x, op, backend="xla"))
+    monkeypatch.setenv(_build.ISA_VAR, "avx2")
+    y = f(x)
+    monkeypatch.setenv(_build.ISA_VAR, RUNNABLE[-1])
+    assert "qkern_packed4_gemv_avx2" in f.lower(x).compile().as_text()   # traced once
+    np.testing.assert_array_equal(f(x), y)
+
+
+def test_cpu_flags_decide_the_runnable_variants():
+    assert _build.runnable_variants(set()) == []
+    assert _build.runnable_variants({"avx2", "fma", "f16c"}) == ["avx2"]
+    assert _build.runnable_variants({"avx2", "fma", "f16c", "avx512f", "avx512bw"}) == ["avx2"]
+    assert _build.runnable_variants({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                     "avx512_vnni"}) == ["avx2", "avx512"]
+
+
+def test_variant_is_part_of_the_library_name():
+    cxx = _build._compiler() or ["c++"]
+    paths = {v: _build.library_path(cxx, v) for v in _build.VARIANTS}
+    assert len(set(paths.values())) == len(paths)
+    for v, p in paths.items():
+        assert p.name.startswith(f"qgemv-{v}-") and p.suffix == ".so"
+
+
+def _compiler_takes(cxx, flags) -> bool:
+    proc = subprocess.run([*cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input="int x;\n",
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+@pytest.mark.skipif(not X86 or _build._compiler() is None, reason="needs x86-64 and a C++ compiler")
+@pytest.mark.parametrize("variant", list(_build.VARIANTS))
+def test_every_variant_compiles(variant, monkeypatch, tmp_path):
+    """Built whether or not this CPU runs it (not loaded where it does not)."""
+    cxx = _build._compiler()
+    isa_flags = [f for f in _build.VARIANTS[variant][1] if f.startswith("-m")]
+    if not _compiler_takes(cxx, isa_flags):
+        pytest.skip(f"{' '.join(cxx)} does not take {' '.join(isa_flags)}")
+    monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path))
+    path = _build.build(variant, cxx)
+    assert path.exists() and path.parent == tmp_path / "native"
+    assert path.name.startswith(f"qgemv-{variant}-")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True,
+                         text=True)
+    if out.returncode == 0:                                   # binutils present
+        for symbol in [*_build.TARGETS, "qkern_native_supported", "qkern_native_variant"]:
+            assert symbol in out.stdout
+
+
+def _bench(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_native
+def test_crossover_bench_times_every_variant(capsys):
+    _bench("native_crossover").main(["--m", "1", "--k", "256", "--n", "72", "--formats", "int4",
+                                     "--repeats", "1", "--isa", "all"])
+    out = capsys.readouterr().out
+    cols = " | ".join(f"int4 {v}" for v in RUNNABLE)
+    assert f"| M | dense (ms) | {cols} | int4 scan |" in out and "\n| 1 | " in out
+
+
+@needs_native
+def test_peers_bench_times_every_variant(capsys):
+    pytest.importorskip("torch")
+    _bench("peers").main(["--m", "1", "--k", "256", "--n", "128", "--formats", "int8",
+                          "--repeats", "1", "--isa", "all"])
+    out = capsys.readouterr().out
+    for v in RUNNABLE:
+        assert f"| qkern int8 [{v}] |" in out and f"qkern int8 [{v}] vs torch int8: " in out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_integer_formats_take_the_kernel_to_m16_with_avx512_only(isa, fmt):
+    x, _, op = make_case(fmt, {}, 12, 256, 48, jnp.float32)
+    assert _native.max_m(op) == (16 if isa == "avx512" else 8)
+    fn = lambda x: qmatmul(x, op, backend="xla")
+    assert bool(_targets(fn, x)) == (isa == "avx512")
+    assert_matches(jax.jit(fn)(x), reference_matmul(x, op))
