@@ -53,6 +53,12 @@ class Format:
         return float(jnp.finfo(self.float_dtype).max)
 
     @property
+    def byte_floats(self) -> bool:
+        """One float8 code per byte (fp8_e4m3, fp8_e5m2, mxfp8): stored as uint8 bit
+        patterns, viewed as `float_dtype` to decode (see `float_codes`)."""
+        return self.float_dtype is not None and not self.packed
+
+    @property
     def supports_zero_points(self) -> bool:
         return self.kind == "int" and not self.binary
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats import Format
+from ..formats._quantize import float_codes
 
 
 def split_nibbles(packed):
@@ -92,8 +93,8 @@ def decode_nibbles(nib, fmt: Format):
 
 
 def decode_unpacked(codes, fmt: Format):
-    """One-code-per-element storage (int8 or float8) -> float32."""
-    return codes.astype(jnp.float32)
+    """One-code-per-element storage (int8, or float8 bit patterns as uint8) -> float32."""
+    return float_codes(codes, fmt).astype(jnp.float32)
 
 
 def decode_codes(data, fmt: Format):

@@ -255,6 +255,8 @@ def _pack(codes, fmt):
         codes = codes.astype(jnp.uint8)
     else:
         codes = codes.astype(fmt.float_dtype)
+    if fmt.byte_floats:          # float8 codes are stored as their bits (quantize_array)
+        return jax.lax.bitcast_convert_type(codes, jnp.uint8)
     if not fmt.packed:
         return codes
     if fmt.kind == "mx":

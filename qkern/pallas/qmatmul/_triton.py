@@ -167,8 +167,7 @@ def _plan(op: QOperand, m: int, config: MatmulConfig | None, *, transposed: bool
         half_rows=op.k_padded // 2 if fmt.packed else 0,
         half_blocks=nb // 2 if fmt.packed else 0,
         has_zeros=op.zeros is not None,
-        fp8_bits=(jnp.issubdtype(op.data.dtype, jnp.floating)
-                  and jnp.dtype(op.data.dtype).itemsize == 1 and not _native_fp8_convert()),
+        fp8_bits=op.fmt.byte_floats and not _native_fp8_convert(),
         bm=bm, bn=bn, bk=bk, sub=sub, steps=steps, split=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ..._compat import explicit_sharding, vary_like
 from . import _native
 from .._config import MatmulConfig, default_config
-from .._decode import nibble_table, split_nibbles
+from .._decode import decode_unpacked, nibble_table, split_nibbles
 from .._operand import QOperand
 
 def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> int:
@@ -36,7 +36,7 @@ def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> i
 def _decode_chunk(codes, nibble, op: QOperand):
     """Stored codes [t, N] -> unscaled float32 [t, N] (one nibble half for 4-bit formats)."""
     if nibble is None:
-        return codes.astype(jnp.float32)
+        return decode_unpacked(codes, op.fmt)
     if op.fmt.kind == "int":
         # Sign-extend in int8 lanes: shift the nibble to the top, arithmetic shift back.
         top = codes << 4 if nibble == 0 else codes
