@@ -188,19 +188,27 @@ def test_formats_it_does_not_take_run_the_scan():
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=["e4m3fn", "e5m2"])
 def test_fp8_decodes_every_bit_pattern_as_astype(dtype):
     """All 256 codes, NaN, inf (e5m2), subnormals and -0 included, decode as
-    `astype(float32)` does (the XLA path's decode): column n holds pattern n in row 0."""
+    `astype(float32)` does (the XLA path's decode): column n holds pattern n in row 0.
+    Both storages: uint8 bit patterns (how qkern stores fp8 codes) and float8 arrays (QArrays
+    built before that)."""
+    for stored in ("uint8", "float8"):
+        _check_fp8_bits(dtype, stored)
+
+
+def _check_fp8_bits(dtype, stored):
     from qkern.formats import get_format
     from qkern.pallas._operand import QOperand
     fmt = get_format("fp8_e4m3" if dtype == jnp.float8_e4m3fn else "fp8_e5m2")
     bits = np.zeros((64, 256), np.uint8)
     bits[0] = np.arange(256, dtype=np.uint8)
-    codes = jax.lax.bitcast_convert_type(jnp.asarray(bits), dtype)
+    as_float8 = jax.lax.bitcast_convert_type(jnp.asarray(bits), dtype)
+    codes = jnp.asarray(bits) if stored == "uint8" else as_float8
     op = QOperand(codes, jnp.ones((1, 256), jnp.float32), None, fmt, 64, 64)
     x = jnp.ones((1, 64), jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")
     assert _uses_kernel(fn, x, op)
     y = np.asarray(jax.jit(fn)(x, op))[0]
-    want = np.asarray(codes[0].astype(jnp.float32))
+    want = np.asarray(as_float8[0].astype(jnp.float32))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_array_equal(y[ok], want[ok])

@@ -150,3 +150,23 @@ def test_small_weight_prefill_through_quaxify_matches_scan():
     scan = qmatmul(x, qkern.pallas.stored_operand(q), backend="xla",
                    config=default_config("xla", 130))
     np.testing.assert_allclose(got, scan, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8"])
+@pytest.mark.parametrize("m", [1, 32])
+def test_fp8_stack_scanned_over_is_sliced_as_bytes(fmt, m):
+    """fp8 codes are stored as uint8 bit patterns: XLA:CPU has no float8 arithmetic and
+    converted a whole stacked float8 weight to float16 ahead of a `lax.scan` over its
+    layers on every call (8x slower per step); the compiled scan must hold no float16 or
+    float8 copy of the stack."""
+    layers, k, n = 3, 128, 256
+    ws = jax.random.normal(jax.random.PRNGKey(0), (layers, k, n)) / np.sqrt(k)
+    q = qkern.quantize(ws, fmt)
+    assert q.data.dtype == jnp.uint8
+    step = lambda x, ws: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w)[:, :k], None), x, ws)[0]
+    f = jax.jit(qkern.quaxify(step))
+    x = jax.random.normal(jax.random.PRNGKey(1), (m, k))
+    hlo = f.lower(x, q).compile().as_text()
+    for dtype in ("f16", "f8e4m3fn", "f8e5m2"):
+        assert f"{dtype}[{layers},{k},{n}]" not in hlo, dtype
+    np.testing.assert_allclose(f(x, q), step(x, qkern.dequantize(q)), rtol=1e-4, atol=1e-4)

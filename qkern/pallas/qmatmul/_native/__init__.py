@@ -75,13 +75,16 @@ def _kernel_for(op) -> str | None:
         return "qkern_packed4_gemv" if op.halves_aligned else None
     if not fmt.packed and fmt.kind == "int" and op.data.dtype == jnp.int8:
         return "qkern_int8_gemv"
-    if not fmt.packed and op.data.dtype in _FP8:
+    if fmt.byte_floats and op.data.dtype in _FP8 + (jnp.dtype(jnp.uint8),):
         return "qkern_fp8_gemv"
     return None
 
 
-# fp8 code dtypes the kernel reads
+# fp8 code dtypes the kernel reads besides uint8 bit patterns (how qkern stores them; float8
+# arrays come from QArrays built before that)
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+# qkern_fp8_gemv's `fp8_kind` attribute: which float8 the bytes hold
+_FP8_KIND = {jnp.dtype(jnp.float8_e4m3fn): 1, jnp.dtype(jnp.float8_e5m2): 2}
 
 
 def runs_for(m: int, op) -> bool:
@@ -133,7 +136,9 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
     args = (x32, op.data, op.scales.astype(jnp.float32))
     if name == "qkern_packed4_gemv":
         args += (jnp.asarray(_table(op.fmt)),)
-    # qkern_fp8_gemv takes the float8 codes as they are (a uint8 bitcast would be a copy)
+    if name == "qkern_fp8_gemv":
+        # the codes as stored (uint8 bit patterns, or float8): a bitcast would be a copy
+        attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
     y = jax.ffi.ffi_call(target(name, isa), out)(*args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
         xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)

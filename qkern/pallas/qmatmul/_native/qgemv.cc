@@ -433,18 +433,22 @@ ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                    codes.dimensions(), scales, y, block_size, threads);
 }
 
-// fp8 codes in their own dtype (float8_e4m3fn or float8_e5m2), read as bytes: passing
-// them as uint8 would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
+// fp8 codes as qkern stores them, uint8 bit patterns of the float8 named by `fp8_kind`
+// (1: float8_e4m3fn, 2: float8_e5m2), or as float8 arrays of that type (QArrays built
+// before codes were stored as bytes), read as bytes either way: converting one to the
+// other would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
 ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                    ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t block_size, int64_t threads) {
-  int64_t kind;
-  if (codes.element_type() == ffi::DataType::F8E4M3FN) {
-    kind = 1;
-  } else if (codes.element_type() == ffi::DataType::F8E5M2) {
-    kind = 2;
-  } else {
-    return ffi::Error::InvalidArgument("qkern_fp8_gemv: codes must be float8_e4m3fn or float8_e5m2");
+                   int64_t block_size, int64_t threads, int64_t fp8_kind) {
+  int64_t kind = fp8_kind;
+  const ffi::DataType t = codes.element_type();
+  if (kind != 1 && kind != 2) {
+    return ffi::Error::InvalidArgument("qkern_fp8_gemv: fp8_kind must be 1 (e4m3fn) or 2 (e5m2)");
+  }
+  if (!(t == ffi::DataType::U8 || (t == ffi::DataType::F8E4M3FN && kind == 1) ||
+        (t == ffi::DataType::F8E5M2 && kind == 2))) {
+    return ffi::Error::InvalidArgument(
+        "qkern_fp8_gemv: codes must be uint8 bit patterns or the float8 type fp8_kind names");
   }
   return BytesImpl("qkern_fp8_gemv", kind, x.typed_data(),
                    static_cast<const uint8_t*>(codes.untyped_data()), x.dimensions(),
@@ -479,7 +483,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("fp8_kind"));
 
 #if defined(QKERN_AVX512)
 #define QKERN_VARIANT "avx512"
