@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from .._core import ArrayLike, Value, register
 from ..formats._quantize import dequantize_scales
 from ..pallas.qconv import ConvOperand, qconv
-from ._qarray_matmul import without_double_quant
+from ._qarray_matmul import dense_dtypes, without_double_quant
 from .qarray import QArray
 
 lax = jax.lax
@@ -58,19 +58,11 @@ def _check_axes(w: QArray, params) -> None:
             f"axis={in_axis}.")
 
 
-def _out_dtype(x, w: QArray, params):
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, Value)
-                                          else jnp.result_type(a))
-    out = jax.eval_shape(lambda a, b: lax.conv_general_dilated_p.bind(a, b, **params),
-                         spec(x), spec(w)).dtype
-    return out, jnp.promote_types(jnp.promote_types(jnp.result_type(x), w.dtype), out)
-
-
 def qconv_dispatch(x, w: QArray, params: dict):
     """`lax.conv_general_dilated_p.bind(x, w, **params)` with the QArray kernel `w`."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return Value.default(lax.conv_general_dilated_p, [x, w], params)
-    out, compute = _out_dtype(x, w, params)
+    out, compute = dense_dtypes(lax.conv_general_dilated_p, (x, w), params, x, w.dtype)
     _check_axes(w.fitted(), params)
     op, stored = conv_operand(w, params)
     if w.act_fmt is None:

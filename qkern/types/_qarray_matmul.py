@@ -65,13 +65,19 @@ def qmatmul_dispatch(lhs, rhs, params):
 
 def matmul_dtypes(lhs, rhs, params, x, w_dtype):
     """(result dtype, compute dtype) of a dot_general with a Value operand, as dense JAX
-    has them: the result dtype of the dense `dot_general(lhs, rhs, **params)` (Values by
-    their avals; `preferred_element_type` honoured), computed in the widest of x's, the
-    weight's and that dtype."""
+    has them: see `dense_dtypes`."""
+    return dense_dtypes(jax.lax.dot_general_p, (lhs, rhs), params, x, w_dtype)
+
+
+def dense_dtypes(prim, operands, params, x, w_dtype):
+    """(result dtype, compute dtype) of `prim` (dot_general, conv_general_dilated,
+    ragged_dot_general) with a Value operand, as dense JAX has them: the result dtype of
+    the dense `prim.bind(*operands, **params)` (Values by their avals;
+    `preferred_element_type` honoured, JAX's own dtype errors raised), computed in the
+    widest of x's, the weight's and that dtype."""
     spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, Value)
                                           else jnp.result_type(a))
-    out = jax.eval_shape(lambda a, b: jax.lax.dot_general_p.bind(a, b, **params),
-                         spec(lhs), spec(rhs)).dtype
+    out = jax.eval_shape(lambda *a: prim.bind(*a, **params), *map(spec, operands)).dtype
     return out, jnp.promote_types(jnp.promote_types(jnp.result_type(x), w_dtype), out)
 
 

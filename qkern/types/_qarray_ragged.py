@@ -22,7 +22,6 @@ product runs weight-only.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .._compat import ragged_dot_general_p
@@ -30,7 +29,7 @@ from .._core import ArrayLike, Value, register
 from ..formats._quantize import dequantize_scales
 from ..pallas.ragged_qmatmul import StackedOperand, ragged_qmatmul
 from ..pallas.ragged_qmatmul.base import check_group_sizes
-from ._qarray_matmul import without_double_quant
+from ._qarray_matmul import dense_dtypes, without_double_quant
 from .qarray import QArray
 
 
@@ -50,15 +49,6 @@ def stacked_operand(w: QArray) -> StackedOperand | None:
         zeros = None if zeros is None else jnp.broadcast_to(jnp.reshape(zeros, (1, 1, 1)),
                                                             (e, 1, n))
     return StackedOperand(w.data, scales, zeros, fmt, lay.block_size, lay.shape[1])
-
-
-def _dtypes(x, w, group_sizes, params):
-    """(result dtype, compute dtype) as the dense ragged_dot_general has them."""
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, Value)
-                                          else jnp.result_type(a))
-    out = jax.eval_shape(lambda a, b, g: ragged_dot_general_p.bind(a, b, g, **params),
-                         spec(x), spec(w), spec(group_sizes)).dtype
-    return out, jnp.promote_types(jnp.promote_types(jnp.result_type(x), w.dtype), out)
 
 
 def _layout(x, w: QArray, group_sizes, params):
@@ -88,7 +78,7 @@ def _(x: ArrayLike, w: QArray, group_sizes: ArrayLike, **params):
     if op is None:
         return Value.default(ragged_dot_general_p, [x, w, group_sizes], params)
     x_axis, transposed = layout
-    # Bad shapes are named here, before lax's own shape rule (run by `_dtypes`) sees them.
+    # Bad shapes are named here, before lax's own shape rule (run by `dense_dtypes`) sees them.
     xm = jnp.moveaxis(jnp.asarray(x), x_axis, -1)                   # [M, K] (or [M, N])
     want = op.n if transposed else op.k
     if xm.shape[1] != want:
@@ -96,7 +86,8 @@ def _(x: ArrayLike, w: QArray, group_sizes: ArrayLike, **params):
                          f"row with the quantised experts {w.logical_shape} along their "
                          f"{'N' if transposed else 'K'}={want}.")
     check_group_sizes(group_sizes, op.experts, xm.shape[0])
-    out_dtype, compute = _dtypes(x, w, group_sizes, params)
+    out_dtype, compute = dense_dtypes(ragged_dot_general_p, (x, w, group_sizes), params, x,
+                                      w.dtype)
     xm = xm.astype(compute)
     kw = {}
     if w.act_fmt is not None and not transposed:
