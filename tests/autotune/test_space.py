@@ -32,11 +32,11 @@ def _problem(backend, m, k, n, fmt, op, kernel="qmatmul", dtype="bfloat16", rank
 
 
 def test_xla_space_is_block_k_deduplicated_by_the_chunk_the_scan_uses(monkeypatch):
-    monkeypatch.setenv("QKERN_NATIVE_ISA", "avx2")   # int8 runs native only to M = 8 there
     op = _op(256, 128, "int8")                                    # one block of 256 rows
-    p = _problem("xla", 16, 256, 128, "int8", op, dtype="float32")  # M past the native kernel
+    p = _problem("xla", 48, 256, 128, "int8", op, dtype="float32")  # M past the native kernel
     configs, pruned = _space.candidates(p, op)
-    assert [c.block_k for c in configs] == [64, 128, 256]
+    assert [c.block_k for c in configs if not c.dequantize] == [64, 128, 256]
+    assert [c.dequantize for c in configs].count(True) == 1      # and dequantise-then-dot
     assert {c.block_k for c, _ in pruned} == {512, 1024, 2048}
     assert all("same chunk of 256 rows" in why for _, why in pruned)
 

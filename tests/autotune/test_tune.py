@@ -84,17 +84,16 @@ def _scan_lengths(m, k=256, n=128):
 
 
 def test_a_write_in_this_process_reaches_functions_traced_afterwards(monkeypatch):
-    monkeypatch.setenv("QKERN_NATIVE_ISA", "avx2")   # int8 runs native only to M = 8 there
     # No cache clearing here: jax caches traces of the kernels, and the tuner itself traced
-    # the candidate configs; the next trace must still pick up the new winner. M = 12: the
-    # scan (at M <= 8 int8 runs the native CPU kernel, which has no scan to count).
-    assert _scan_lengths(12) == [1]                            # heuristic: block_k 256 = K
-    autotune(m=12, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+    # the candidate configs; the next trace must still pick up the new winner. M = 48: the
+    # scan (at M <= 32 int8 runs the native CPU kernel, which has no scan to count).
+    assert _scan_lengths(48) == [1]                            # heuristic: block_k 256 = K
+    autotune(m=48, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
              repeats=2, warmup=1)
-    assert _scan_lengths(12) == [4]
-    autotune(m=12, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=128)],
+    assert _scan_lengths(48) == [4]
+    autotune(m=48, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=128)],
              repeats=2, warmup=1)
-    assert _scan_lengths(12) == [2]
+    assert _scan_lengths(48) == [2]
 
 
 def test_default_space_on_cpu_tunes_block_k_and_keeps_a_valid_winner(monkeypatch):

@@ -68,7 +68,8 @@ needs_native = pytest.mark.skipif(_build.library() is None,
 @needs_native
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
 @pytest.mark.parametrize("m,k,n", [(1, 512, 256), (2, 300, 37), (1, 1000, 2100), (4, 192, 130),
-                                   (7, 160, 72), (9, 128, 40), (17, 96, 24)])
+                                   (7, 160, 72), (9, 128, 40), (17, 96, 24), (23, 200, 130),
+                                   (40, 64, 48)])
 def test_matches_reference(fmt, opts, m, k, n):
     x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")
@@ -267,7 +268,7 @@ def test_kernel_refuses_inconsistent_shapes():
 def test_nested_vmap_folds_both_batches():
     x, _, op = make_case("nf4", {}, 1, 256, 64, jnp.float32)
     f = jax.vmap(jax.vmap(lambda x: qmatmul(x, op, backend="xla")))
-    for outer in (2, 6):                      # 2 x 3 rows: the kernel; 6 x 3 = 18 > 16: the scan
+    for outer in (2, 12):                     # 2 x 3 rows: the kernel; 12 x 3 = 36 > 32: the scan
         xs = jnp.stack([jnp.stack([x * (i + 1) * (j + 2) for j in range(3)])
                         for i in range(outer)])                     # [outer, 3, 1, K]
         assert _uses_kernel(f, xs) == (outer * 3 <= _native.max_m(op))
@@ -284,6 +285,12 @@ def test_thread_count_is_bounded(monkeypatch):
     assert _native._threads(huge) == _native.MAX_THREADS
     small = make_case("int8", {}, 1, 256, 1024, jnp.float32)[2]        # under 1M codes
     assert _native._threads(small) == 1
+    assert _native._threads(small, m=2) == 1                            # 0.5M codes x rows
+    assert _native._threads(small, m=4) == 1024 // _native.MIN_COLUMNS   # 1M, streaming
+    assert _native._threads(small, m=8) == 1024 // _native.NARROW_COLUMNS   # computing
+    narrow = make_case("int8", {}, 1, 1536, 384, jnp.float32)[2]        # MiniLM's MLP down
+    assert _native._threads(narrow, m=1) == 1
+    assert _native._threads(narrow, m=32) == 384 // _native.NARROW_COLUMNS
 
 
 def test_compiler_from_cxx_may_carry_arguments(monkeypatch):

@@ -46,11 +46,13 @@ def isa(request, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
-@pytest.mark.parametrize("m,k,n", [(1, 1000, 2100), (2, 300, 37), (7, 160, 72)])
+@pytest.mark.parametrize("m,k,n", [(1, 1000, 2100), (2, 300, 37), (7, 160, 72),
+                                   (31, 200, 300)])
 def test_matches_reference(isa, fmt, opts, m, k, n):
     # 2100 and 37 columns leave tails past whole vectors of 8 and 16; 7 rows of x take the
-    # four-, two- and one-row paths; 1000 rows of int8 split over two threads where there
-    # are two
+    # four-, two- and one-row paths, 31 the eight-row one too (and a second thread, 300
+    # columns over two 128-column threads where there are two); 1000 rows of int8 split
+    # over two threads where there are two
     x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")
     want = {f"{_native._kernel_for(op)}_{isa}"} if m <= _native.max_m(op) else set()
@@ -201,10 +203,10 @@ def test_peers_bench_times_every_variant(capsys):
         assert f"| qkern int8 [{v}] |" in out and f"qkern int8 [{v}] vs torch int8: " in out
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_integer_formats_take_the_kernel_to_m16_with_avx512_only(isa, fmt):
-    x, _, op = make_case(fmt, {}, 12, 256, 48, jnp.float32)
-    assert _native.max_m(op) == (16 if isa == "avx512" else 8)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8_e4m3"])
+def test_the_kernel_runs_to_m32_with_avx512_and_m16_with_avx2(isa, fmt):
+    x, _, op = make_case(fmt, {}, 24, 256, 48, jnp.float32)
+    assert _native.max_m(op) == (32 if isa == "avx512" else 16)
     fn = lambda x: qmatmul(x, op, backend="xla")
     assert bool(_targets(fn, x)) == (isa == "avx512")
     assert_matches(jax.jit(fn)(x), reference_matmul(x, op))

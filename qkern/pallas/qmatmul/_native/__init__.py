@@ -48,16 +48,14 @@ __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "eligible", "max_m", "qmatmul_small
 
 
 def max_m(op, isa: str | None = None) -> int:
-    """Rows of x at or below which the kernel runs for `op`. It decodes each code once for
-    up to four rows of x, so its time grows with M faster than the scan's. Measured on a
-    2-core EPYC (K = N = 4096, `python bench/native_crossover.py --isa all`,
-    docs/benchmarks.md): it beats the scan up to M = 8 for every format it takes; at M = 16
-    it still beats it for the lookup formats (nf4, fp4, mxfp4: the scan's lookup is a
-    gather), and for int4 and int8 only in the avx512 variant (`isa`; default: the one
-    loaded now)."""
-    if op.fmt.kind in ("codebook", "mx", "float"):
-        return 16
-    return 16 if (isa or variant()) == "avx512" else 8
+    """Rows of x at or below which the kernel runs for `op`, by variant (`isa`; default: the
+    one loaded now). The AVX-512 variants decode each code once for up to eight rows of x
+    and beat both the scan and dequantise-then-dot up to M = 32 for every format, at
+    K = N = 4096 and at MiniLM's 384 x 384, 384 x 1536 and 1536 x 384; above that the
+    small weights' dequantise-then-dot catches up (`python bench/native_crossover.py`,
+    docs/benchmarks.md). The AVX2 variant (four rows at a time, eight for int8) wins to
+    M = 16."""
+    return 32 if (isa or variant() or "").startswith("avx512") else 16
 
 
 def _table(fmt) -> np.ndarray:
@@ -100,22 +98,30 @@ def eligible(x2: jax.Array, op) -> bool:
     return not any(explicit_sharding(a) is not None or _vma(a) for a in arrays)
 
 
-# Threads per call: one per core, but each at least MIN_COLUMNS columns wide (narrower
-# slices of each code row stream badly: 256-column panels ran 1.5-2x slower than 2048 on
-# one core) and at most MAX_THREADS (a GEMV is memory bound long before that; threads
-# are started per call). Only 2 cores have been measured.
+# Threads per call: one per core, at most MAX_THREADS, only for calls with at least
+# MIN_WORK codes times rows of x, and each at least MIN_COLUMNS columns wide while the call
+# streams its weight (M < 8: narrower slices of each code row stream badly; 256-column
+# panels ran 1.5-2x slower than 2048 on one core), NARROW_COLUMNS once it computes. The
+# threads are XLA's own intra-op pool (the kernel hands it tasks), so a call starts none.
+# Inside a model the pool's threads are awake and a second one pays from small calls on:
+# all-MiniLM-L6-v2 at batch 1 (M = 32; 384 x 384, 384 x 1536, 1536 x 384 weights) ran
+# 1.23-1.55x faster than with one thread (2-core Xeon VM). Alone and idle, their wake-up
+# costs 20-40 us, more than a 384 x 384 call at M = 1 takes.
 MIN_COLUMNS = 512
+NARROW_COLUMNS = 128
 MAX_THREADS = 16
+MIN_WORK = 1 << 20
 
 
-def _threads(op) -> int:
-    if op.data.size < (1 << 20):  # under ~1M codes a second thread costs more than it saves
+def _threads(op, m: int = 1) -> int:
+    if op.data.size * max(m, 1) < MIN_WORK:
         return 1
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, op.n // MIN_COLUMNS, MAX_THREADS))
+    width = MIN_COLUMNS if m < 8 else NARROW_COLUMNS
+    return max(1, min(cpus, op.n // width, MAX_THREADS))
 
 
 def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
@@ -132,7 +138,7 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
         x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
     name = _kernel_for(op)
     out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
-    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op)))
+    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op, m)))
     args = (x32, op.data, op.scales.astype(jnp.float32))
     if name == "qkern_packed4_gemv":
         args += (jnp.asarray(_table(op.fmt)),)

@@ -5,7 +5,7 @@
 // runs): without QKERN_AVX512, for x86-64 with AVX2, FMA and F16C (the floor: 256-bit
 // vectors, eight codes at a time); with QKERN_AVX512 (and -mavx512f -mavx512bw
 // -mavx512vl), the same loops on 512-bit vectors, sixteen codes at a time. Codes are
-// decoded in registers, once for up to four rows of x, and never written out: 4-bit codes
+// decoded in registers, once for up to eight rows of x, and never written out: 4-bit codes
 // go through a 16-entry table (AVX2: held in two registers, vpermps on the low three bits
 // and a blend on the fourth; AVX-512: one register, one vpermps), int8 codes are widened
 // and converted, fp8 codes are moved into float16 bit patterns and converted by vcvtph2ps
@@ -28,7 +28,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
-#include <thread>
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -111,7 +112,15 @@ struct Args4 {
 // slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
 constexpr int64_t kPanel = 2048;
 
-// Partial sums for up to four rows of x: on the heap (64 KB would strain small thread
+// Rows of x per pass over the codes, at most: each code is decoded once for this many rows.
+// Eight keep the FMA units busy from M = 8 (at M = 16, K = N = 4096, on a Xeon with
+// AVX-512: int8 2.9 ms and nf4 2.8 ms a call against 3.1 and 3.4 at four), where decoding
+// once per four rows left them waiting on the decode. With AVX2's sixteen registers eight
+// rows run out of them for the 4-bit and fp8 decodes (nf4 and fp8 slower at M = 16), so
+// there only int8 takes eight.
+constexpr int kRowsPacked4 = kW == 16 ? 8 : 4;
+
+// Partial sums for up to eight rows of x: on the heap (64 KB would strain small thread
 // stacks), aligned to a vector for the aligned vector loads.
 struct Buffer {
   explicit Buffer(int64_t n)
@@ -186,7 +195,9 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   const Table16 t(a.table);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
-  const int64_t pw = kPanel;
+  // eight rows' two buffers of kPanel / 4 columns fill 32 KB of L1 (kPanel / 2 spilled
+  // into L2 and ran 1.7x slower)
+  const int64_t pw = MR > 4 ? kPanel * 2 / MR : kPanel;
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
   for (int64_t j = 0; j < groups; ++j) {
     const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
@@ -194,8 +205,8 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
     const int64_t r0 = j * g;
     for (int64_t c0 = n0; c0 < n1; c0 += pw) {
       const int64_t w = std::min(pw, n1 - c0);
-      std::fill(lo, lo + MR * kPanel, 0.0f);
-      std::fill(hi, hi + MR * kPanel, 0.0f);
+      std::fill(lo, lo + MR * pw, 0.0f);
+      std::fill(hi, hi + MR * pw, 0.0f);
       int64_t r = r0;
       for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR>(a, x, r, c0, w, pw, lo, hi, t);
       for (; r < r0 + g; ++r) Packed4AddRows<1, MR>(a, x, r, c0, w, pw, lo, hi, t);
@@ -209,7 +220,9 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
 bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
   Buffer lo(4 * kPanel), hi(4 * kPanel);
   if (lo.data == nullptr || hi.data == nullptr) return false;
-  int64_t i = 0;  // rows of x four, then two, then one at a time
+  int64_t i = 0;  // rows of x kRowsPacked4, then four, then two, then one at a time
+  for (; kRowsPacked4 > 4 && i + kRowsPacked4 <= a.m; i += kRowsPacked4)
+    Packed4Block<kRowsPacked4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 4 <= a.m; i += 4)
     Packed4Block<4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 2 <= a.m; i += 2)
@@ -230,6 +243,7 @@ struct Args8 {
 // One-byte codes to float32: kW at a time (Vec) and one at a time (One, the tail).
 #if defined(QKERN_AVX512)
 struct Int8Codes {
+  static constexpr int kRows = 8;
   static VF Vec(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load16Bytes(p)));
   }
@@ -237,6 +251,7 @@ struct Int8Codes {
 };
 
 struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
+  static constexpr int kRows = kW == 16 ? 8 : 4;
   static VF Vec(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(Load16Bytes(p)), 8));
   }
@@ -244,6 +259,7 @@ struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
 };
 
 struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
+  static constexpr int kRows = kW == 16 ? 8 : 4;
   static VF Vec(const uint8_t* p) {
     const __m256i b = _mm256_cvtepu8_epi16(Load16Bytes(p));
     const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
@@ -261,11 +277,13 @@ struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
 };
 #else
 struct Int8Codes {
+  static constexpr int kRows = 8;
   static VF Vec(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(Load8Bytes(p))); }
   static float One(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
 };
 
 struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
+  static constexpr int kRows = kW == 16 ? 8 : 4;
   static VF Vec(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), Load8Bytes(p)));
   }
@@ -273,6 +291,7 @@ struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
 };
 
 struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
+  static constexpr int kRows = kW == 16 ? 8 : 4;
   static VF Vec(const uint8_t* p) {
     const __m128i b = _mm_cvtepu8_epi16(Load8Bytes(p));
     const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
@@ -317,14 +336,14 @@ inline void BytesAddRows(const Args8& a, const float* x, int64_t r, int64_t c0, 
 template <typename D, int MR>
 void BytesBlock(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1, float* acc) {
   const int64_t g = a.nb == 1 ? a.k : a.block;
-  const int64_t groups = a.k / g, pw = kPanel;
+  const int64_t groups = a.k / g, pw = kPanel * 4 / std::max(MR, 4);  // MR * pw <= 4 kPanel
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
   for (int64_t j = 0; j < groups; ++j) {
     const float* s = a.scales + (a.nb == 1 ? 0 : j) * a.n;
     const int64_t r0 = j * g;
     for (int64_t c0 = n0; c0 < n1; c0 += pw) {
       const int64_t w = std::min(pw, n1 - c0);
-      std::fill(acc, acc + MR * kPanel, 0.0f);
+      std::fill(acc, acc + MR * pw, 0.0f);
       int64_t r = r0;
       for (; r + 4 <= r0 + g; r += 4) BytesAddRows<D, 4, MR>(a, x, r, c0, w, pw, acc);
       for (; r < r0 + g; ++r) BytesAddRows<D, 1, MR>(a, x, r, c0, w, pw, acc);
@@ -339,6 +358,8 @@ bool BytesColumns(const Args8& a, int64_t n0, int64_t n1) {
   Buffer acc(4 * kPanel);
   if (acc.data == nullptr) return false;
   int64_t i = 0;
+  for (; D::kRows > 4 && i + D::kRows <= a.m; i += D::kRows)
+    BytesBlock<D, D::kRows>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   for (; i + 4 <= a.m; i += 4) BytesBlock<D, 4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   for (; i + 2 <= a.m; i += 2) BytesBlock<D, 2>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   for (; i < a.m; ++i) BytesBlock<D, 1>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
@@ -346,38 +367,55 @@ bool BytesColumns(const Args8& a, int64_t n0, int64_t n1) {
 }
 
 // Splits the columns into `threads` ranges of whole tiles and runs `work` on each; false
-// when any range failed (`work` returns false when it cannot allocate its buffers).
+// when any range failed (`work` returns false when it cannot allocate its buffers). The
+// ranges are shared out through XLA's own intra-op thread pool (the FFI's ThreadPool
+// context), whose threads are already running: starting threads per call cost 60-90 us
+// on a 2-core VM, more than a whole small matmul. The pool may run a task late, on the
+// calling thread, or not in parallel at all, so every task and the caller take ranges
+// from one counter until none is left; the caller then waits only for ranges already
+// taken, which are running. A task that starts after that finds nothing left and never
+// touches `work` (the state it shares is reference-counted).
+struct Share {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> ok{true};
+};
+
 template <typename F>
-bool OverColumns(int64_t n, int64_t threads, F work) {
+bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   threads = std::max<int64_t>(1, std::min(threads, tiles));
   if (threads == 1) return work(0, n);
   const int64_t per = (tiles + threads - 1) / threads;
-  std::vector<char> ok;
-  std::vector<std::thread> pool;
+  std::shared_ptr<Share> share;
   try {
-    ok.assign(threads, 1);
-    pool.reserve(threads);  // no reallocation below, so only thread creation can throw
+    share = std::make_shared<Share>();
   } catch (...) {
     return false;
   }
+  const F* job = &work;
+  auto take = [share, job, n, per, threads] {  // runs ranges until none is left
+    for (int64_t t; (t = share->next.fetch_add(1)) < threads;) {
+      const int64_t n0 = std::min(n, t * per * kTile), n1 = std::min(n, (t + 1) * per * kTile);
+      if (n0 < n1 && !(*job)(n0, n1)) share->ok = false;
+      share->done.fetch_add(1, std::memory_order_release);
+    }
+  };
   for (int64_t t = 1; t < threads; ++t) {
-    const int64_t n0 = std::min(n, t * per * kTile), n1 = std::min(n, (t + 1) * per * kTile);
-    if (n0 >= n1) continue;
     try {
-      pool.emplace_back([&ok, &work, t, n0, n1] { ok[t] = work(n0, n1); });
-    } catch (...) {  // no thread to be had: do this range here
-      ok[t] = work(n0, n1);
+      auto task = take;  // Schedule takes its task by value (an rvalue)
+      pool.Schedule(std::move(task));
+    } catch (...) {  // no task to be had: the caller takes its ranges below
+      break;
     }
   }
-  ok[0] = work(0, std::min(n, per * kTile));
-  for (auto& th : pool) th.join();
-  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
+  take();
+  while (share->done.load(std::memory_order_acquire) < threads) _mm_pause();
+  return share->ok;
 }
 
 const char kNoMemory[] = "could not allocate the kernel's partial-sum buffers";
 
-ffi::Error Packed4Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> table,
                        ffi::ResultBuffer<ffi::F32> y, int64_t block_size, int64_t threads) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
@@ -390,13 +428,13 @@ ffi::Error Packed4Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                                                         a.nb % 2 != 0)))
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: inconsistent shapes");
   auto work = [&a](int64_t n0, int64_t n1) { return Packed4Columns(a, n0, n1); };
-  if (!OverColumns(a.n, threads, work))
+  if (!OverColumns(pool, a.n, threads, work))
     return ffi::Error::Internal(std::string("qkern_packed4_gemv: ") + kNoMemory);
   return ffi::Error::Success();
 }
 
 // One-byte codes: int8 (`kind` 0), float8_e4m3fn (1) or float8_e5m2 (2).
-ffi::Error BytesImpl(const char* name, int64_t kind, const float* xp, const uint8_t* codes,
+ffi::Error BytesImpl(ffi::ThreadPool& pool, const char* name, int64_t kind, const float* xp, const uint8_t* codes,
                      ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
                      ffi::Buffer<ffi::F32>& scales, ffi::ResultBuffer<ffi::F32>& y,
                      int64_t block_size, int64_t threads) {
@@ -410,13 +448,13 @@ ffi::Error BytesImpl(const char* name, int64_t kind, const float* xp, const uint
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
   bool ok;
   if (kind == 0) {
-    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
       return BytesColumns<Int8Codes>(a, n0, n1); });
   } else if (kind == 1) {
-    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
       return BytesColumns<E4M3Codes>(a, n0, n1); });
   } else if (kind == 2) {
-    ok = OverColumns(a.n, threads, [&a](int64_t n0, int64_t n1) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
       return BytesColumns<E5M2Codes>(a, n0, n1); });
   } else {
     return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
@@ -425,10 +463,10 @@ ffi::Error BytesImpl(const char* name, int64_t kind, const float* xp, const uint
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
+ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                     ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
                     int64_t block_size, int64_t threads) {
-  return BytesImpl("qkern_int8_gemv", 0, x.typed_data(),
+  return BytesImpl(pool, "qkern_int8_gemv", 0, x.typed_data(),
                    reinterpret_cast<const uint8_t*>(codes.typed_data()), x.dimensions(),
                    codes.dimensions(), scales, y, block_size, threads);
 }
@@ -437,7 +475,7 @@ ffi::Error Int8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
 // (1: float8_e4m3fn, 2: float8_e5m2), or as float8 arrays of that type (QArrays built
 // before codes were stored as bytes), read as bytes either way: converting one to the
 // other would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
-ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
+ffi::Error Fp8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                    ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
                    int64_t block_size, int64_t threads, int64_t fp8_kind) {
   int64_t kind = fp8_kind;
@@ -450,7 +488,7 @@ ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
     return ffi::Error::InvalidArgument(
         "qkern_fp8_gemv: codes must be uint8 bit patterns or the float8 type fp8_kind names");
   }
-  return BytesImpl("qkern_fp8_gemv", kind, x.typed_data(),
+  return BytesImpl(pool, "qkern_fp8_gemv", kind, x.typed_data(),
                    static_cast<const uint8_t*>(codes.untyped_data()), x.dimensions(),
                    codes.dimensions(), scales, y, block_size, threads);
 }
@@ -459,6 +497,7 @@ ffi::Error Fp8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernPacked4Gemv, Packed4Impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -469,6 +508,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernPacked4Gemv, Packed4Impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Gemv, Int8Impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -478,6 +518,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Gemv, Int8Impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
