@@ -194,6 +194,18 @@ def test_crossover_bench_times_every_variant(capsys):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
+def test_dequantize_matches_reference(isa, fmt, opts):
+    """The dequantisation kernels of every variant, bit for bit (37 columns: tails past
+    whole vectors of 8 and 16)."""
+    from qkern.pallas._operand import reference_dequantize
+    from qkern.pallas.qmatmul import _xla as qmatmul_xla
+    _, _, op = make_case(fmt, opts, 1, 300, 37, jnp.float32)
+    fn = jax.jit(lambda op: qmatmul_xla.dequantized(op))   # traced afresh: this variant
+    assert (f"_dequantize_{isa}" in fn.lower(op).compile().as_text()) == (op.zeros is None)
+    np.testing.assert_array_equal(np.asarray(fn(op)), np.asarray(reference_dequantize(op)))
+
+
 def test_peers_bench_times_every_variant(capsys):
     pytest.importorskip("torch")
     _bench("peers").main(["--m", "1", "--k", "256", "--n", "128", "--formats", "int8",

@@ -16,7 +16,7 @@ from ..._compat import explicit_sharding, vary_like
 from . import _native
 from .._config import MatmulConfig, default_config
 from .._decode import decode_unpacked, nibble_table, split_nibbles
-from .._operand import QOperand
+from .._operand import QOperand, reference_dequantize
 
 def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> int:
     """Rows per chunk: a whole number of blocks that divides `rows`, near `target`."""
@@ -133,6 +133,15 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None, 
     else:
         y = _scan_matmul(x, op, config)
     return y.astype(x.dtype)
+
+
+def dequantized(op: QOperand, after: jax.Array | None = None) -> jax.Array:
+    """float32 [K, N], the weight for dequantise-then-dot: the native CPU kernel's decode
+    where it runs (`_native.dequantize`, ordered after `after`, the dot's other operand),
+    else `reference_dequantize`."""
+    if _native.dequantize_eligible(op):
+        return _native.dequantize(op, after)
+    return reference_dequantize(op)
 
 
 def _scan_matmul(x: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:

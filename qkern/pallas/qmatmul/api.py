@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ..._compat import explicit_sharding, vary_like
 from .. import _backend
 from .._config import MatmulConfig, Problem, config_for
-from .._operand import QOperand, reference_dequantize
+from .._operand import QOperand
 from . import _mosaic, _triton, _xla
 from ._xla import dot
 
@@ -44,7 +44,7 @@ def _run(x2, op, sel: _backend.Selection, config, transposed: bool):
 def _dequantize_dot(x2, op, transposed: bool):
     """x @ W (or dy @ W.T) with W dequantised to x's dtype and XLA's dot (float32
     accumulation): `MatmulConfig(dequantize=True)`, for large M where it beats a kernel."""
-    w = reference_dequantize(op).astype(x2.dtype)
+    w = _xla.dequantized(op, after=x2).astype(x2.dtype)   # decoded just before this dot
     y = dot(x2, w.T if transposed else w, jnp.float32)
     return y.astype(x2.dtype)
 

@@ -40,11 +40,11 @@ from ...._compat import _vma, explicit_sharding, lowering_is_local, not_mapped
 from ....formats import FORMATS, get_format
 from ..._config import MatmulConfig
 from ..._decode import nibble_table
-from ..._operand import QOperand
+from ..._operand import QOperand, reference_dequantize
 from ._build import ENV_VAR, ISA_VAR, VARIANTS, library, status, target, variant
 
-__all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "eligible", "max_m", "qmatmul_small_m",
-           "runs_for", "status", "variant"]
+__all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
+           "qmatmul_small_m", "runs_for", "status", "variant"]
 
 
 def max_m(op, isa: str | None = None) -> int:
@@ -234,3 +234,89 @@ def qmatmul_small_m(x2: jax.Array, op, config) -> jax.Array:
     return small_m_matmul_p.bind(x2, op.data, op.scales, *zeros, fmt=op.fmt.name,
                                  block_size=op.block_size, k=op.k, block_k=config.block_k,
                                  isa=variant())
+
+
+# -- dequantisation: the weight as float32, for dequantise-then-dot at large M -----------
+# XLA's own decode of a whole weight costs more than the dot's share of it (a 4-bit lookup
+# is a gather, fp8 a chain of bit operations): all-MiniLM-L6-v2's 36 kernels took 4 ms
+# (int8), 6 ms (nf4) and 8 ms (fp8_e4m3) against a 92 ms float32 batch of 32. The same
+# decoders as the kernels write value * scale with XLA's intra-op threads. Bound as a
+# primitive whose lowering picks the kernel (CPU, one device, outside jax.export) or
+# `reference_dequantize` (everywhere else); a batched (stacked) weight under vmap takes
+# the reference too.
+_DEQUANTIZE = {"qkern_packed4_gemv": "qkern_packed4_dequantize",
+               "qkern_int8_gemv": "qkern_int8_dequantize",
+               "qkern_fp8_gemv": "qkern_fp8_dequantize"}
+dequantize_p = Primitive("qkern_native_dequantize")
+
+
+def dequantize_eligible(op) -> bool:
+    """Whether `dequantize(op)` can run the native kernel (decided at trace time): a format
+    the kernels take, no zero points, an unsharded weight, the library loaded."""
+    if op.zeros is not None or _kernel_for(op) is None or library() is None:
+        return False
+    return not any(explicit_sharding(a) is not None or _vma(a) for a in (op.data, op.scales))
+
+
+def _dequantize_reference(after, data, scales, *, fmt, block_size, k, isa):
+    del after, isa
+    return reference_dequantize(_operand(data, scales, None, fmt, block_size, k))
+
+
+def _dequantize_native(after, data, scales, *, fmt, block_size, k, isa):
+    op = _operand(data, scales, None, fmt, block_size, k)
+    name = _DEQUANTIZE[_kernel_for(op)]
+    out = jax.ShapeDtypeStruct((op.k_padded, op.n), jnp.float32)
+    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op, 8)))
+    args = (op.data, op.scales.astype(jnp.float32))
+    if name == "qkern_packed4_dequantize":
+        args += (jnp.asarray(_table(op.fmt)),)
+    if name == "qkern_fp8_dequantize":
+        attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
+    w = jax.ffi.ffi_call(target(name, isa), out)(after, *args, **attrs)
+    return w[:k]
+
+
+def _dequantize_abstract(after, data, scales, *, fmt, block_size, k, isa):
+    return jax.core.ShapedArray((k, data.shape[1]), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_dequantize(**params):
+    return jax.jit(functools.partial(dequantize_p.bind, **params))
+
+
+def _dequantize_lower_cpu(ctx, *args, **params):
+    fn = _dequantize_native if lowering_is_local(ctx) else _dequantize_reference
+    return mlir.lower_fun(functools.partial(fn, **params), multiple_results=False)(ctx, *args)
+
+
+def _dequantize_batch(args, dims, **params):
+    if all(d is not_mapped for d in dims[1:]):   # only `after` batched: one weight still
+        after = jnp.take(args[0], 0, axis=dims[0])
+        return dequantize_p.bind(after, *args[1:], **params), not_mapped
+    axes = tuple(None if d is not_mapped else d for d in dims)
+    return jax.vmap(functools.partial(_dequantize_reference, **params), in_axes=axes)(*args), 0
+
+
+dequantize_p.def_impl(lambda *args, **params: _jitted_dequantize(**params)(*args))
+dequantize_p.def_abstract_eval(_dequantize_abstract)
+mlir.register_lowering(dequantize_p, mlir.lower_fun(_dequantize_reference,
+                                                    multiple_results=False))
+mlir.register_lowering(dequantize_p, _dequantize_lower_cpu, platform="cpu")
+batching.primitive_batchers[dequantize_p] = _dequantize_batch
+
+
+def dequantize(op, after: jax.Array | None = None) -> jax.Array:
+    """float32 [K, N] = the QOperand's weight, by the native kernel where the lowering
+    allows (see above). Call it when `dequantize_eligible(op)`. `after` (the x of the dot
+    the weight is for) is read by no one: the kernel's call takes it as an operand only so
+    that XLA runs the decode after x exists, just before its dot. Left free, XLA:CPU
+    schedules every layer's decode at the start of the program (an optimization_barrier
+    does not stop it), and the decoded weights of a whole model, live at once, made
+    all-MiniLM-L6-v2's temporary buffer 55 MB against float32's 17 MB: over glibc's 32 MB
+    mmap threshold, so mapped afresh, page faults and all, on every call (106 ms against
+    94 ms float32 at batch 32)."""
+    after = jnp.zeros((), jnp.float32) if after is None else after
+    return dequantize_p.bind(after, op.data, op.scales, fmt=op.fmt.name,
+                             block_size=op.block_size, k=op.k, isa=variant())

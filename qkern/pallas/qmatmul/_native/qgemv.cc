@@ -48,6 +48,9 @@ constexpr size_t kAlign = 64;
 using VF = __m512;
 inline VF VLoad(const float* p) { return _mm512_load_ps(p); }
 inline void VStore(float* p, VF v) { _mm512_store_ps(p, v); }
+inline VF VLoadU(const float* p) { return _mm512_loadu_ps(p); }
+inline void VStoreU(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF VMul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF VFma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF VSplat(float v) { return _mm512_set1_ps(v); }
 
@@ -72,6 +75,9 @@ constexpr size_t kAlign = 32;
 using VF = __m256;
 inline VF VLoad(const float* p) { return _mm256_load_ps(p); }
 inline void VStore(float* p, VF v) { _mm256_store_ps(p, v); }
+inline VF VLoadU(const float* p) { return _mm256_loadu_ps(p); }
+inline void VStoreU(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF VMul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF VFma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF VSplat(float v) { return _mm256_set1_ps(v); }
 
@@ -413,6 +419,54 @@ bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
   return share->ok;
 }
 
+// -- dequantisation: codes to float32 weights (value * scale), for dequantise-then-dot at
+// large M, where XLA's dot of the float32 weight beats any decode-as-you-go kernel. The
+// same decoders as the matmuls, one multiply per weight, exactly as `astype(float32) *
+// scale` rounds. Each thread writes its columns of every row.
+struct ArgsDeq {
+  const uint8_t* codes;  // [R, N] (4-bit: two logical rows a byte row) or [K, N]
+  const float* scales;   // [nb, N]
+  const float* table;    // [16] (4-bit only)
+  float* w;              // [K, N]
+  int64_t r, n, nb, block;
+};
+
+bool Packed4Dequantize(const ArgsDeq& a, int64_t n0, int64_t n1) {
+  const Table16 t(a.table);
+  for (int64_t r = 0; r < a.r; ++r) {
+    const uint8_t* p = a.codes + r * a.n;
+    const float* s_lo = a.scales + (a.nb == 1 ? 0 : r / a.block) * a.n;
+    const float* s_hi = a.scales + (a.nb == 1 ? 0 : (r + a.r) / a.block) * a.n;
+    float* lo = a.w + r * a.n;
+    float* hi = a.w + (r + a.r) * a.n;
+    int64_t c = n0;
+    for (; c + kW <= n1; c += kW) {
+      VF vl, vh;
+      t.Nibbles(p + c, &vl, &vh);
+      VStoreU(lo + c, VMul(vl, VLoadU(s_lo + c)));
+      VStoreU(hi + c, VMul(vh, VLoadU(s_hi + c)));
+    }
+    for (; c < n1; ++c) {
+      lo[c] = a.table[p[c] & 15] * s_lo[c];
+      hi[c] = a.table[p[c] >> 4] * s_hi[c];
+    }
+  }
+  return true;
+}
+
+template <typename D>
+bool BytesDequantize(const ArgsDeq& a, int64_t n0, int64_t n1) {
+  for (int64_t r = 0; r < a.r; ++r) {
+    const uint8_t* p = a.codes + r * a.n;
+    const float* s = a.scales + (a.nb == 1 ? 0 : r / a.block) * a.n;
+    float* w = a.w + r * a.n;
+    int64_t c = n0;
+    for (; c + kW <= n1; c += kW) VStoreU(w + c, VMul(D::Vec(p + c), VLoadU(s + c)));
+    for (; c < n1; ++c) w[c] = D::One(p[c]) * s[c];
+  }
+  return true;
+}
+
 const char kNoMemory[] = "could not allocate the kernel's partial-sum buffers";
 
 ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
@@ -493,6 +547,79 @@ ffi::Error Fp8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
                    codes.dimensions(), scales, y, block_size, threads);
 }
 
+// Dequantisation: codes and scales [nb, N] -> w float32 [K, N]. The handlers' first
+// operand (`after`, the x of the dot that uses w) is never read: it only orders the call
+// after that x exists, so that XLA decodes each layer's weight just before its dot. `kind`: 4 (4-bit, with
+// the 16-entry table), 0 (int8), 1 (float8_e4m3fn) or 2 (float8_e5m2) bit patterns.
+ffi::Error DequantizeImpl(ffi::ThreadPool& pool, const char* name, int64_t kind,
+                          const uint8_t* codes, ffi::Span<const int64_t> cd,
+                          ffi::Buffer<ffi::F32>& scales, const float* table,
+                          ffi::ResultBuffer<ffi::F32>& w, int64_t block_size, int64_t threads) {
+  const auto sd = scales.dimensions(), wd = w->dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected codes[R, N], "
+                                       "scales[nb, N] and w[K, N]");
+  ArgsDeq a{codes, scales.typed_data(), table, w->typed_data(), cd[0], cd[1], sd[0],
+            block_size};
+  const int64_t k = kind == 4 ? 2 * a.r : a.r;
+  if (wd[0] != k || wd[1] != a.n || sd[1] != a.n ||
+      (a.nb != 1 && (a.block <= 0 || a.nb * a.block != k)))
+    return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
+  bool ok;
+  if (kind == 4) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return Packed4Dequantize(a, n0, n1); });
+  } else if (kind == 0) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesDequantize<Int8Codes>(a, n0, n1); });
+  } else if (kind == 1) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesDequantize<E4M3Codes>(a, n0, n1); });
+  } else if (kind == 2) {
+    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesDequantize<E5M2Codes>(a, n0, n1); });
+  } else {
+    return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
+  }
+  if (!ok) return ffi::Error::Internal(std::string(name) + ": failed");
+  return ffi::Error::Success();
+}
+
+ffi::Error Packed4DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::Buffer<ffi::U8> codes,
+                                 ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> table,
+                                 ffi::ResultBuffer<ffi::F32> w, int64_t block_size,
+                                 int64_t threads) {
+  if (table.element_count() != 16)
+    return ffi::Error::InvalidArgument("qkern_packed4_dequantize: a 16-entry table");
+  return DequantizeImpl(pool, "qkern_packed4_dequantize", 4, codes.typed_data(),
+                        codes.dimensions(), scales, table.typed_data(), w, block_size,
+                        threads);
+}
+
+ffi::Error Int8DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::Buffer<ffi::S8> codes,
+                              ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> w,
+                              int64_t block_size, int64_t threads) {
+  return DequantizeImpl(pool, "qkern_int8_dequantize", 0,
+                        reinterpret_cast<const uint8_t*>(codes.typed_data()),
+                        codes.dimensions(), scales, nullptr, w, block_size, threads);
+}
+
+ffi::Error Fp8DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::AnyBuffer codes,
+                             ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> w,
+                             int64_t block_size, int64_t threads, int64_t fp8_kind) {
+  const ffi::DataType t = codes.element_type();
+  if (fp8_kind != 1 && fp8_kind != 2)
+    return ffi::Error::InvalidArgument(
+        "qkern_fp8_dequantize: fp8_kind must be 1 (e4m3fn) or 2 (e5m2)");
+  if (!(t == ffi::DataType::U8 || (t == ffi::DataType::F8E4M3FN && fp8_kind == 1) ||
+        (t == ffi::DataType::F8E5M2 && fp8_kind == 2)))
+    return ffi::Error::InvalidArgument("qkern_fp8_dequantize: codes must be uint8 bit "
+                                       "patterns or the float8 type fp8_kind names");
+  return DequantizeImpl(pool, "qkern_fp8_dequantize", fp8_kind,
+                        static_cast<const uint8_t*>(codes.untyped_data()), codes.dimensions(),
+                        scales, nullptr, w, block_size, threads);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernPacked4Gemv, Packed4Impl,
@@ -520,6 +647,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Gemv, Fp8Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("fp8_kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernPacked4Dequantize, Packed4DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // `after`: read by no one
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Dequantize, Int8DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // `after`: read by no one
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernFp8Dequantize, Fp8DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // `after`: read by no one
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
