@@ -4,6 +4,7 @@ for small M: where the one overtakes the other (`qkern.pallas.qmatmul._native.ma
     python bench/native_crossover.py                        # K = N = 4096, M = 1,2,4,8,16
     python bench/native_crossover.py --m 8,12,16 --formats nf4 --repeats 30
     python bench/native_crossover.py --isa all --cold       # each variant this CPU runs
+    python bench/native_crossover.py --k 384 --n 1536 --m 16,32,64 --dequantized
 
 All calls (dense, and per format the kernel and the scan) are timed in turns in one
 process; each cell is a speed-up over dense at that M. The two paths are checked against
@@ -13,6 +14,9 @@ only the one qkern picks ($QKERN_NATIVE_ISA caps it) runs. A call that follows a
 the same weight finds much of it in cache (a 4096 x 4096 int4 weight is 8 MiB): `--cold`
 reads a 128 MiB buffer before every timed call, so that every call reads its weight from
 memory, as a decode step through a large model does; compare variants with it.
+`--dequantized` adds dequantise-then-dot (`MatmulConfig(dequantize=True)`, the native decode
+then XLA's dot), what the `xla` backend runs for small weights from M = 128: where the
+kernel should hand over (`_native.max_m`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import qkern
 from qkern._bench.timing import interleaved_medians
 from qkern.pallas.qmatmul import _native
 from qkern.pallas.qmatmul._native import _build
+from qkern.pallas import MatmulConfig, qmatmul
 from qkern.pallas._config import default_config
 from qkern.pallas._operand import stored_operand
 from qkern.pallas.qmatmul._xla import _scan_matmul
@@ -43,6 +48,8 @@ def main(argv=None) -> None:
                    help="evict the caches before every timed call (128 MiB read)")
     p.add_argument("--isa", default="", help="kernel variants to time: comma-separated, or "
                    "all (every one this CPU runs); default: the one qkern picks")
+    p.add_argument("--dequantized", action="store_true",
+                   help="also time dequantise-then-dot (MatmulConfig(dequantize=True))")
     a = p.parse_args(argv)
     if _native.library() is None:
         raise SystemExit(f"the native CPU kernels are {_native.status()}")
@@ -58,6 +65,8 @@ def main(argv=None) -> None:
     ops = {f: stored_operand(qkern.quantize(w, f)) for f in fmts}
     dense = jax.jit(lambda x, w: x @ w)
     native = jax.jit(_native._native, static_argnames="isa")
+    dequantised = jax.jit(lambda x, op: qmatmul(x, op, backend="xla",
+                                                config=MatmulConfig(dequantize=True)))
     scans = {m: jax.jit(lambda x, op, c=default_config("xla", m): _scan_matmul(x, op, c))
              for m in ms}
     timers = {}
@@ -74,6 +83,8 @@ def main(argv=None) -> None:
                                          f"({err:.1e})")
                 timers[(f, v, m)] = lambda x=x, op=op, v=v: native(x, op, isa=v)
             timers[(f, "scan", m)] = lambda x=x, op=op, s=scans[m]: s(x, op)
+            if a.dequantized:
+                timers[(f, "dequantised", m)] = lambda x=x, op=op: dequantised(x, op)
     if a.cold:   # a flush before each timed call, timed too but not reported
         big = jnp.ones((32, 1 << 20), jnp.float32)
         flush = jax.jit(lambda b: b.sum())
@@ -84,9 +95,10 @@ def main(argv=None) -> None:
           f"on {jax.devices()[0].device_kind} (jax {jax.__version__}); kernel runs for "
           f"M <= {_native.max_m(next(iter(ops.values())))}; kernel variants: {', '.join(isas)}"
           + ("; caches evicted before every call" if a.cold else ""))
-    cols = [(f, v) for f in fmts for v in [*isas, "scan"]]
+    paths = ["scan"] + (["dequantised"] if a.dequantized else [])
+    cols = [(f, v) for f in fmts for v in [*isas, *paths]]
     print("| M | dense (ms) | " + " | ".join(
-        f"{f} {'scan' if v == 'scan' else label(v)}" for f, v in cols) + " |")
+        f"{f} {v if v in paths else label(v)}" for f, v in cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for m in ms:
         d = t[("dense", m)]

@@ -191,6 +191,10 @@ def test_crossover_bench_times_every_variant(capsys):
     out = capsys.readouterr().out
     cols = " | ".join(f"int4 {v}" for v in RUNNABLE)
     assert f"| M | dense (ms) | {cols} | int4 scan |" in out and "\n| 1 | " in out
+    _bench("native_crossover").main(["--m", "40", "--k", "256", "--n", "72", "--formats",
+                                     "int8", "--repeats", "1", "--dequantized"])
+    out = capsys.readouterr().out
+    assert "| int8 native | int8 scan | int8 dequantised |" in out and "\n| 40 | " in out
 
 
 @needs_native
