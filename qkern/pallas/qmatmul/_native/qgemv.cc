@@ -7,7 +7,8 @@
 // -mavx512vl), the same loops on 512-bit vectors, sixteen codes at a time. Codes are
 // decoded in registers, once for up to eight rows of x, and never written out: 4-bit codes
 // go through a 16-entry table (AVX2: held in two registers, vpermps on the low three bits
-// and a blend on the fourth; AVX-512: one register, one vpermps), int8 codes are widened
+// and a blend on the fourth; AVX-512: one register, one vpermps), except int4's, which are
+// sign-extended and converted (the same values, no shuffles), int8 codes are widened
 // and converted, fp8 codes are moved into float16 bit patterns and converted by vcvtph2ps
 // (E5M2 is the top byte of a float16; E4M3FN is rebiased by a factor 2^8 and its one NaN
 // code blended in), subnormals, inf and NaN included. Per block of rows the products are
@@ -69,6 +70,17 @@ struct Table16 {
   }
   __m512 t;
 };
+
+// int4's two's complement nibbles, sign-extended and converted: no table, so no vpermps
+// (the AVX-512 shuffle port also runs half the FMAs).
+struct NibbleInts {
+  explicit NibbleInts(const float*) {}
+  void Nibbles(const uint8_t* p, VF* lo, VF* hi) const {
+    const __m512i b = _mm512_cvtepu8_epi32(Load16Bytes(p));
+    *lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+    *hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
+  }
+};
 #else
 constexpr int64_t kW = 8;
 constexpr size_t kAlign = 32;
@@ -101,6 +113,17 @@ struct Table16 {
     *hi = Lookup(_mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
   }
   __m256 t0, t1;
+};
+
+// int4's two's complement nibbles, sign-extended and converted: no table (AVX2's lookup
+// costs two vpermps and a blend a nibble).
+struct NibbleInts {
+  explicit NibbleInts(const float*) {}
+  void Nibbles(const uint8_t* p, VF* lo, VF* hi) const {
+    const __m256i b = _mm256_cvtepu8_epi32(Load8Bytes(p));
+    *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+    *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 28));
+  }
 };
 #endif
 
@@ -150,9 +173,9 @@ inline void Prefetch(const uint8_t* pf, int64_t stride, int64_t i) {
 
 // Adds U code rows from row r (columns c0 .. c0 + w) into the partial sums of MR rows of x
 // (panels of pw columns each): each code is decoded once for all MR rows.
-template <int U, int MR>
+template <int U, int MR, typename T>
 inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0, int64_t w,
-                           int64_t pw, float* lo, float* hi, const Table16& t) {
+                           int64_t pw, float* lo, float* hi, const T& t) {
   const uint8_t* p = a.codes + r * a.n + c0;
   const int64_t wv = w / kW * kW, xs = 2 * a.r;  // xs: from one row of x to the next
   VF xl[U][MR], xh[U][MR];  // the x values, broadcast once (the stores below may alias x)
@@ -195,10 +218,10 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
 // Columns [n0, n1) of MR rows of y. For each group of code rows that shares a scale row, a
 // panel of columns is walked row by row (contiguous bytes), summing unscaled products in
 // L1 buffers; the panel is then scaled into y.
-template <int MR>
+template <int MR, typename T>
 void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1,
                   float* lo, float* hi) {
-  const Table16 t(a.table);
+  const T t(a.table);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
   // eight rows' two buffers of kPanel / 4 columns fill 32 KB of L1 (kPanel / 2 spilled
@@ -214,8 +237,8 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
       std::fill(lo, lo + MR * pw, 0.0f);
       std::fill(hi, hi + MR * pw, 0.0f);
       int64_t r = r0;
-      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR>(a, x, r, c0, w, pw, lo, hi, t);
-      for (; r < r0 + g; ++r) Packed4AddRows<1, MR>(a, x, r, c0, w, pw, lo, hi, t);
+      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, T>(a, x, r, c0, w, pw, lo, hi, t);
+      for (; r < r0 + g; ++r) Packed4AddRows<1, MR, T>(a, x, r, c0, w, pw, lo, hi, t);
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i)
           y[k * a.n + c0 + i] += lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i];
@@ -223,18 +246,19 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   }
 }
 
+template <typename T>
 bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
   Buffer lo(4 * kPanel), hi(4 * kPanel);
   if (lo.data == nullptr || hi.data == nullptr) return false;
   int64_t i = 0;  // rows of x kRowsPacked4, then four, then two, then one at a time
   for (; kRowsPacked4 > 4 && i + kRowsPacked4 <= a.m; i += kRowsPacked4)
-    Packed4Block<kRowsPacked4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+    Packed4Block<kRowsPacked4, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 4 <= a.m; i += 4)
-    Packed4Block<4>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+    Packed4Block<4, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 2 <= a.m; i += 2)
-    Packed4Block<2>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+    Packed4Block<2, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i < a.m; ++i)
-    Packed4Block<1>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+    Packed4Block<1, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   return true;
 }
 
@@ -431,8 +455,9 @@ struct ArgsDeq {
   int64_t r, n, nb, block;
 };
 
+template <typename T>
 bool Packed4Dequantize(const ArgsDeq& a, int64_t n0, int64_t n1) {
-  const Table16 t(a.table);
+  const T t(a.table);
   for (int64_t r = 0; r < a.r; ++r) {
     const uint8_t* p = a.codes + r * a.n;
     const float* s_lo = a.scales + (a.nb == 1 ? 0 : r / a.block) * a.n;
@@ -467,6 +492,14 @@ bool BytesDequantize(const ArgsDeq& a, int64_t n0, int64_t n1) {
   return true;
 }
 
+// Whether a 4-bit table is int4's (0..7, -8..-1: the nibble as two's complement), which
+// NibbleInts decodes without it, to the same values.
+bool TwosComplement(const float* t) {
+  for (int i = 0; i < 16; ++i)
+    if (t[i] != static_cast<float>(i < 8 ? i : i - 16)) return false;
+  return true;
+}
+
 const char kNoMemory[] = "could not allocate the kernel's partial-sum buffers";
 
 ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
@@ -481,7 +514,10 @@ ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (xd[1] != 2 * a.r || sd[1] != a.n || (a.nb != 1 && (a.nb * a.block != 2 * a.r ||
                                                         a.nb % 2 != 0)))
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: inconsistent shapes");
-  auto work = [&a](int64_t n0, int64_t n1) { return Packed4Columns(a, n0, n1); };
+  const bool ints = TwosComplement(a.table);
+  auto work = [&a, ints](int64_t n0, int64_t n1) {
+    return ints ? Packed4Columns<NibbleInts>(a, n0, n1) : Packed4Columns<Table16>(a, n0, n1);
+  };
   if (!OverColumns(pool, a.n, threads, work))
     return ffi::Error::Internal(std::string("qkern_packed4_gemv: ") + kNoMemory);
   return ffi::Error::Success();
@@ -567,8 +603,10 @@ ffi::Error DequantizeImpl(ffi::ThreadPool& pool, const char* name, int64_t kind,
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
   bool ok;
   if (kind == 4) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return Packed4Dequantize(a, n0, n1); });
+    const bool ints = TwosComplement(table);
+    ok = OverColumns(pool, a.n, threads, [&a, ints](int64_t n0, int64_t n1) {
+      return ints ? Packed4Dequantize<NibbleInts>(a, n0, n1)
+                  : Packed4Dequantize<Table16>(a, n0, n1); });
   } else if (kind == 0) {
     ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
       return BytesDequantize<Int8Codes>(a, n0, n1); });
