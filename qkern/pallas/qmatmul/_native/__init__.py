@@ -94,8 +94,13 @@ def eligible(x2: jax.Array, op) -> bool:
     """Whether `x2 @ op` can run the native kernel (decided at trace time)."""
     if x2.ndim != 2 or not runs_for(x2.shape[0], op):
         return False
-    arrays = [x2, op.data, op.scales] + ([op.zeros] if op.zeros is not None else [])
-    return not any(explicit_sharding(a) is not None or _vma(a) for a in arrays)
+    return _unsharded(x2, op.data, op.scales, op.zeros)
+
+
+def _unsharded(*arrays) -> bool:
+    """No array (None skipped) on an Explicit mesh or varying inside shard_map."""
+    return not any(explicit_sharding(a) is not None or _vma(a)
+                   for a in arrays if a is not None)
 
 
 # Threads per call: one per core, at most MAX_THREADS, only for calls with at least
@@ -124,6 +129,19 @@ def _threads(op, m: int = 1) -> int:
     return max(1, min(cpus, op.n // width, MAX_THREADS))
 
 
+def _weight_operands(op, kernel: str, threads: int) -> tuple[tuple, dict]:
+    """(operands, attributes) that kernel `kernel` (a gemv or a dequantise target) takes for
+    the weight: codes as stored (uint8 bit patterns, or float8 arrays: a bitcast would be a
+    copy), float32 scales, the 16-entry table of 4-bit codes, which float8 fp8 codes hold."""
+    args = (op.data, op.scales.astype(jnp.float32))
+    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(threads))
+    if kernel.startswith("qkern_packed4_"):
+        args += (jnp.asarray(_table(op.fmt)),)
+    if kernel.startswith("qkern_fp8_"):
+        attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
+    return args, attrs
+
+
 def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
     """float32 [M, N] from the FFI kernel of variant `isa` (default: the loaded one), zero
     points applied. A variant named must have been loaded in this process before (which
@@ -138,14 +156,8 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
         x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
     name = _kernel_for(op)
     out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
-    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op, m)))
-    args = (x32, op.data, op.scales.astype(jnp.float32))
-    if name == "qkern_packed4_gemv":
-        args += (jnp.asarray(_table(op.fmt)),)
-    if name == "qkern_fp8_gemv":
-        # the codes as stored (uint8 bit patterns, or float8): a bitcast would be a copy
-        attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
-    y = jax.ffi.ffi_call(target(name, isa), out)(*args, **attrs)
+    args, attrs = _weight_operands(op, name, _threads(op, m))
+    y = jax.ffi.ffi_call(target(name, isa), out)(x32, *args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
         xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)
         y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
@@ -255,7 +267,7 @@ def dequantize_eligible(op) -> bool:
     the kernels take, no zero points, an unsharded weight, the library loaded."""
     if op.zeros is not None or _kernel_for(op) is None or library() is None:
         return False
-    return not any(explicit_sharding(a) is not None or _vma(a) for a in (op.data, op.scales))
+    return _unsharded(op.data, op.scales)
 
 
 def _dequantize_reference(after, data, scales, *, fmt, block_size, k, isa):
@@ -267,12 +279,7 @@ def _dequantize_native(after, data, scales, *, fmt, block_size, k, isa):
     op = _operand(data, scales, None, fmt, block_size, k)
     name = _DEQUANTIZE[_kernel_for(op)]
     out = jax.ShapeDtypeStruct((op.k_padded, op.n), jnp.float32)
-    attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(_threads(op, 8)))
-    args = (op.data, op.scales.astype(jnp.float32))
-    if name == "qkern_packed4_dequantize":
-        args += (jnp.asarray(_table(op.fmt)),)
-    if name == "qkern_fp8_dequantize":
-        attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
+    args, attrs = _weight_operands(op, name, _threads(op, 8))
     w = jax.ffi.ffi_call(target(name, isa), out)(after, *args, **attrs)
     return w[:k]
 

@@ -52,7 +52,8 @@ VARIANTS = {
 # FFI handler symbols in qgemv.cc -> the target names qkern registers them under, each
 # followed by `_<variant>` (`target()`).
 TARGETS = {"QkernPacked4Gemv": "qkern_packed4_gemv", "QkernInt8Gemv": "qkern_int8_gemv",
-           "QkernFp8Gemv": "qkern_fp8_gemv", "QkernPacked4Dequantize": "qkern_packed4_dequantize",
+           "QkernFp8Gemv": "qkern_fp8_gemv",
+           "QkernPacked4Dequantize": "qkern_packed4_dequantize",
            "QkernInt8Dequantize": "qkern_int8_dequantize",
            "QkernFp8Dequantize": "qkern_fp8_dequantize"}
 

@@ -25,12 +25,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <string>
-#include <atomic>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -524,6 +525,34 @@ ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 // One-byte codes: int8 (`kind` 0), float8_e4m3fn (1) or float8_e5m2 (2).
+// Runs f on the decoder of one-byte code kind `kind`: int8 (0), float8_e4m3fn (1) or
+// float8_e5m2 (2); nullopt for any other kind.
+template <typename F>
+std::optional<bool> WithByteCodes(int64_t kind, F f) {
+  switch (kind) {
+    case 0: return f(Int8Codes{});
+    case 1: return f(E4M3Codes{});
+    case 2: return f(E5M2Codes{});
+    default: return std::nullopt;
+  }
+}
+
+// fp8 codes as qkern stores them, uint8 bit patterns of the float8 named by `fp8_kind`
+// (1: float8_e4m3fn, 2: float8_e5m2), or as float8 arrays of that type (QArrays built
+// before codes were stored as bytes), read as bytes either way: converting one to the
+// other would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
+ffi::Error CheckFp8Codes(const std::string& name, const ffi::AnyBuffer& codes,
+                         int64_t fp8_kind) {
+  const ffi::DataType t = codes.element_type();
+  if (fp8_kind != 1 && fp8_kind != 2)
+    return ffi::Error::InvalidArgument(name + ": fp8_kind must be 1 (e4m3fn) or 2 (e5m2)");
+  if (!(t == ffi::DataType::U8 || (t == ffi::DataType::F8E4M3FN && fp8_kind == 1) ||
+        (t == ffi::DataType::F8E5M2 && fp8_kind == 2)))
+    return ffi::Error::InvalidArgument(
+        name + ": codes must be uint8 bit patterns or the float8 type fp8_kind names");
+  return ffi::Error::Success();
+}
+
 ffi::Error BytesImpl(ffi::ThreadPool& pool, const char* name, int64_t kind, const float* xp, const uint8_t* codes,
                      ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
                      ffi::Buffer<ffi::F32>& scales, ffi::ResultBuffer<ffi::F32>& y,
@@ -536,20 +565,13 @@ ffi::Error BytesImpl(ffi::ThreadPool& pool, const char* name, int64_t kind, cons
           block_size};
   if (xd[1] != a.k || sd[1] != a.n || (a.nb != 1 && a.nb * a.block != a.k))
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
-  bool ok;
-  if (kind == 0) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesColumns<Int8Codes>(a, n0, n1); });
-  } else if (kind == 1) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesColumns<E4M3Codes>(a, n0, n1); });
-  } else if (kind == 2) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesColumns<E5M2Codes>(a, n0, n1); });
-  } else {
-    return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
-  }
-  if (!ok) return ffi::Error::Internal(std::string(name) + ": " + kNoMemory);
+  const std::optional<bool> ok = WithByteCodes(kind, [&](auto codes) {
+    using D = decltype(codes);
+    return OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+      return BytesColumns<D>(a, n0, n1); });
+  });
+  if (!ok) return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
+  if (!*ok) return ffi::Error::Internal(std::string(name) + ": " + kNoMemory);
   return ffi::Error::Success();
 }
 
@@ -561,32 +583,20 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                    codes.dimensions(), scales, y, block_size, threads);
 }
 
-// fp8 codes as qkern stores them, uint8 bit patterns of the float8 named by `fp8_kind`
-// (1: float8_e4m3fn, 2: float8_e5m2), or as float8 arrays of that type (QArrays built
-// before codes were stored as bytes), read as bytes either way: converting one to the
-// other would cost XLA a copy of the weight (a bitcast-convert fusion) per call.
+// fp8 codes: see CheckFp8Codes.
 ffi::Error Fp8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                    ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
                    int64_t block_size, int64_t threads, int64_t fp8_kind) {
-  int64_t kind = fp8_kind;
-  const ffi::DataType t = codes.element_type();
-  if (kind != 1 && kind != 2) {
-    return ffi::Error::InvalidArgument("qkern_fp8_gemv: fp8_kind must be 1 (e4m3fn) or 2 (e5m2)");
-  }
-  if (!(t == ffi::DataType::U8 || (t == ffi::DataType::F8E4M3FN && kind == 1) ||
-        (t == ffi::DataType::F8E5M2 && kind == 2))) {
-    return ffi::Error::InvalidArgument(
-        "qkern_fp8_gemv: codes must be uint8 bit patterns or the float8 type fp8_kind names");
-  }
-  return BytesImpl(pool, "qkern_fp8_gemv", kind, x.typed_data(),
+  if (ffi::Error e = CheckFp8Codes("qkern_fp8_gemv", codes, fp8_kind); e.failure()) return e;
+  return BytesImpl(pool, "qkern_fp8_gemv", fp8_kind, x.typed_data(),
                    static_cast<const uint8_t*>(codes.untyped_data()), x.dimensions(),
                    codes.dimensions(), scales, y, block_size, threads);
 }
 
 // Dequantisation: codes and scales [nb, N] -> w float32 [K, N]. The handlers' first
 // operand (`after`, the x of the dot that uses w) is never read: it only orders the call
-// after that x exists, so that XLA decodes each layer's weight just before its dot. `kind`: 4 (4-bit, with
-// the 16-entry table), 0 (int8), 1 (float8_e4m3fn) or 2 (float8_e5m2) bit patterns.
+// after that x exists, so that XLA decodes each layer's weight just before its dot.
+// `kind`: 4 (4-bit, with the 16-entry table), or a one-byte kind of WithByteCodes.
 ffi::Error DequantizeImpl(ffi::ThreadPool& pool, const char* name, int64_t kind,
                           const uint8_t* codes, ffi::Span<const int64_t> cd,
                           ffi::Buffer<ffi::F32>& scales, const float* table,
@@ -601,25 +611,21 @@ ffi::Error DequantizeImpl(ffi::ThreadPool& pool, const char* name, int64_t kind,
   if (wd[0] != k || wd[1] != a.n || sd[1] != a.n ||
       (a.nb != 1 && (a.block <= 0 || a.nb * a.block != k)))
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
-  bool ok;
+  std::optional<bool> ok;
   if (kind == 4) {
     const bool ints = TwosComplement(table);
     ok = OverColumns(pool, a.n, threads, [&a, ints](int64_t n0, int64_t n1) {
       return ints ? Packed4Dequantize<NibbleInts>(a, n0, n1)
                   : Packed4Dequantize<Table16>(a, n0, n1); });
-  } else if (kind == 0) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesDequantize<Int8Codes>(a, n0, n1); });
-  } else if (kind == 1) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesDequantize<E4M3Codes>(a, n0, n1); });
-  } else if (kind == 2) {
-    ok = OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
-      return BytesDequantize<E5M2Codes>(a, n0, n1); });
   } else {
-    return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
+    ok = WithByteCodes(kind, [&](auto codes) {
+      using D = decltype(codes);
+      return OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
+        return BytesDequantize<D>(a, n0, n1); });
+    });
   }
-  if (!ok) return ffi::Error::Internal(std::string(name) + ": failed");
+  if (!ok) return ffi::Error::InvalidArgument(std::string(name) + ": unknown code kind");
+  if (!*ok) return ffi::Error::Internal(std::string(name) + ": failed");
   return ffi::Error::Success();
 }
 
@@ -645,14 +651,8 @@ ffi::Error Int8DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::Buffer<
 ffi::Error Fp8DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::AnyBuffer codes,
                              ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> w,
                              int64_t block_size, int64_t threads, int64_t fp8_kind) {
-  const ffi::DataType t = codes.element_type();
-  if (fp8_kind != 1 && fp8_kind != 2)
-    return ffi::Error::InvalidArgument(
-        "qkern_fp8_dequantize: fp8_kind must be 1 (e4m3fn) or 2 (e5m2)");
-  if (!(t == ffi::DataType::U8 || (t == ffi::DataType::F8E4M3FN && fp8_kind == 1) ||
-        (t == ffi::DataType::F8E5M2 && fp8_kind == 2)))
-    return ffi::Error::InvalidArgument("qkern_fp8_dequantize: codes must be uint8 bit "
-                                       "patterns or the float8 type fp8_kind names");
+  if (ffi::Error e = CheckFp8Codes("qkern_fp8_dequantize", codes, fp8_kind); e.failure())
+    return e;
   return DequantizeImpl(pool, "qkern_fp8_dequantize", fp8_kind,
                         static_cast<const uint8_t*>(codes.untyped_data()), codes.dimensions(),
                         scales, nullptr, w, block_size, threads);
