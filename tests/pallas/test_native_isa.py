@@ -47,12 +47,13 @@ def isa(request, monkeypatch):
 
 @pytest.mark.parametrize("fmt,opts", FORMATS, ids=IDS)
 @pytest.mark.parametrize("m,k,n", [(1, 1000, 2100), (2, 300, 37), (7, 160, 72),
-                                   (31, 200, 300)])
+                                   (31, 200, 300), (13, 1000, 2100)])
 def test_matches_reference(isa, fmt, opts, m, k, n):
     # 2100 and 37 columns leave tails past whole vectors of 8 and 16; 7 rows of x take the
-    # four-, two- and one-row paths, 31 the eight-row one too (and a second thread, 300
-    # columns over two 128-column threads where there are two); 1000 rows of int8 split
-    # over two threads where there are two
+    # streaming kernel's four-, two- and one-row paths, 13 and 31 the tiled kernel's 16-
+    # (AVX-512), 8-, 4-, 2- and 1-row ones (31 also a second thread, 300 columns over two
+    # 128-column threads where there are two); 1000 rows split over two threads where there
+    # are two, and take the tiled kernel through several chunks of code rows and blocks
     x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     fn = lambda x, op: qmatmul(x, op, backend="xla")
     want = {f"{_native._kernel_for(op)}_{isa}"} if m <= _native.max_m(op) else set()
@@ -67,13 +68,19 @@ def test_fp8_decodes_every_bit_pattern_as_astype(isa, dtype):
 
 
 @pytest.mark.parametrize("fmt,opts", [("nf4", {}), ("int4", dict(calibration="minmax")),
-                                      ("int8", {}), ("fp8_e4m3", {})], ids=str)
-def test_variants_give_identical_results(monkeypatch, fmt, opts):
-    """The variants do the same float32 operations in the same order per column (200
-    columns: a tail past the last whole vector of 16)."""
+                                      ("int8", {}), ("fp8_e4m3", {}),
+                                      ("int8", dict(block_size=None))], ids=str)
+@pytest.mark.parametrize("m,k,n", [(3, 512, 200), (13, 512, 200), (16, 512, 200),
+                                   (9, 2048, 2100)])
+def test_variants_give_identical_results(monkeypatch, fmt, opts, m, k, n):
+    """The variants pick the same kernel and do the same float32 operations in the same
+    order per column (200 columns: a tail past the last whole vector of 16). 3 rows of x:
+    the streaming kernel; 13 and 16: the tiled one (16: one pass of 16 rows on AVX-512, two
+    of 8 on AVX2); 9 rows against 2048 x 2100 codes: tiled, except int8, which streams
+    weights over 4 Mi codes."""
     if len(RUNNABLE) < 2 or _build.library() is None:
         pytest.skip(f"this CPU runs one variant at most ({', '.join(RUNNABLE) or 'none'})")
-    x, _, op = make_case(fmt, opts, 3, 512, 200, jnp.float32)
+    x, _, op = make_case(fmt, opts, m, k, n, jnp.float32)
     outs = []
     for v in RUNNABLE:
         monkeypatch.setenv(_build.ISA_VAR, v)

@@ -49,12 +49,11 @@ __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
 
 def max_m(op, isa: str | None = None) -> int:
     """Rows of x at or below which the kernel runs for `op`, by variant (`isa`; default: the
-    one loaded now). The AVX-512 variants decode each code once for up to eight rows of x
-    and beat both the scan and dequantise-then-dot up to M = 32 for every format, at
-    K = N = 4096 and at MiniLM's 384 x 384, 384 x 1536 and 1536 x 384; above that the
-    small weights' dequantise-then-dot catches up (`python bench/native_crossover.py`,
-    docs/benchmarks.md). The AVX2 variant (four rows at a time, eight for int8) wins to
-    M = 16."""
+    one loaded now). From M = 8 the kernel is register-tiled (qgemv.cc: each code decoded
+    once for up to 16 rows of x on AVX-512, 8 on AVX2). The AVX-512 variant beats both the
+    scan and dequantise-then-dot up to M = 32 for every format, at K = N = 4096 and at
+    MiniLM's 384 x 384, 384 x 1536 and 1536 x 384 (`python bench/native_crossover.py`,
+    docs/benchmarks.md); the AVX2 variant to M = 16."""
     return 32 if (isa or variant() or "").startswith("avx512") else 16
 
 

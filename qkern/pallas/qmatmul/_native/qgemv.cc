@@ -4,18 +4,26 @@
 // One source, compiled once per instruction-set variant (_build.py picks the best the CPU
 // runs): without QKERN_AVX512, for x86-64 with AVX2, FMA and F16C (the floor: 256-bit
 // vectors, eight codes at a time); with QKERN_AVX512 (and -mavx512f -mavx512bw
-// -mavx512vl), the same loops on 512-bit vectors, sixteen codes at a time. Codes are
-// decoded in registers, once for up to eight rows of x, and never written out: 4-bit codes
+// -mavx512vl), the same loops on 512-bit vectors, sixteen codes at a time.
+//
+// Two kernels per code kind. Below kTiledFrom rows of x the streaming kernel walks each
+// code row's columns contiguously, summing into partial-sum panels in L1 (the weight's
+// bytes are the cost there). From kTiledFrom rows the register-tiled kernel keeps the sums
+// of up to 16 rows of x over one vector of columns in registers down K, decoding and
+// scaling each code once for all of them (the FMAs are the cost there).
+//
+// Codes are decoded in registers and never written out: 4-bit codes
 // go through a 16-entry table (AVX2: held in two registers, vpermps on the low three bits
 // and a blend on the fourth; AVX-512: one register, one vpermps), except int4's, which are
 // sign-extended and converted (the same values, no shuffles), int8 codes are widened
 // and converted, fp8 codes are moved into float16 bit patterns and converted by vcvtph2ps
 // (E5M2 is the top byte of a float16; E4M3FN is rebiased by a factor 2^8 and its one NaN
-// code blended in), subnormals, inf and NaN included. Per block of rows the products are
-// summed unscaled, then scaled once per column. Zero points are left to the caller (a
-// [M, nb] @ [nb, N] term). Both variants do the same float32 operations in the same order
-// per column (the columns past the last whole vector with scalar fused multiply-adds), so
-// they give the same results, bit for bit.
+// code blended in), subnormals, inf and NaN included. The streaming kernel sums the
+// products of each block of rows unscaled, then scales once per column; the tiled kernel
+// scales each decoded code (T[c] * s) before its FMAs. Zero points are left to the caller
+// (a [M, nb] @ [nb, N] term). Both variants pick the same kernel for the same call and do
+// the same float32 operations in the same order per column (the columns past the last
+// whole vector with scalar fused multiply-adds), so they give the same results, bit for bit.
 //
 // Storage (qkern/pallas/_operand.py): 4-bit codes are uint8 [R, N], byte row r holding
 // logical row r in its low nibble and row r + R in its high nibble; int8 and fp8 codes
@@ -32,6 +40,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -142,13 +151,6 @@ struct Args4 {
 // slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
 constexpr int64_t kPanel = 2048;
 
-// Rows of x per pass over the codes, at most: each code is decoded once for this many rows.
-// Eight keep the FMA units busy from M = 8 (at M = 16, K = N = 4096, on a Xeon with
-// AVX-512: int8 2.9 ms and nf4 2.8 ms a call against 3.1 and 3.4 at four), where decoding
-// once per four rows left them waiting on the decode. With AVX2's sixteen registers eight
-// rows run out of them for the 4-bit and fp8 decodes (nf4 and fp8 slower at M = 16), so
-// there only int8 takes eight.
-constexpr int kRowsPacked4 = kW == 16 ? 8 : 4;
 
 // Partial sums for up to eight rows of x: on the heap (64 KB would strain small thread
 // stacks), aligned to a vector for the aligned vector loads.
@@ -225,9 +227,7 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   const T t(a.table);
   const int64_t g = a.nb == 1 ? a.r : a.block;   // rows per group: one scale row per half
   const int64_t groups = a.r / g, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
-  // eight rows' two buffers of kPanel / 4 columns fill 32 KB of L1 (kPanel / 2 spilled
-  // into L2 and ran 1.7x slower)
-  const int64_t pw = MR > 4 ? kPanel * 2 / MR : kPanel;
+  const int64_t pw = kPanel;
   for (int k = 0; k < MR; ++k) std::fill(y + k * a.n + n0, y + k * a.n + n1, 0.0f);
   for (int64_t j = 0; j < groups; ++j) {
     const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
@@ -247,13 +247,114 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   }
 }
 
+
+// -- the register-tiled kernels, from kTiledFrom rows of x: the sums of MR rows of x over one
+// vector of columns (a strip) stay in registers while kChunk code rows pass; each code is
+// decoded and scaled once (w = T[c] * s) for all MR rows. The strips of a panel of columns
+// take turns per chunk of rows, so that the four (AVX2: eight) strips that share a cache
+// line of codes read it from L1; the sums wait in a buffer between chunks. Per column
+// and row of x the order is fixed, for each code row r the low nibble's product, then the
+// high one's (4-bit), so every MR and both variants give the same sums bit for bit.
+// Against the streaming kernel's eight rows per pass (2-core Xeon with AVX-512, nf4,
+// K = N = 4096): 1.45x faster at M = 16 and 32, 1.15x at M = 8; 1.5-2.1x at MiniLM's
+// 384 x 384, 384 x 1536 and 1536 x 384 (docs/benchmarks.md).
+// Walking K a strip at a time, without chunks and panels, ran 2x slower (every code row a
+// page apart, each cache line read four times); reading x in place, 1.5x slower (x's rows,
+// a power of two floats apart, fall in one set of L1): x is copied per chunk instead.
+constexpr int64_t kTiledFrom = 8;
+constexpr int kTiledRows = kW == 16 ? 16 : 8;  // AVX2's sixteen registers hold eight sums
+constexpr int64_t kChunk = 64;                  // code rows per turn (16-128 ran alike)
+
+// Adds code rows [r0, r1) (one scale row) into the sums of MR rows of x over one vector of
+// columns at c: from `in` (nullptr: zero; rows `pw` floats apart) to `out` (rows `stride`
+// floats apart).
+template <int MR, typename T>
+inline void Packed4Strip(const Args4& a, const float* xp, int64_t r0, int64_t r1, int64_t j,
+                         int64_t c, const float* in, int64_t pw, float* out, int64_t stride,
+                         const T& t) {
+  const int64_t hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
+  VF acc[MR];
+  for (int k = 0; k < MR; ++k) acc[k] = in == nullptr ? VSplat(0.0f) : VLoadU(in + k * pw);
+  const VF sl = VLoadU(a.scales + (a.nb == 1 ? 0 : j) * a.n + c);
+  const VF sh = VLoadU(a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n + c);
+  // the first strip to read these cache lines fetches, into L2, the line two ahead in each
+  // code row (into L1 it ran 1.1-1.2x slower from memory at M = 8)
+  const bool lead = c % kLine == 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = a.codes + r * a.n + c;
+    if (lead) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * kLine), _MM_HINT_T1);
+    VF vl, vh;
+    t.Nibbles(p, &vl, &vh);
+    vl = VMul(vl, sl);
+    vh = VMul(vh, sh);
+    const float* xr = xp + (r - r0) * 2 * MR;
+    for (int k = 0; k < MR; ++k) acc[k] = VFma(vl, VSplat(xr[k]), acc[k]);
+    for (int k = 0; k < MR; ++k) acc[k] = VFma(vh, VSplat(xr[MR + k]), acc[k]);
+  }
+  for (int k = 0; k < MR; ++k) VStoreU(out + k * stride, acc[k]);
+}
+
+// The columns past the last whole vector, one at a time, in the order of Packed4Strip.
+inline void Packed4TiledTail(const Args4& a, const float* x, float* y, int64_t m, int64_t c) {
+  const int64_t xs = 2 * a.r, g = a.nb == 1 ? a.r : a.block, hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
+  for (int64_t k = 0; k < m; ++k) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < a.r; ++r) {
+      const int64_t j = a.nb == 1 ? 0 : r / g;
+      const uint8_t b = a.codes[r * a.n + c];
+      const float wl = a.table[b & 15] * a.scales[j * a.n + c];
+      const float wh = a.table[b >> 4] * a.scales[(a.nb == 1 ? 0 : hi_row0 + j) * a.n + c];
+      acc = std::fma(wl, x[k * xs + r], acc);
+      acc = std::fma(wh, x[k * xs + a.r + r], acc);
+    }
+    y[k * a.n + c] = acc;
+  }
+}
+
+template <int MR, typename T>
+void Packed4Tiled(const Args4& a, const float* x, float* y, int64_t n0, int64_t n1, float* buf) {
+  const T t(a.table);
+  const int64_t g = a.nb == 1 ? a.r : a.block, pw = kPanel * 4 / MR / kW * kW;
+  const int64_t wv = (n1 - n0) / kW * kW;
+  alignas(64) float xp[2 * kChunk * MR];
+  for (int64_t c0 = n0; c0 < n0 + wv; c0 += pw) {
+    const int64_t w = std::min(pw, n0 + wv - c0);
+    for (int64_t r0 = 0; r0 < a.r; r0 += g)
+      for (int64_t r = r0; r < r0 + g; r += kChunk) {
+        const int64_t r1 = std::min(r + kChunk, r0 + g);
+        const bool first = r == 0, last = r1 == a.r;
+        // x's values for these code rows, each row's 2 MR (low and high) side by side: x's
+        // rows, a power of two floats apart, would otherwise crowd one set of L1
+        for (int64_t q = r; q < r1; ++q)
+          for (int k = 0; k < MR; ++k) {
+            xp[(q - r) * 2 * MR + k] = x[k * 2 * a.r + q];
+            xp[(q - r) * 2 * MR + MR + k] = x[k * 2 * a.r + a.r + q];
+          }
+        for (int64_t i = 0; i < w; i += kW)
+          Packed4Strip<MR, T>(a, xp, r, r1, r0 / g, c0 + i, first ? nullptr : buf + i, pw,
+                              last ? y + c0 + i : buf + i, last ? a.n : pw, t);
+      }
+  }
+  for (int64_t c = n0 + wv; c < n1; ++c) Packed4TiledTail(a, x, y, MR, c);
+}
+
 template <typename T>
 bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
   Buffer lo(4 * kPanel), hi(4 * kPanel);
   if (lo.data == nullptr || hi.data == nullptr) return false;
-  int64_t i = 0;  // rows of x kRowsPacked4, then four, then two, then one at a time
-  for (; kRowsPacked4 > 4 && i + kRowsPacked4 <= a.m; i += kRowsPacked4)
-    Packed4Block<kRowsPacked4, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
+  int64_t i = 0;
+  if (a.m >= kTiledFrom) {  // rows of x kTiledRows at a time, then eight, four, two, one
+    // AVX-512: int4 through its table too (one vpermps beats the shifts and convert when
+    // the FMAs and the decode share two ports); AVX2 keeps NibbleInts (its lookup is three)
+    using TT = std::conditional_t<kW == 16, Table16, T>;
+    for (; i + kTiledRows <= a.m; i += kTiledRows)
+      Packed4Tiled<kTiledRows, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    for (; i + 8 <= a.m; i += 8) Packed4Tiled<8, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    for (; i + 4 <= a.m; i += 4) Packed4Tiled<4, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    for (; i + 2 <= a.m; i += 2) Packed4Tiled<2, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    for (; i < a.m; ++i) Packed4Tiled<1, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    return true;
+  }
   for (; i + 4 <= a.m; i += 4)
     Packed4Block<4, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 2 <= a.m; i += 2)
@@ -271,10 +372,17 @@ struct Args8 {
   int64_t m, k, n, nb, block;
 };
 
-// One-byte codes to float32: kW at a time (Vec) and one at a time (One, the tail).
+// One-byte codes to float32: kW at a time (Vec) and one at a time (One, the tail). kRows:
+// rows of x per pass of the streaming kernel; kTiledCodes: the most codes (K x N) for
+// which the tiled kernel runs from kTiledFrom rows of x.
+// int8 streams weights above 4 MiB: at K = N = 4096, M = 8-16, its one byte a code per 8
+// (AVX2) or 16 rows' FMAs left the tiled kernel waiting on memory (0.7-0.9x of streaming
+// at M = 8, and on AVX2 at M = 16); fp8 and 4-bit decode enough per byte to gain anyway.
+constexpr int64_t kInt8TiledCodes = int64_t{1} << 22;
 #if defined(QKERN_AVX512)
 struct Int8Codes {
   static constexpr int kRows = 8;
+  static constexpr int64_t kTiledCodes = kInt8TiledCodes;
   static VF Vec(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(Load16Bytes(p)));
   }
@@ -282,7 +390,8 @@ struct Int8Codes {
 };
 
 struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
-  static constexpr int kRows = kW == 16 ? 8 : 4;
+  static constexpr int kRows = 4;
+  static constexpr int64_t kTiledCodes = INT64_MAX;
   static VF Vec(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(Load16Bytes(p)), 8));
   }
@@ -290,7 +399,8 @@ struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
 };
 
 struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
-  static constexpr int kRows = kW == 16 ? 8 : 4;
+  static constexpr int kRows = 4;
+  static constexpr int64_t kTiledCodes = INT64_MAX;
   static VF Vec(const uint8_t* p) {
     const __m256i b = _mm256_cvtepu8_epi16(Load16Bytes(p));
     const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
@@ -309,12 +419,14 @@ struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
 #else
 struct Int8Codes {
   static constexpr int kRows = 8;
+  static constexpr int64_t kTiledCodes = kInt8TiledCodes;
   static VF Vec(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(Load8Bytes(p))); }
   static float One(uint8_t b) { return static_cast<float>(static_cast<int8_t>(b)); }
 };
 
 struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
-  static constexpr int kRows = kW == 16 ? 8 : 4;
+  static constexpr int kRows = 4;
+  static constexpr int64_t kTiledCodes = INT64_MAX;
   static VF Vec(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), Load8Bytes(p)));
   }
@@ -322,7 +434,8 @@ struct E5M2Codes {  // float8_e5m2 is the top byte of a float16
 };
 
 struct E4M3Codes {  // float8_e4m3fn: bias 7, no inf, 0x7f / 0xff are NaN
-  static constexpr int kRows = kW == 16 ? 8 : 4;
+  static constexpr int kRows = 4;
+  static constexpr int64_t kTiledCodes = INT64_MAX;
   static VF Vec(const uint8_t* p) {
     const __m128i b = _mm_cvtepu8_epi16(Load8Bytes(p));
     const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7f));
@@ -384,11 +497,69 @@ void BytesBlock(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1
   }
 }
 
+
+// The register-tiled kernel of one-byte codes (see Packed4Strip): code rows [r0, r1), one
+// scale row `j`, MR rows of x packed in `xp` ([r1 - r0][MR]), one vector of columns at c.
+template <int MR, typename D>
+inline void BytesStrip(const Args8& a, const float* xp, int64_t r0, int64_t r1, int64_t j,
+                       int64_t c, const float* in, int64_t pw, float* out, int64_t stride) {
+  VF acc[MR];
+  for (int k = 0; k < MR; ++k) acc[k] = in == nullptr ? VSplat(0.0f) : VLoadU(in + k * pw);
+  const VF s = VLoadU(a.scales + j * a.n + c);
+  const bool lead = c % kLine == 0;  // as in Packed4Strip
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = a.codes + r * a.n + c;
+    if (lead) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * kLine), _MM_HINT_T1);
+    const VF v = VMul(D::Vec(p), s);
+    const float* xr = xp + (r - r0) * MR;
+    for (int k = 0; k < MR; ++k) acc[k] = VFma(v, VSplat(xr[k]), acc[k]);
+  }
+  for (int k = 0; k < MR; ++k) VStoreU(out + k * stride, acc[k]);
+}
+
+template <int MR, typename D>
+void BytesTiled(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1, float* buf) {
+  const int64_t g = a.nb == 1 ? a.k : a.block, pw = kPanel * 4 / MR / kW * kW;
+  const int64_t wv = (n1 - n0) / kW * kW;
+  alignas(64) float xp[kChunk * MR];
+  for (int64_t c0 = n0; c0 < n0 + wv; c0 += pw) {
+    const int64_t w = std::min(pw, n0 + wv - c0);
+    for (int64_t r0 = 0; r0 < a.k; r0 += g)
+      for (int64_t r = r0; r < r0 + g; r += kChunk) {
+        const int64_t r1 = std::min(r + kChunk, r0 + g);
+        const bool first = r == 0, last = r1 == a.k;
+        for (int64_t q = r; q < r1; ++q)  // as in Packed4Tiled
+          for (int k = 0; k < MR; ++k) xp[(q - r) * MR + k] = x[k * a.k + q];
+        for (int64_t i = 0; i < w; i += kW)
+          BytesStrip<MR, D>(a, xp, r, r1, a.nb == 1 ? 0 : r0 / g, c0 + i,
+                            first ? nullptr : buf + i, pw, last ? y + c0 + i : buf + i,
+                            last ? a.n : pw);
+      }
+  }
+  for (int64_t c = n0 + wv; c < n1; ++c)  // the last columns, in BytesStrip's order
+    for (int k = 0; k < MR; ++k) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < a.k; ++r)
+        acc = std::fma(D::One(a.codes[r * a.n + c]) * a.scales[(a.nb == 1 ? 0 : r / g) * a.n + c],
+                       x[k * a.k + r], acc);
+      y[k * a.n + c] = acc;
+    }
+}
+
 template <typename D>
 bool BytesColumns(const Args8& a, int64_t n0, int64_t n1) {
   Buffer acc(4 * kPanel);
   if (acc.data == nullptr) return false;
   int64_t i = 0;
+  if (a.m >= kTiledFrom && a.k * a.n <= D::kTiledCodes) {  // as in Packed4Columns
+    for (; i + kTiledRows <= a.m; i += kTiledRows)
+      BytesTiled<kTiledRows, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    for (; i + 8 <= a.m; i += 8) BytesTiled<8, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    for (; i + 4 <= a.m; i += 4) BytesTiled<4, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    for (; i + 2 <= a.m; i += 2) BytesTiled<2, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    for (; i < a.m; ++i) BytesTiled<1, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    return true;
+  }
   for (; D::kRows > 4 && i + D::kRows <= a.m; i += D::kRows)
     BytesBlock<D, D::kRows>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   for (; i + 4 <= a.m; i += 4) BytesBlock<D, 4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
