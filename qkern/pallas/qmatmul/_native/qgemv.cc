@@ -265,24 +265,33 @@ constexpr int64_t kTiledFrom = 8;
 constexpr int kTiledRows = kW == 16 ? 16 : 8;  // AVX2's sixteen registers hold eight sums
 constexpr int64_t kChunk = 64;                  // code rows per turn (16-128 ran alike)
 
+// The strips of a panel read its code rows line after line: from the strip at column i of
+// a panel w columns wide, in code rows up to r1 (of rows, n bytes apart), the bytes to the
+// line two ahead, wrapping into the next chunk's rows (0: none left).
+inline int64_t Ahead(int64_t i, int64_t w, int64_t r1, int64_t rows, int64_t n) {
+  if (i + 2 * kLine < w) return 2 * kLine;
+  return r1 + kChunk <= rows ? kChunk * n + 2 * kLine - w : 0;
+}
+
 // Adds code rows [r0, r1) (one scale row) into the sums of MR rows of x over one vector of
 // columns at c: from `in` (nullptr: zero; rows `pw` floats apart) to `out` (rows `stride`
 // floats apart).
 template <int MR, typename T>
 inline void Packed4Strip(const Args4& a, const float* xp, int64_t r0, int64_t r1, int64_t j,
                          int64_t c, const float* in, int64_t pw, float* out, int64_t stride,
-                         const T& t) {
+                         int64_t ahead, const T& t) {
   const int64_t hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
   VF acc[MR];
   for (int k = 0; k < MR; ++k) acc[k] = in == nullptr ? VSplat(0.0f) : VLoadU(in + k * pw);
   const VF sl = VLoadU(a.scales + (a.nb == 1 ? 0 : j) * a.n + c);
   const VF sh = VLoadU(a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n + c);
-  // the first strip to read these cache lines fetches, into L2, the line two ahead in each
-  // code row (into L1 it ran 1.1-1.2x slower from memory at M = 8)
+  // the first strip to read these cache lines fetches the line `ahead` of each code row into
+  // L2 (into L1 the tiled kernel ran at 0.9x of the streaming one at M = 8, weight in
+  // memory, against 1.1-1.2x)
   const bool lead = c % kLine == 0;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = a.codes + r * a.n + c;
-    if (lead) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * kLine), _MM_HINT_T1);
+    if (lead && ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
     VF vl, vh;
     t.Nibbles(p, &vl, &vh);
     vl = VMul(vl, sl);
@@ -332,7 +341,8 @@ void Packed4Tiled(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
           }
         for (int64_t i = 0; i < w; i += kW)
           Packed4Strip<MR, T>(a, xp, r, r1, r0 / g, c0 + i, first ? nullptr : buf + i, pw,
-                              last ? y + c0 + i : buf + i, last ? a.n : pw, t);
+                              last ? y + c0 + i : buf + i, last ? a.n : pw,
+                              Ahead(i, w, r1, a.r, a.n), t);
       }
   }
   for (int64_t c = n0 + wv; c < n1; ++c) Packed4TiledTail(a, x, y, MR, c);
@@ -502,14 +512,15 @@ void BytesBlock(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1
 // scale row `j`, MR rows of x packed in `xp` ([r1 - r0][MR]), one vector of columns at c.
 template <int MR, typename D>
 inline void BytesStrip(const Args8& a, const float* xp, int64_t r0, int64_t r1, int64_t j,
-                       int64_t c, const float* in, int64_t pw, float* out, int64_t stride) {
+                       int64_t c, const float* in, int64_t pw, float* out, int64_t stride,
+                       int64_t ahead) {
   VF acc[MR];
   for (int k = 0; k < MR; ++k) acc[k] = in == nullptr ? VSplat(0.0f) : VLoadU(in + k * pw);
   const VF s = VLoadU(a.scales + j * a.n + c);
   const bool lead = c % kLine == 0;  // as in Packed4Strip
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = a.codes + r * a.n + c;
-    if (lead) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * kLine), _MM_HINT_T1);
+    if (lead && ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
     const VF v = VMul(D::Vec(p), s);
     const float* xr = xp + (r - r0) * MR;
     for (int k = 0; k < MR; ++k) acc[k] = VFma(v, VSplat(xr[k]), acc[k]);
@@ -533,7 +544,7 @@ void BytesTiled(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1
         for (int64_t i = 0; i < w; i += kW)
           BytesStrip<MR, D>(a, xp, r, r1, a.nb == 1 ? 0 : r0 / g, c0 + i,
                             first ? nullptr : buf + i, pw, last ? y + c0 + i : buf + i,
-                            last ? a.n : pw);
+                            last ? a.n : pw, Ahead(i, w, r1, a.k, a.n));
       }
   }
   for (int64_t c = n0 + wv; c < n1; ++c)  // the last columns, in BytesStrip's order
