@@ -151,9 +151,9 @@ struct Args4 {
 // slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
 constexpr int64_t kPanel = 2048;
 
-
-// Partial sums for up to eight rows of x: on the heap (64 KB would strain small thread
-// stacks), aligned to a vector for the aligned vector loads.
+// Partial sums (4 kPanel floats: the streaming kernel's rows of x times its panel, or the
+// tiled kernel's between chunks): on the heap (32 KB would strain small thread stacks),
+// aligned to a vector for the aligned vector loads.
 struct Buffer {
   explicit Buffer(int64_t n)
       : data(static_cast<float*>(
@@ -247,7 +247,6 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   }
 }
 
-
 // -- the register-tiled kernels, from kTiledFrom rows of x: the sums of MR rows of x over one
 // vector of columns (a strip) stay in registers while kChunk code rows pass; each code is
 // decoded and scaled once (w = T[c] * s) for all MR rows. The strips of a panel of columns
@@ -255,9 +254,9 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
 // line of codes read it from L1; the sums wait in a buffer between chunks. Per column
 // and row of x the order is fixed, for each code row r the low nibble's product, then the
 // high one's (4-bit), so every MR and both variants give the same sums bit for bit.
-// Against the streaming kernel's eight rows per pass (2-core Xeon with AVX-512, nf4,
-// K = N = 4096): 1.45x faster at M = 16 and 32, 1.15x at M = 8; 1.5-2.1x at MiniLM's
-// 384 x 384, 384 x 1536 and 1536 x 384 (docs/benchmarks.md).
+// Against the streaming kernel's eight rows per pass (2-core Xeon with AVX-512, nf4 and
+// fp8_e4m3, K = N = 4096): 1.2-1.6x faster at M = 8-32 with the weight in cache, 1.1-1.5x
+// from memory; AVX2 1.1-1.2x (docs/benchmarks.md).
 // Walking K a strip at a time, without chunks and panels, ran 2x slower (every code row a
 // page apart, each cache line read four times); reading x in place, 1.5x slower (x's rows,
 // a power of two floats apart, fall in one set of L1): x is copied per chunk instead.
