@@ -407,7 +407,7 @@ def test_bench_progress_when_forced(capsys):
 
 
 def test_tune_progress_when_forced(capsys, monkeypatch):
-    argv = TINY_TUNE[:2] + ["1,48"]     # int8 at M = 48: the scan, not the native kernel + TINY_TUNE[3:-1] + ["--formats", "int8", "--no-write"]
+    argv = TINY_TUNE[:2] + ["1,64"]     # int8 at M = 64: the scan, not the native kernel + TINY_TUNE[3:-1] + ["--formats", "int8", "--no-write"]
     assert cli.main(argv + ["--progress"]) == 0
     drawn = bars(capsys.readouterr().err, "qkern tune")
     assert_monotone_and_complete(drawn, drawn[-1][1])

@@ -85,15 +85,15 @@ def _scan_lengths(m, k=256, n=128):
 
 def test_a_write_in_this_process_reaches_functions_traced_afterwards(monkeypatch):
     # No cache clearing here: jax caches traces of the kernels, and the tuner itself traced
-    # the candidate configs; the next trace must still pick up the new winner. M = 48: the
-    # scan (at M <= 32 int8 runs the native CPU kernel, which has no scan to count).
-    assert _scan_lengths(48) == [1]                            # heuristic: block_k 256 = K
-    autotune(m=48, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
+    # the candidate configs; the next trace must still pick up the new winner. M = 64: the
+    # scan (at M <= 48 int8 runs the native CPU kernel, which has no scan to count).
+    assert _scan_lengths(64) == [1]                            # heuristic: block_k 256 = K
+    autotune(m=64, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
              repeats=2, warmup=1)
-    assert _scan_lengths(48) == [4]
-    autotune(m=48, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=128)],
+    assert _scan_lengths(64) == [4]
+    autotune(m=64, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=128)],
              repeats=2, warmup=1)
-    assert _scan_lengths(48) == [2]
+    assert _scan_lengths(64) == [2]
 
 
 def test_default_space_on_cpu_tunes_block_k_and_keeps_a_valid_winner(monkeypatch):

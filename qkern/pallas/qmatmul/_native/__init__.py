@@ -50,11 +50,12 @@ __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
 def max_m(op, isa: str | None = None) -> int:
     """Rows of x at or below which the kernel runs for `op`, by variant (`isa`; default: the
     one loaded now). From M = 8 the kernel is register-tiled (qgemv.cc: each code decoded
-    once for up to 16 rows of x on AVX-512, 8 on AVX2). The AVX-512 variant beats both the
-    scan and dequantise-then-dot up to M = 32 for every format, at K = N = 4096 and at
-    MiniLM's 384 x 384, 384 x 1536 and 1536 x 384 (`python bench/native_crossover.py`,
-    docs/benchmarks.md); the AVX2 variant to M = 16."""
-    return 32 if (isa or variant() or "").startswith("avx512") else 16
+    once for up to 16 rows of x on AVX-512, 8 on AVX2). The AVX-512 variant beats the scan,
+    which runs above it up to M = 128, to M = 48 for every format at K = N = 4096 and at
+    MiniLM's 384 x 384, 384 x 1536 and 1536 x 384, and dequantise-then-dot as well except for
+    fp8 at the smaller shapes (`python bench/native_crossover.py`, docs/benchmarks.md); the
+    AVX2 variant to M = 16."""
+    return 48 if (isa or variant() or "").startswith("avx512") else 16
 
 
 def _table(fmt) -> np.ndarray:
