@@ -264,6 +264,18 @@ constexpr int64_t kTiledFrom = 8;
 constexpr int kTiledRows = kW == 16 ? 16 : 8;  // AVX2's sixteen registers hold eight sums
 constexpr int64_t kChunk = 64;                  // code rows per turn (16-128 ran alike)
 
+// Runs f(std::integral_constant<int, MR>{}, i) over the rows of x from row i, MR rows at
+// a time: kTiledRows, then eight, four, two and one.
+template <typename F>
+void OverTiledRows(int64_t m, F f) {
+  int64_t i = 0;
+  for (; i + kTiledRows <= m; i += kTiledRows) f(std::integral_constant<int, kTiledRows>{}, i);
+  for (; i + 8 <= m; i += 8) f(std::integral_constant<int, 8>{}, i);
+  for (; i + 4 <= m; i += 4) f(std::integral_constant<int, 4>{}, i);
+  for (; i + 2 <= m; i += 2) f(std::integral_constant<int, 2>{}, i);
+  for (; i < m; ++i) f(std::integral_constant<int, 1>{}, i);
+}
+
 // The strips of a panel read its code rows line after line: from the strip at column i of
 // a panel w columns wide, in code rows up to r1 (of rows, n bytes apart), the bytes to the
 // line two ahead, wrapping into the next chunk's rows (0: none left).
@@ -282,8 +294,8 @@ inline void Packed4Strip(const Args4& a, const float* xp, int64_t r0, int64_t r1
   const int64_t hi_row0 = a.nb == 1 ? 0 : a.r / a.block;
   VF acc[MR];
   for (int k = 0; k < MR; ++k) acc[k] = in == nullptr ? VSplat(0.0f) : VLoadU(in + k * pw);
-  const VF sl = VLoadU(a.scales + (a.nb == 1 ? 0 : j) * a.n + c);
-  const VF sh = VLoadU(a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n + c);
+  const VF sl = VLoadU(a.scales + j * a.n + c);
+  const VF sh = VLoadU(a.scales + (hi_row0 + j) * a.n + c);
   // the first strip to read these cache lines fetches the line `ahead` of each code row into
   // L2 (into L1 the tiled kernel ran at 0.9x of the streaming one at M = 8, weight in
   // memory, against 1.1-1.2x)
@@ -308,10 +320,10 @@ inline void Packed4TiledTail(const Args4& a, const float* x, float* y, int64_t m
   for (int64_t k = 0; k < m; ++k) {
     float acc = 0.0f;
     for (int64_t r = 0; r < a.r; ++r) {
-      const int64_t j = a.nb == 1 ? 0 : r / g;
+      const int64_t j = r / g;
       const uint8_t b = a.codes[r * a.n + c];
       const float wl = a.table[b & 15] * a.scales[j * a.n + c];
-      const float wh = a.table[b >> 4] * a.scales[(a.nb == 1 ? 0 : hi_row0 + j) * a.n + c];
+      const float wh = a.table[b >> 4] * a.scales[(hi_row0 + j) * a.n + c];
       acc = std::fma(wl, x[k * xs + r], acc);
       acc = std::fma(wh, x[k * xs + a.r + r], acc);
     }
@@ -351,19 +363,16 @@ template <typename T>
 bool Packed4Columns(const Args4& a, int64_t n0, int64_t n1) {
   Buffer lo(4 * kPanel), hi(4 * kPanel);
   if (lo.data == nullptr || hi.data == nullptr) return false;
-  int64_t i = 0;
-  if (a.m >= kTiledFrom) {  // rows of x kTiledRows at a time, then eight, four, two, one
+  if (a.m >= kTiledFrom) {
     // AVX-512: int4 through its table too (one vpermps beats the shifts and convert when
     // the FMAs and the decode share two ports); AVX2 keeps NibbleInts (its lookup is three)
     using TT = std::conditional_t<kW == 16, Table16, T>;
-    for (; i + kTiledRows <= a.m; i += kTiledRows)
-      Packed4Tiled<kTiledRows, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
-    for (; i + 8 <= a.m; i += 8) Packed4Tiled<8, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
-    for (; i + 4 <= a.m; i += 4) Packed4Tiled<4, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
-    for (; i + 2 <= a.m; i += 2) Packed4Tiled<2, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
-    for (; i < a.m; ++i) Packed4Tiled<1, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    OverTiledRows(a.m, [&](auto mr, int64_t i) {
+      Packed4Tiled<decltype(mr)::value, TT>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data);
+    });
     return true;
   }
+  int64_t i = 0;
   for (; i + 4 <= a.m; i += 4)
     Packed4Block<4, T>(a, a.x + i * 2 * a.r, a.y + i * a.n, n0, n1, lo.data, hi.data);
   for (; i + 2 <= a.m; i += 2)
@@ -541,7 +550,7 @@ void BytesTiled(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1
         for (int64_t q = r; q < r1; ++q)  // as in Packed4Tiled
           for (int k = 0; k < MR; ++k) xp[(q - r) * MR + k] = x[k * a.k + q];
         for (int64_t i = 0; i < w; i += kW)
-          BytesStrip<MR, D>(a, xp, r, r1, a.nb == 1 ? 0 : r0 / g, c0 + i,
+          BytesStrip<MR, D>(a, xp, r, r1, r0 / g, c0 + i,
                             first ? nullptr : buf + i, pw, last ? y + c0 + i : buf + i,
                             last ? a.n : pw, Ahead(i, w, r1, a.k, a.n));
       }
@@ -550,7 +559,7 @@ void BytesTiled(const Args8& a, const float* x, float* y, int64_t n0, int64_t n1
     for (int k = 0; k < MR; ++k) {
       float acc = 0.0f;
       for (int64_t r = 0; r < a.k; ++r)
-        acc = std::fma(D::One(a.codes[r * a.n + c]) * a.scales[(a.nb == 1 ? 0 : r / g) * a.n + c],
+        acc = std::fma(D::One(a.codes[r * a.n + c]) * a.scales[r / g * a.n + c],
                        x[k * a.k + r], acc);
       y[k * a.n + c] = acc;
     }
@@ -560,16 +569,13 @@ template <typename D>
 bool BytesColumns(const Args8& a, int64_t n0, int64_t n1) {
   Buffer acc(4 * kPanel);
   if (acc.data == nullptr) return false;
-  int64_t i = 0;
-  if (a.m >= kTiledFrom && a.k * a.n <= D::kTiledCodes) {  // as in Packed4Columns
-    for (; i + kTiledRows <= a.m; i += kTiledRows)
-      BytesTiled<kTiledRows, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-    for (; i + 8 <= a.m; i += 8) BytesTiled<8, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-    for (; i + 4 <= a.m; i += 4) BytesTiled<4, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-    for (; i + 2 <= a.m; i += 2) BytesTiled<2, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
-    for (; i < a.m; ++i) BytesTiled<1, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+  if (a.m >= kTiledFrom && a.k * a.n <= D::kTiledCodes) {
+    OverTiledRows(a.m, [&](auto mr, int64_t i) {
+      BytesTiled<decltype(mr)::value, D>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
+    });
     return true;
   }
+  int64_t i = 0;
   for (; D::kRows > 4 && i + D::kRows <= a.m; i += D::kRows)
     BytesBlock<D, D::kRows>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
   for (; i + 4 <= a.m; i += 4) BytesBlock<D, 4>(a, a.x + i * a.k, a.y + i * a.n, n0, n1, acc.data);
