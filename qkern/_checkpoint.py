@@ -30,7 +30,7 @@ from ._version import __version__
 from .formats import Layout, get_format
 from .recipes._rule import ACT_FORMATS
 from .types.lora import LoraArray
-from .types.qarray import QArray, _data_shape
+from .types.qarray import QArray, _data_shape, as_compute_dtype
 
 FORMAT = "qkern.checkpoint"
 # Bump when the layout of the header or tensors changes. A file is written with the
@@ -65,8 +65,8 @@ def _safetensors():
 def _static_to_json(name, v):
     if name == "layout":
         return dataclasses.asdict(v)
-    if name == "dtype":
-        return np.dtype(v).name
+    if name in ("dtype", "compute_dtype"):
+        return None if v is None else np.dtype(v).name
     if name == "perm":
         return None if v is None else list(v)
     return v
@@ -79,6 +79,8 @@ def _static_from_json(name, v):
         return Layout(**v)
     if name == "dtype":
         return jnp.dtype(v)
+    if name == "compute_dtype":
+        return as_compute_dtype(v)
     if name == "perm":
         return None if v is None else tuple(v)
     return v
@@ -91,6 +93,8 @@ def _is_int(v) -> bool:
 def _qarray(fields: dict, static_json: dict) -> QArray:
     """A QArray from a checkpoint entry, its metadata checked against its arrays; a
     ValueError saying what does not fit (the caller names the file and leaf)."""
+    # compute_dtype came later: checkpoints written before it have none (as dense JAX)
+    static_json = {"compute_dtype": None, **static_json}
     if set(static_json) != set(_QSTATIC):
         raise ValueError(f"static fields {sorted(static_json)}, expected {sorted(_QSTATIC)}")
     shell = not fields        # the trainable half of qkern.lora.partition: no arrays
@@ -248,7 +252,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         if isinstance(v, QArray):
             fields = {f: _put(tensors, f"{p}.{f}", getattr(v, f))
                       for f in _QFIELDS if getattr(v, f) is not None}
-            static = {n: _static_to_json(n, getattr(v, n)) for n in _QSTATIC}
+            # compute_dtype is written only when set: files without it stay readable by
+            # qkern versions from before it
+            static = {n: _static_to_json(n, getattr(v, n)) for n in _QSTATIC
+                      if n != "compute_dtype" or v.compute_dtype is not None}
             entries.append({"path": p, "kind": "qarray", "fields": fields, "static": static})
         elif isinstance(v, (jax.Array, np.ndarray, np.generic)):
             entries.append({"path": p, "kind": "array", "tensor": _put(tensors, p, v)})

@@ -73,7 +73,8 @@ def qarray_specs(q: QArray, spec: P, mesh=None) -> QArray:
                   dq_scale=None if q.dq_scale is None else P(),
                   dq_offset=None if q.dq_offset is None else P(),
                   act_scale=None if q.act_scale is None else P(),
-                  fmt=q.fmt, layout=q.layout, dtype=q.dtype, perm=q.perm, act_fmt=q.act_fmt)
+                  fmt=q.fmt, layout=q.layout, dtype=q.dtype, perm=q.perm, act_fmt=q.act_fmt,
+                  compute_dtype=q.compute_dtype)
 
 
 def _axis_size(mesh, entry) -> int:

@@ -116,7 +116,7 @@ def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
                     scale_dtype=(q.scales.dtype if q.dq_scale is None and q.format.kind != "mx"
                                  else None),
                     double_quant=q.dq_scale is not None)
-    return out if q.perm is None else dataclasses.replace(out, perm=q.perm)
+    return dataclasses.replace(out, perm=q.perm, compute_dtype=q.compute_dtype)
 
 
 def partition(tree: Any) -> tuple[Any, Any]:

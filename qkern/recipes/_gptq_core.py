@@ -33,7 +33,7 @@ from ..formats import get_format, parse_calibration, quantize_array
 from ..formats._packing import pack_halves
 from ..formats._quantize import (check_calibration, dequantize_scales, make_layout, nearest_code,
                                  refuse_nonfinite, round_to_float)
-from ..types.qarray import QArray
+from ..types.qarray import QArray, as_compute_dtype
 
 _CHUNK = 128          # rows per lazy batch update (the paper's B)
 
@@ -129,10 +129,11 @@ class _Job:
     act_fmt: str | None
     key: tuple                    # weights with equal keys run as one batched program
     perm: tuple | None = None     # (1, 0) for an [N, K] weight, stored as [K, N]
+    compute_dtype: Any = None
 
 
 def prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_dtype=None,
-             double_quant=False, act_fmt=None) -> _Job:
+             double_quant=False, act_fmt=None, compute_dtype=None) -> _Job:
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"GPTQ expects a floating-point weight, got dtype {w.dtype}.")
@@ -156,7 +157,8 @@ def prepare(w, h, fmt, *, axis=-2, block_size=None, calibration="absmax", scale_
         layout = dataclasses.replace(layout, shape=tuple(wk.shape), axis=0)
         perm = (1, 0)
     key = (wk.shape, fmt.name, cal, scale_dtype, layout.block_size, layout.padded)
-    return _Job(wk, h, layout, np.dtype(w.dtype), act_fmt, key, perm)
+    return _Job(wk, h, layout, np.dtype(w.dtype), act_fmt, key, perm,
+                as_compute_dtype(compute_dtype))
 
 
 def run(jobs: list[_Job], damp: float, act_order: bool) -> list:
@@ -186,14 +188,14 @@ def run(jobs: list[_Job], damp: float, act_order: bool) -> list:
                 continue
             f = {n: None if a is None else a[b] for n, a in fields.items()}
             out[i] = QArray(**f, fmt=fmt, layout=job.layout, dtype=job.dtype, act_fmt=job.act_fmt,
-                            perm=job.perm)
+                            perm=job.perm, compute_dtype=job.compute_dtype)
     return out
 
 
 def gptq_quantize(w, h, fmt, *, damp=0.01, act_order=False, **options):
     """One 2-D weight -> a QArray whose codes GPTQ chose, given H (`[K, K]`, K = the block
     axis, the one `x @ W` contracts). options: `qkern.quantize`'s (axis, block_size,
-    calibration, scale_dtype, double_quant, act_fmt)."""
+    calibration, scale_dtype, double_quant, act_fmt, compute_dtype)."""
     (q,) = run([prepare(w, h, fmt, **options)], damp, act_order)
     if isinstance(q, Exception):
         raise q

@@ -45,7 +45,8 @@ def gptq_tree(tree, rules, gptq: GPTQ) -> dict:
                                        v.shape, r.axis)
             k_axis = r.axis % v.ndim
             h = gptq.lookup(p, k_axis, v.shape[k_axis])
-            jobs.append(_gptq_core.prepare(v, h, r.fmt, act_fmt=r.act_fmt, **opts))
+            jobs.append(_gptq_core.prepare(v, h, r.fmt, act_fmt=r.act_fmt,
+                                           compute_dtype=r.compute_dtype, **opts))
             paths.append(p)
         except (ValueError, TypeError) as e:
             done[p] = e

@@ -137,7 +137,8 @@ def _fake_quant_tree(tree, rules, kernels=False):
         r = rules[i]
         try:
             if kernels:
-                return _fake_quant_value(jnp.asarray(v), r.fmt, r.act_fmt, r.options())
+                return _fake_quant_value(jnp.asarray(v), r.fmt, r.act_fmt, r.options(),
+                                         r.compute_dtype)
             return _fake_quant_array(jnp.asarray(v), r.fmt, **r.options())
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot fake-quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
@@ -159,6 +160,7 @@ class FakeQuant(ArrayValue):
     fmt: str = static_field(default="int8")
     options: tuple = static_field(default=())
     act_fmt: Any = static_field(default=None)
+    compute_dtype: Any = static_field(default=None)
 
     def aval(self):
         return jax.core.ShapedArray(jnp.shape(self.w), jnp.result_type(self.w))
@@ -168,12 +170,12 @@ class FakeQuant(ArrayValue):
 
     def quantised(self, w=None):
         return _quantize_one(self.w if w is None else w, self.fmt, act_fmt=self.act_fmt,
-                             **dict(self.options))
+                             compute_dtype=self.compute_dtype, **dict(self.options))
 
 
-def _fake_quant_value(w, fmt, act_fmt, options) -> FakeQuant:
+def _fake_quant_value(w, fmt, act_fmt, options, compute_dtype=None) -> FakeQuant:
     fq = FakeQuant(w, fmt=get_format(fmt).name, options=tuple(sorted(options.items())),
-                   act_fmt=act_fmt)
+                   act_fmt=act_fmt, compute_dtype=compute_dtype)
     jax.eval_shape(lambda: _quantize_one(w, fmt, act_fmt=act_fmt, **options))  # fail early
     return fq
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration
 from ..formats._quantize import check_options
-from ..types.qarray import QArray
+from ..types.qarray import QArray, as_compute_dtype
 from ._paths import selector
 
 ACT_FORMATS = ("int8",)
@@ -43,6 +43,8 @@ class Rule:
     act_fmt: "int8" quantises the activations that meet this weight in a matmul too
     (W8A8, needs fmt="int8" with symmetric calibration): per row on the fly, or with the
     static per-tensor scale that `qkern.calibrate` records.
+    compute_dtype: "bfloat16", "float16" or "float32": matmuls against this weight compute
+    in it (float32 accumulation), as in `qkern.quantize`; None: as dense JAX.
     min_size: leaves with fewer elements stay dense (listed as such in the report).
 
     A rule checks its fields when it is written, with `qkern.quantize`'s messages: the
@@ -60,6 +62,7 @@ class Rule:
     double_quant: bool = False
     act_fmt: str | None = None
     min_size: int = 1024
+    compute_dtype: Any = None
 
     def __post_init__(self):
         # Everything that does not depend on a leaf fails when the rule is written, with
@@ -68,6 +71,13 @@ class Rule:
         check_options(self.fmt, block_size=self.block_size, axis=self.axis,
                       calibration=self.calibration, scale_dtype=self.scale_dtype,
                       double_quant=self.double_quant)
+        object.__setattr__(self, "compute_dtype",
+                           as_compute_dtype(self.compute_dtype))
+        if self.compute_dtype is not None and self.act_fmt is not None:
+            raise ValueError(
+                f"Rule(act_fmt={self.act_fmt!r}, compute_dtype={self.compute_dtype.name!r}): a "
+                "W8A8 weight multiplies int8 activations by int8 codes, so a compute dtype "
+                "does not apply; give one or the other.")
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)):
             raise TypeError(f"min_size must be an int, got {self.min_size!r}.")
         if self.act_fmt is not None:
@@ -92,6 +102,8 @@ class Rule:
             parts.append(f"block_size={self.block_size}")
         if self.act_fmt is not None:
             parts.append(f"act_fmt={self.act_fmt!r}")
+        if self.compute_dtype is not None:
+            parts.append(f"compute_dtype={self.compute_dtype.name!r}")
         return f"Rule(where={_where_str(self.where)}, {', '.join(parts)})"
 
 

@@ -68,8 +68,9 @@ def _matmul(x, lw: LoraArray, params, w_on_left: bool):
     if layout is None:
         return Value.default(lax.dot_general_p, [lhs, rhs], params)
     # Mixed precision as dense JAX (see _qarray_matmul.matmul_dtypes): bf16 x against a
-    # float32 adapter computes in float32.
-    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, lw.dtype)
+    # float32 adapter computes in float32; a quantised base's `compute_dtype` sets it.
+    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, lw.dtype,
+                                       getattr(lw.w, "compute_dtype", None))
     x = x.astype(compute) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
     if not xb and len(xc) == 1:
         y = _fused_kernel(x, lw, xc[0], wc[0], w_on_left)

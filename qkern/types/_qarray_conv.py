@@ -62,7 +62,8 @@ def qconv_dispatch(x, w: QArray, params: dict):
     """`lax.conv_general_dilated_p.bind(x, w, **params)` with the QArray kernel `w`."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return Value.default(lax.conv_general_dilated_p, [x, w], params)
-    out, compute = dense_dtypes(lax.conv_general_dilated_p, (x, w), params, x, w.dtype)
+    out, compute = dense_dtypes(lax.conv_general_dilated_p, (x, w), params, x, w.dtype,
+                                w.compute_dtype)
     _check_axes(w.fitted(), params)
     op, stored = conv_operand(w, params)
     if w.act_fmt is None:

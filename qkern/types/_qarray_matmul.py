@@ -52,7 +52,7 @@ def qmatmul_dispatch(lhs, rhs, params):
     # (preferred_element_type honoured), computed in the widest of x's, W's and that dtype
     # (bf16 x against a float32 QArray computes in float32, like x @ dequantize(q); bf16 x
     # and W with float32 preferred compute in float32).
-    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, w.dtype)
+    out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, w.dtype, w.compute_dtype)
     xm = jnp.moveaxis(x, x_axis, -1).astype(compute)
     if w.act_fmt is not None and physical == 0:
         y = _act_quantised(xm, w, op)
@@ -63,21 +63,25 @@ def qmatmul_dispatch(lhs, rhs, params):
     return y.astype(out_dtype)
 
 
-def matmul_dtypes(lhs, rhs, params, x, w_dtype):
+def matmul_dtypes(lhs, rhs, params, x, w_dtype, compute_dtype=None):
     """(result dtype, compute dtype) of a dot_general with a Value operand, as dense JAX
     has them: see `dense_dtypes`."""
-    return dense_dtypes(jax.lax.dot_general_p, (lhs, rhs), params, x, w_dtype)
+    return dense_dtypes(jax.lax.dot_general_p, (lhs, rhs), params, x, w_dtype, compute_dtype)
 
 
-def dense_dtypes(prim, operands, params, x, w_dtype):
+def dense_dtypes(prim, operands, params, x, w_dtype, compute_dtype=None):
     """(result dtype, compute dtype) of `prim` (dot_general, conv_general_dilated,
     ragged_dot_general) with a Value operand, as dense JAX has them: the result dtype of
     the dense `prim.bind(*operands, **params)` (Values by their avals;
     `preferred_element_type` honoured, JAX's own dtype errors raised), computed in the
-    widest of x's, the weight's and that dtype."""
+    widest of x's, the weight's and that dtype; or in the weight's own `compute_dtype`
+    where it has one (`qkern.quantize(..., compute_dtype=...)`: bitsandbytes' compute
+    dtype; the result dtype stays dense JAX's)."""
     spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype if isinstance(a, Value)
                                           else jnp.result_type(a))
     out = jax.eval_shape(lambda *a: prim.bind(*a, **params), *map(spec, operands)).dtype
+    if compute_dtype is not None:
+        return out, jnp.dtype(compute_dtype)
     return out, jnp.promote_types(jnp.promote_types(jnp.result_type(x), w_dtype), out)
 
 

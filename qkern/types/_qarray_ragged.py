@@ -87,7 +87,7 @@ def _(x: ArrayLike, w: QArray, group_sizes: ArrayLike, **params):
                          f"{'N' if transposed else 'K'}={want}.")
     check_group_sizes(group_sizes, op.experts, xm.shape[0])
     out_dtype, compute = dense_dtypes(ragged_dot_general_p, (x, w, group_sizes), params, x,
-                                      w.dtype)
+                                      w.dtype, w.compute_dtype)
     xm = xm.astype(compute)
     kw = {}
     if w.act_fmt is not None and not transposed:

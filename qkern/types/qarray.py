@@ -29,8 +29,11 @@ class QArray(ArrayValue):
     the scales, or None), `act_scale` (a float32 scalar: the static activation scale that
     `qkern.calibrate` records for W8A8, or None for dynamic per-row scales). Static: `fmt`,
     the stored `layout` (shape, block axis, block size), the logical `dtype`, `perm`, a
-    pending transpose of the stored layout, and `act_fmt` ("int8": matmuls against this
-    weight quantise their activations too and run the W8A8 kernel; None: weight-only).
+    pending transpose of the stored layout, `act_fmt` ("int8": matmuls against this
+    weight quantise their activations too and run the W8A8 kernel; None: weight-only), and
+    `compute_dtype` (bfloat16, float16 or float32: matmuls and convolutions against this
+    weight cast x and the decoded weight to it and accumulate in float32, the result keeping
+    the dtype dense JAX gives; None: as dense JAX, the widest of x's and the weight's dtype).
     """
 
     data: jax.Array
@@ -44,6 +47,7 @@ class QArray(ArrayValue):
     dtype: Any = static_field(default=np.dtype("float32"))
     perm: tuple[int, ...] | None = static_field(default=None)
     act_fmt: str | None = static_field(default=None)
+    compute_dtype: Any = static_field(default=None)
 
     # -- array protocol ------------------------------------------------------------------
     def aval(self):
@@ -109,6 +113,8 @@ class QArray(ArrayValue):
                 f"blocks of {self.block_size} along axis {self.block_axis}")
             act = "" if self.act_fmt is None else f", act_fmt={self.act_fmt}" + (
                 ", static act_scale" if self.act_scale is not None else "")
+            if self.compute_dtype is not None:
+                act += f", compute_dtype={np.dtype(self.compute_dtype).name}"
             head = (f"{self.fmt}, shape={self.logical_shape}, "
                     f"dtype={np.dtype(self.dtype).name}, {blocks}{act}")
         except Exception:
@@ -119,6 +125,24 @@ class QArray(ArrayValue):
         shown = tuple(n for n in ("data", "scales", "zeros", "dq_scale", "dq_offset", "act_scale")
                       if n in ("data", "scales") or getattr(self, n) is not None)
         return f"QArray({head}; {fields_repr(self, shown)})"
+
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def as_compute_dtype(v, who: str = "compute_dtype") -> np.dtype | None:
+    """`compute_dtype` as a NumPy dtype (None stays None); a ValueError naming the dtypes
+    that are allowed otherwise."""
+    if v is None:
+        return None
+    try:
+        d = np.dtype(jnp.dtype(v))
+    except TypeError:
+        d = None
+    if d is None or d.name not in COMPUTE_DTYPES:
+        raise ValueError(f"{who}={v!r}: the compute dtype must be one of "
+                         f"{', '.join(COMPUTE_DTYPES)} (or None: as dense JAX).")
+    return d
 
 
 def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
