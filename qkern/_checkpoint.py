@@ -35,9 +35,10 @@ from .types.qarray import QArray, _data_shape, as_compute_dtype
 FORMAT = "qkern.checkpoint"
 # Bump when the layout of the header or tensors changes. A file is written with the
 # lowest version that holds its tree, so earlier qkern versions read what they can:
-# 1: dicts, lists, tuples, None, arrays, QArrays, Python scalars; 2: LoraArray nodes too.
-VERSION = 2
-_READS = (1, 2)                # versions this qkern can read
+# 1: dicts, lists, tuples, None, arrays, QArrays, Python scalars; 2: LoraArray nodes too;
+# 3: QArrays with a `compute_dtype` too.
+VERSION = 3
+_READS = (1, 2, 3)             # versions this qkern can read
 
 _NATIVE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64,
                                  np.int32, np.uint32, np.int16, np.uint16, np.int8,
@@ -126,6 +127,9 @@ def _qarray(fields: dict, static_json: dict) -> QArray:
     if static["act_fmt"] not in (None, *ACT_FORMATS):
         raise ValueError(f"act_fmt {static['act_fmt']!r} is not one of None, "
                          f"{', '.join(ACT_FORMATS)}")
+    if static["act_fmt"] is not None and static["compute_dtype"] is not None:
+        raise ValueError(f"act_fmt {static['act_fmt']!r} and compute_dtype "
+                         f"{static['compute_dtype'].name!r} together (W8A8 has no compute dtype)")
     layout = static["layout"]
     want = {"data": _data_shape(layout, fmt), "scales": layout.scale_shape,
             "zeros": layout.scale_shape}
@@ -270,7 +274,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     except _Opaque:
         structure = None
     # the lowest version that holds it (without a structure, `like=` rebuilds any tree)
-    version = VERSION if "lora" in kinds and structure is not None else 1
+    version = 2 if "lora" in kinds and structure is not None else 1
+    if any("compute_dtype" in e.get("static", {}) for e in entries):
+        version = 3            # earlier qkern versions would not know the field
     header = {"format": FORMAT, "version": version, "qkern": __version__,
               "structure": structure, "leaves": entries}
     st.save_file(tensors, os.fspath(path), metadata={"qkern": json.dumps(header)})

@@ -96,7 +96,9 @@ def merge(tree: Any, *, requantize: bool | str = False) -> Any:
         if requantize is False:
             return dense
         if isinstance(requantize, str):
-            return _quantize(dense, requantize)
+            q = _quantize(dense, requantize)
+            base_cd = getattr(v.w, "compute_dtype", None)   # a quantised base's compute dtype
+            return q if base_cd is None else dataclasses.replace(q, compute_dtype=base_cd)
         if requantize is not True:
             raise TypeError(f"qkern.lora.merge: requantize must be a bool or a format name, "
                             f"got {requantize!r}.")
@@ -116,7 +118,8 @@ def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
                     scale_dtype=(q.scales.dtype if q.dq_scale is None and q.format.kind != "mx"
                                  else None),
                     double_quant=q.dq_scale is not None)
-    return dataclasses.replace(out, perm=q.perm, compute_dtype=q.compute_dtype)
+    out = out if q.perm is None else dataclasses.replace(out, perm=q.perm)
+    return dataclasses.replace(out, compute_dtype=q.compute_dtype)
 
 
 def partition(tree: Any) -> tuple[Any, Any]:

@@ -70,8 +70,9 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
     if rules is not None:
         if (fmt is not None or where is not None or act_fmt is not None
                 or compute_dtype is not None):
-            raise TypeError("qkern.quantize: give either `rules=` or `fmt`/`where`, not both "
-                            "(put the format and the selection in the rules).")
+            raise TypeError("qkern.quantize: give either `rules=` or `fmt`/`where`/`act_fmt`/"
+                            "`compute_dtype`, not both (put the format, the selection and "
+                            "those options in the rules).")
         rules = tuple(rules)
         for i, r in enumerate(rules):
             if not isinstance(r, Rule):

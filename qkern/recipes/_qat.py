@@ -28,7 +28,7 @@ from .._core import ArrayLike, ArrayValue, register, static_field
 from ..formats import get_format
 from ..types._qarray_conv import qconv_dispatch
 from ..types._qarray_matmul import qmatmul_dispatch
-from ..types.qarray import QArray
+from ..types.qarray import QArray, as_compute_dtype
 from ._apply import _quantize_one
 from ._paths import path_str, selector
 from ._rule import Rule, choose_rule
@@ -92,7 +92,7 @@ _fake_quant_array = ste(_round_trip)
 def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
                axis: int | None = -2, calibration: Any = "absmax", scale_dtype=None,
                double_quant: bool = False, rules: Sequence[Rule] | None = None,
-               kernels: bool = False) -> Any:
+               kernels: bool = False, compute_dtype: Any = None) -> Any:
     """Quantise and dequantise in the forward pass; straight-through gradient.
 
         w_q = qkern.fake_quant(w, "int4", block_size=32)     # one array, any format
@@ -108,9 +108,17 @@ def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
     quantised in the forward pass, activations too for W8A8 rules), with the
     straight-through gradient, so the trained model's forward pass is bit-identical to
     `qkern.quaxify(model)(qkern.quantize(params, rules=rules), x)`; any other operation
-    sees the fake-quantised array.
+    sees the fake-quantised array. compute_dtype (with kernels=True): as in
+    `qkern.quantize`, the dtype those matmuls compute in (a rule's own `compute_dtype` with
+    `rules`).
     """
+    if compute_dtype is not None and not kernels:
+        raise TypeError("qkern.fake_quant: compute_dtype applies to the kernels' matmuls; "
+                        "pass kernels=True with it.")
     if rules is not None:
+        if compute_dtype is not None:
+            raise TypeError("qkern.fake_quant: with rules=, give compute_dtype in each "
+                            "qkern.Rule(..., compute_dtype=...).")
         if fmt is not None:
             raise TypeError("qkern.fake_quant: give either `fmt` or `rules=`, not both.")
         return _fake_quant_tree(w, tuple(rules), kernels)
@@ -120,7 +128,8 @@ def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
     options = dict(block_size=block_size, axis=axis, calibration=calibration,
                    scale_dtype=scale_dtype, double_quant=double_quant)
     if kernels:
-        return _fake_quant_value(jnp.asarray(w), fmt, None, options)
+        return _fake_quant_value(jnp.asarray(w), fmt, None, options,
+                                 as_compute_dtype(compute_dtype))
     return _fake_quant_array(jnp.asarray(w), fmt, **options)
 
 
@@ -176,7 +185,8 @@ class FakeQuant(ArrayValue):
 def _fake_quant_value(w, fmt, act_fmt, options, compute_dtype=None) -> FakeQuant:
     fq = FakeQuant(w, fmt=get_format(fmt).name, options=tuple(sorted(options.items())),
                    act_fmt=act_fmt, compute_dtype=compute_dtype)
-    jax.eval_shape(lambda: _quantize_one(w, fmt, act_fmt=act_fmt, **options))  # fail early
+    jax.eval_shape(lambda: _quantize_one(w, fmt, act_fmt=act_fmt, compute_dtype=compute_dtype,
+                                         **options))  # fail early
     return fq
 
 

@@ -14,7 +14,7 @@ from .._core import ArrayLike, Value, quaxify, register
 from ..pallas import stored_operand
 from ..pallas.lora_qmatmul import lora_qmatmul
 from .lora import LoraArray
-from ._qarray_matmul import matmul_dtypes
+from ._qarray_matmul import default_in_compute_dtype, matmul_dtypes
 from .qarray import QArray
 
 lax = jax.lax
@@ -66,7 +66,8 @@ def _matmul(x, lw: LoraArray, params, w_on_left: bool):
     layout = _low_rank_layout(lw, wc, wb)
     lhs, rhs = (lw, x) if w_on_left else (x, lw)
     if layout is None:
-        return Value.default(lax.dot_general_p, [lhs, rhs], params)
+        return default_in_compute_dtype(lax.dot_general_p, [lhs, rhs], params,
+                                        getattr(lw.w, "compute_dtype", None))
     # Mixed precision as dense JAX (see _qarray_matmul.matmul_dtypes): bf16 x against a
     # float32 adapter computes in float32; a quantised base's `compute_dtype` sets it.
     out_dtype, compute = matmul_dtypes(lhs, rhs, params, x, lw.dtype,

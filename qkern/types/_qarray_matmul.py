@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from .._core import Value
+from .._core._values import materialise_checked
 from ..formats._quantize import dequantize_scales
 from ..pallas import qmatmul, stored_operand, w8a8_matmul
 from .qarray import QArray
@@ -34,19 +35,20 @@ def qmatmul_dispatch(lhs, rhs, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     w_on_right = isinstance(rhs, QArray) and not isinstance(lhs, QArray)
     w_on_left = isinstance(lhs, QArray) and not isinstance(rhs, QArray)
+    dense = lambda: default_in_compute_dtype(jax.lax.dot_general_p, [lhs, rhs], params)
     if lb or rb or len(lc) != 1 or not (w_on_right or w_on_left):
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+        return dense()
     w, x = (rhs, lhs) if w_on_right else (lhs, rhs)
     w = w.fitted()
     w_axis, x_axis = (rc[0], lc[0]) if w_on_right else (lc[0], rc[0])
     if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+        return dense()
     op = stored_operand(w)
     if op is None and len(w.layout.shape) == 2 and w.layout.axis == 1:
         w = _rows_blocked(w)
         op = stored_operand(w)
     if op is None:
-        return Value.default(jax.lax.dot_general_p, [lhs, rhs], params)
+        return dense()
     physical = w_axis if w.perm is None else w.perm[w_axis]
     # Mixed precision as dense JAX: the result has the dtype the dense dot_general gives
     # (preferred_element_type honoured), computed in the widest of x's, W's and that dtype
@@ -61,6 +63,26 @@ def qmatmul_dispatch(lhs, rhs, params):
     if w_on_left:                                              # dot_general: lhs free dims first
         y = jnp.moveaxis(y, -1, 0)
     return y.astype(out_dtype)
+
+
+def default_in_compute_dtype(prim, operands, params, compute_dtype=None):
+    """`Value.default` (every Value materialised, `prim` bound) for the layouts no kernel
+    takes (a batched dot_general, several contracted axes, a 3-D kernel under `einsum`),
+    still honouring a `compute_dtype`: that of `compute_dtype`, else of the QArray among
+    `operands`. With one, the floating operands are cast to it and summed in float32, and
+    the result has dense JAX's dtype, as the kernels' paths do."""
+    if compute_dtype is None:
+        compute_dtype = next((v.compute_dtype for v in operands if isinstance(v, QArray)
+                              and v.compute_dtype is not None), None)
+    dtype = lambda v: v.dtype if isinstance(v, Value) else jnp.result_type(v)
+    floating = [jnp.issubdtype(dtype(v), jnp.floating) for v in operands]
+    if compute_dtype is None or not floating[0] or not floating[1]:
+        return Value.default(prim, operands, params)
+    out, compute = dense_dtypes(prim, operands, params, operands[0], None, compute_dtype)
+    arrays = [materialise_checked(v) if isinstance(v, Value) else v for v in operands]
+    arrays = [a.astype(compute) if f else a for a, f in zip(arrays, floating)]
+    return prim.bind(*arrays, **dict(params, preferred_element_type=jnp.dtype(jnp.float32))
+                     ).astype(out)
 
 
 def matmul_dtypes(lhs, rhs, params, x, w_dtype, compute_dtype=None):

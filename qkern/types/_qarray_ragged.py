@@ -29,7 +29,7 @@ from .._core import ArrayLike, Value, register
 from ..formats._quantize import dequantize_scales
 from ..pallas.ragged_qmatmul import StackedOperand, ragged_qmatmul
 from ..pallas.ragged_qmatmul.base import check_group_sizes
-from ._qarray_matmul import dense_dtypes, without_double_quant
+from ._qarray_matmul import default_in_compute_dtype, dense_dtypes, without_double_quant
 from .qarray import QArray
 
 
@@ -76,7 +76,7 @@ def _(x: ArrayLike, w: QArray, group_sizes: ArrayLike, **params):
     layout = _layout(x, w, group_sizes, params)
     op = None if layout is None else stacked_operand(w)
     if op is None:
-        return Value.default(ragged_dot_general_p, [x, w, group_sizes], params)
+        return default_in_compute_dtype(ragged_dot_general_p, [x, w, group_sizes], params)
     x_axis, transposed = layout
     # Bad shapes are named here, before lax's own shape rule (run by `dense_dtypes`) sees them.
     xm = jnp.moveaxis(jnp.asarray(x), x_axis, -1)                   # [M, K] (or [M, N])

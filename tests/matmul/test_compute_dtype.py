@@ -62,16 +62,25 @@ def test_float32_x_computes_in_the_compute_dtype(m, fmt, cdt):
     assert rel(jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, q32), ref) < 1e-5
 
 
-def test_float32_compute_dtype_widens_bfloat16_x():
+def dot_dtypes(fn, *args):
+    """The operand dtypes of every dot_general in `fn`'s lowered program."""
+    hlo = jax.jit(fn).lower(*args).as_text()
+    return [l.split("->")[0] for l in hlo.splitlines() if "dot_general" in l]
+
+
+@pytest.mark.parametrize("m", [7, 100, 1024])
+def test_float32_compute_dtype_widens_bfloat16_x(m):
     q = qkern.quantize(weights().astype(jnp.bfloat16), "nf4", compute_dtype="float32")
-    x = acts(7, dtype=jnp.bfloat16)
-    y = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, q)
+    x = acts(m, dtype=jnp.bfloat16)
+    mm = qkern.quaxify(lambda x, w: x @ w)
+    y = jax.jit(mm)(x, q)
     assert y.dtype == jnp.bfloat16                    # x @ W of two bfloat16 arrays
-    ref = exact(x, q)
-    assert rel(y, ref) < 8e-3                         # rounded once, at the end
-    # against the default (bfloat16 compute) the float32 one is as good or better
-    yb = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, dataclasses.replace(q, compute_dtype=None))
-    assert rel(y, ref) <= rel(yb, ref) + 1e-6
+    assert rel(y, exact(x, q)) < 8e-3                 # rounded once, at the end
+    # no bfloat16 product anywhere (M = 7 runs the native kernel: no dot at all)
+    assert not any("bf16>" in d for d in dot_dtypes(mm, x, q))
+    if m > 7:          # while without the compute dtype, two bfloat16 arrays multiply so
+        q16 = dataclasses.replace(q, compute_dtype=None)
+        assert any("bf16>" in d for d in dot_dtypes(mm, x, q16))
 
 
 def test_transforms_keep_the_compute_dtype():
@@ -95,13 +104,17 @@ def test_transforms_keep_the_compute_dtype():
     # (other row counts may take other kernels: their float32 sums differ in the last
     # bits, which the bfloat16 result can round one step apart)
     assert rel(y_s, y_v) < 8e-3
+    assert rel(y_s[1], exact(xs[1], q)) > 1e-5        # in bfloat16 inside the scan too
     y_c = jax.jit(qkern.quaxify(lambda p, x_, w: jax.lax.cond(p, lambda: x_ @ w,
                                                               lambda: -(x_ @ w))))(False, xs[0], q)
     assert rel(y_c, -y_v[0]) < 8e-3
+    assert rel(y_c, -exact(xs[0], q)) > 1e-5          # and inside cond
     assert rel(y_v[0], exact(xs[0], q)) > 1e-5        # all of them really in bfloat16
     # a transpose and a cast keep the field
     qt = qkern.quaxify(lambda w: w.T.T)(q)
     assert qt.compute_dtype == np.dtype(jnp.bfloat16)
+    qc = qkern.quaxify(lambda w: w.astype(jnp.bfloat16))(q)
+    assert isinstance(qc, qkern.QArray) and qc.compute_dtype == np.dtype(jnp.bfloat16)
 
 
 def test_nested_quaxify_and_stacked_layers():
@@ -118,7 +131,7 @@ def test_nested_quaxify_and_stacked_layers():
     h = x
     for i in range(3):                              # float32 throughout
         h = jnp.dot(h, qkern.dequantize(q)[i], precision=jax.lax.Precision.HIGHEST)
-    assert 1e-6 < rel(y, h) < 5e-2
+    assert 1e-5 < rel(y, h) < 5e-2
 
 
 def test_convolution_computes_in_the_compute_dtype():
@@ -138,11 +151,13 @@ def test_convolution_computes_in_the_compute_dtype():
 def test_lora_on_a_base_with_a_compute_dtype():
     q = qkern.quantize(weights(), "nf4", compute_dtype="bfloat16")
     lw = qkern.loraify({"w": q}, 4, jax.random.PRNGKey(5))["w"]
-    x = acts(5)
-    y = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, lw)
-    assert y.dtype == jnp.float32
-    ref = exact(x, q)              # B starts at zero: the base alone
-    assert rel(y, ref) > 1e-5 and rel(y, in_dtype(x, q, "bfloat16")) < 2e-2
+    lw = dataclasses.replace(lw, b=jax.random.normal(jax.random.PRNGKey(6), lw.b.shape))
+    for m in (5, 100):             # the fused kernel; and the scan
+        x = acts(m)
+        y = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, lw)
+        assert y.dtype == jnp.float32
+        ref = jnp.dot(x, lw.materialise(), precision=jax.lax.Precision.HIGHEST)
+        assert 1e-5 < rel(y, ref) < 2e-2
     # merged back and requantised, the weight keeps its compute dtype
     merged = qkern.lora.merge({"w": lw}, requantize=True)["w"]
     assert merged.compute_dtype == np.dtype(jnp.bfloat16)
@@ -233,3 +248,69 @@ def test_large_m_multiplies_in_bfloat16_on_the_xla_backend(m):
         hlo = jax.jit(fn).lower(acts(m), q).as_text()
         dots = [l for l in hlo.splitlines() if "dot_general" in l]
         assert dots and all("xbf16>" in l.split("->")[0] for l in dots), dots
+
+
+def test_transposed_product_with_zero_points_in_bfloat16():
+    """x @ W.T (the gradient's direction) in bfloat16 with per-channel zero points: the
+    zero-point term comes from the same rounded x as the product, so the two cancel as in
+    float32 (a mismatch made the outputs of the weights near their zero point 30x less
+    accurate than the dense bfloat16 product)."""
+    k, n, m = 512, 256, 100
+    w = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (k, n))
+    w = w.at[0].set(1.0).at[1].set(-0.3)
+    x = acts(m, k=n)
+    for fmt in ("int4", "int8"):
+        q = qkern.quantize(w, fmt, calibration="minmax", block_size=k, compute_dtype="bfloat16")
+        y = jax.jit(qkern.quaxify(lambda x, w: x @ w.T))(x, q)
+        ref = jnp.dot(x, qkern.dequantize(q).T, precision=jax.lax.Precision.HIGHEST)
+        small = slice(2, None)          # the rows of W near their zero point
+        assert rel(y[:, small], ref[:, small]) < 1e-2, fmt     # dense bfloat16: 5e-3
+        g = jax.jit(jax.grad(qkern.quaxify(lambda x, w: jnp.sum(x @ w))))(acts(m, k=k), q)
+        g_ref = jnp.broadcast_to(jnp.sum(qkern.dequantize(q), axis=1), g.shape)
+        assert rel(g[:, small], g_ref[:, small]) < 1e-2, fmt
+
+
+@pytest.mark.parametrize("case", ["einsum 3-D kernel", "batched dot_general"])
+def test_layouts_without_a_kernel_still_compute_in_it(case):
+    if case == "einsum 3-D kernel":     # Flax DenseGeneral: [in, heads, head_dim]
+        w = jax.random.normal(jax.random.PRNGKey(0), (K, 4, 50))
+        fn = lambda x, w: jnp.einsum("mk,khd->mhd", x, w)
+        x = acts(6)
+    else:
+        w = jax.random.normal(jax.random.PRNGKey(0), (3, K, 40))
+        fn = lambda x, w: jnp.einsum("emk,ekn->emn", x, w)
+        x = jnp.stack([acts(6, seed=s) for s in range(3)])
+    q = qkern.quantize(w, "nf4", axis=1 if w.shape[0] == 3 else 0, compute_dtype="bfloat16")
+    y = jax.jit(qkern.quaxify(fn))(x, q)
+    wd = qkern.dequantize(q)
+    ref = fn(x, wd)
+    ref_b = fn(x.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)).astype(jnp.float32)
+    assert y.dtype == jnp.float32
+    assert rel(y, ref) > 1e-5 and rel(y, ref_b) < 2e-2
+
+
+def test_fake_quant_single_array_and_merge_keep_it():
+    w = weights()
+    fq = qkern.fake_quant(w, "nf4", kernels=True, compute_dtype="bfloat16")
+    assert fq.quantised().compute_dtype == np.dtype(jnp.bfloat16)
+    x = acts(100)
+    served = jax.jit(qkern.quaxify(lambda x, w: x @ w))(
+        x, qkern.quantize(w, "nf4", compute_dtype="bfloat16"))
+    trained = jax.jit(qkern.quaxify(lambda x, w: x @ w))(x, fq)
+    np.testing.assert_array_equal(np.asarray(served), np.asarray(trained))
+    with pytest.raises(TypeError, match="kernels=True"):
+        qkern.fake_quant(w, "nf4", compute_dtype="bfloat16")
+    lw = qkern.loraify({"w": qkern.quantize(w, "nf4", compute_dtype="bfloat16")}, 4,
+                       jax.random.PRNGKey(1))
+    assert qkern.lora.merge(lw, requantize="int8")["w"].compute_dtype == np.dtype(jnp.bfloat16)
+
+
+def test_checkpoint_with_a_compute_dtype_is_version_3(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+    from safetensors import safe_open
+    for cd, version in ((None, 1), ("bfloat16", 3)):
+        qkern.save(tmp_path / "m.safetensors", {"a": qkern.quantize(weights(), "nf4",
+                                                                     compute_dtype=cd)})
+        with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
+            assert json.loads(f.metadata()["qkern"])["version"] == version

@@ -257,7 +257,9 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
     _, out = jax.lax.scan(body, None, ch.scan_inputs())           # [c, halves, M, t]
     dx = out.transpose(2, 1, 0, 3).reshape(m, ch.halves * ch.rows)
     if ch.s_chunks is None and op.zeros is not None:
-        dx = dx - jnp.sum(dy32 * op.zeros[0].astype(jnp.float32), axis=1, keepdims=True)
+        # from the same (rounded) dy as the product: the two terms must cancel alike
+        dx = dx - jnp.sum(dyc.astype(jnp.float32) * op.zeros[0].astype(jnp.float32), axis=1,
+                          keepdims=True)
     return dx[:, : op.k].astype(dy.dtype)
 
 
