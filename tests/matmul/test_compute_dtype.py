@@ -42,6 +42,16 @@ def exact(x, q):
                    precision=jax.lax.Precision.HIGHEST)
 
 
+def assert_in_bfloat16(fn, x, q):
+    """`fn(x, q)` under quaxify: float32 out, and as far from the float32 product as the
+    bfloat16 one is near."""
+    y = jax.jit(qkern.quaxify(fn))(x, q)
+    wd = qkern.dequantize(q)
+    ref_b = fn(x.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)).astype(jnp.float32)
+    assert y.dtype == jnp.float32
+    assert rel(y, fn(x, wd)) > 1e-5 and rel(y, ref_b) < 2e-2
+
+
 # On a CPU: M = 1 and 5, the native kernel; 100, the xla backend's scan; 1024,
 # dequantise-then-dot (elsewhere the Pallas kernels).
 @pytest.mark.parametrize("m", [1, 5, 100, 1024])
@@ -140,12 +150,7 @@ def test_convolution_computes_in_the_compute_dtype():
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 10, 10, 32), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
-    y = jax.jit(qkern.quaxify(conv))(x, q)
-    wd = qkern.dequantize(q)
-    ref = conv(x, wd)
-    ref_b = conv(x.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)).astype(jnp.float32)
-    assert y.dtype == jnp.float32
-    assert rel(y, ref) > 1e-5 and rel(y, ref_b) < 2e-2
+    assert_in_bfloat16(conv, x, q)
 
 
 def test_lora_on_a_base_with_a_compute_dtype():
@@ -281,12 +286,7 @@ def test_layouts_without_a_kernel_still_compute_in_it(case):
         fn = lambda x, w: jnp.einsum("emk,ekn->emn", x, w)
         x = jnp.stack([acts(6, seed=s) for s in range(3)])
     q = qkern.quantize(w, "nf4", axis=1 if w.shape[0] == 3 else 0, compute_dtype="bfloat16")
-    y = jax.jit(qkern.quaxify(fn))(x, q)
-    wd = qkern.dequantize(q)
-    ref = fn(x, wd)
-    ref_b = fn(x.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)).astype(jnp.float32)
-    assert y.dtype == jnp.float32
-    assert rel(y, ref) > 1e-5 and rel(y, ref_b) < 2e-2
+    assert_in_bfloat16(fn, x, q)
 
 
 def test_fake_quant_single_array_and_merge_keep_it():
