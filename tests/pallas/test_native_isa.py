@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qkern
 from qkern.pallas import qmatmul
+from qkern.pallas._operand import stored_operand
 from qkern.pallas.qmatmul import _native
 from qkern.pallas.qmatmul._native import _build
 
@@ -226,10 +228,18 @@ def test_peers_bench_times_every_variant(capsys):
         assert f"| qkern int8 [{v}] |" in out and f"qkern int8 [{v}] vs torch int8: " in out
 
 
+def test_avx2_fp8_runs_to_m32_for_small_weights_and_m16_above():
+    w = jnp.ones((2048, 2049), jnp.float32)
+    small, large = (stored_operand(qkern.quantize(w[:, :n], "fp8_e4m3")) for n in (2048, 2049))
+    assert _native.max_m(small, "avx2") == 32 and _native.max_m(large, "avx2") == 16
+    assert _native.max_m(large, "avx512") == 48
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8_e4m3"])
-def test_the_kernel_runs_to_m48_with_avx512_and_m16_with_avx2(isa, fmt):
+def test_the_kernel_runs_to_m48_except_fp8_with_avx2(isa, fmt):
     x, _, op = make_case(fmt, {}, 45, 256, 48, jnp.float32)   # 16 + 16 + 8 + 4 + 1 rows
-    assert _native.max_m(op) == (48 if isa == "avx512" else 16)
+    runs = isa == "avx512" or not fmt.startswith("fp8")        # avx2: 8 x 5 + 4 + 1
+    assert _native.max_m(op) == (48 if runs else 32)           # avx2 fp8: 32 for small W
     fn = lambda x: qmatmul(x, op, backend="xla")
-    assert bool(_targets(fn, x)) == (isa == "avx512")
+    assert bool(_targets(fn, x)) == runs
     assert_matches(jax.jit(fn)(x), reference_matmul(x, op))

@@ -47,15 +47,26 @@ __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
            "qmatmul_small_m", "runs_for", "status", "variant"]
 
 
+SMALL_FP8_CODES = 1 << 22   # 4 Mi codes: the AVX2 fp8 kernel's larger max_m below this
+
+
 def max_m(op, isa: str | None = None) -> int:
     """Rows of x at or below which the kernel runs for `op`, by variant (`isa`; default: the
     one loaded now). From M = 8 the kernel is register-tiled (qgemv.cc: each code decoded
     once for up to 16 rows of x on AVX-512, 8 on AVX2). The AVX-512 variant beats the scan,
     which runs above it up to M = 128, to M = 48 for every format at K = N = 4096 and at
     MiniLM's 384 x 384, 384 x 1536 and 1536 x 384, and dequantise-then-dot as well except for
-    fp8 at the smaller shapes (`python bench/native_crossover.py`, docs/benchmarks.md); the
-    AVX2 variant to M = 16."""
-    return 48 if (isa or variant() or "").startswith("avx512") else 16
+    fp8 at the smaller shapes (`python bench/native_crossover.py`, docs/benchmarks.md). The
+    AVX2 variant beat the scan to M = 48 as well for the integer and 4-bit formats (measured
+    capped on the same CPU, where the scan still ran XLA's AVX-512 code: an AVX2-only CPU's
+    scan is slower still). fp8 did not past M = 16 at K = N = 4096 (0.9-1.2x against
+    1.2-1.7x), but did to M = 32 at MiniLM's shapes: fp8 runs to 32 for weights of at most
+    `SMALL_FP8_CODES` codes with AVX2, to 16 above."""
+    if (isa or variant() or "").startswith("avx512"):
+        return 48
+    if op.fmt.byte_floats:
+        return 32 if op.k * op.n <= SMALL_FP8_CODES else 16
+    return 48
 
 
 def _table(fmt) -> np.ndarray:
