@@ -37,8 +37,8 @@ FORMAT = "qkern.checkpoint"
 # lowest version that holds its tree, so earlier qkern versions read what they can:
 # 1: dicts, lists, tuples, None, arrays, QArrays, Python scalars; 2: LoraArray nodes too;
 # 3: QArrays with a `compute_dtype` too.
-VERSION = 3
-_READS = (1, 2, 3)             # versions this qkern can read
+VERSION = 3                    # the newest; this qkern reads every version up to it
+_READS = tuple(range(1, VERSION + 1))
 
 _NATIVE = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.uint64,
                                  np.int32, np.uint32, np.int16, np.uint16, np.int8,

@@ -86,7 +86,6 @@ def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
         if act_fmt is not None or compute_dtype is not None:
             Rule(fmt=fmt, act_fmt=act_fmt, calibration=calibration,   # the same checks
                  compute_dtype=compute_dtype)
-        compute_dtype = as_compute_dtype(compute_dtype)
     check_options(None, block_size=block_size, axis=axis, scale_dtype=scale_dtype)
     if isinstance(x, (np.generic, float, int, complex)):
         raise TypeError(f"qkern.quantize needs an array of rank >= 1 or a pytree of arrays, got the scalar {x!r}.")
