@@ -4,7 +4,8 @@ One config type for every backend; each backend reads the fields it uses (Triton
 Mosaic TPU: block sizes; xla: block_k, the K-chunk of its scan); `dequantize=True` on any
 backend runs dequantise-then-dot instead of the kernel. Defaults come from a
 heuristic table keyed by backend and by decode (M <= 16) or prefill (larger M), plus one
-rule on xla (`heuristic_config`: small weights at M >= 128 dequantise first); the
+rule on xla for each of two kernels (`heuristic_config`: weight-only, small weights at
+M >= 128 dequantise first; W8A8, one int8 dot over the whole of K from M = 8); the
 autotuner (`qkern tune`) replaces them with measured winners per device: kernels ask
 `config_for(problem)`, which returns the autotune cache's winner for this device, or the
 shipped heuristic on a miss.
@@ -73,11 +74,26 @@ def default_config(backend: str, m: int) -> MatmulConfig:
 SMALL_WEIGHT_BYTES = 8 << 20
 DEQUANTIZE_MIN_M = 128
 
+# xla, W8A8, M >= W8A8_WHOLE_K_M: one int8 dot over the whole of K instead of a scan over
+# K chunks. Measured on a 2-core Intel Xeon with AMX (docs/benchmarks.md, "W8A8 on the
+# CPU", `python bench/w8a8_cpu.py`): at MiniLM's 384 x 1536 and 1536 x 384, M = 32 to 1024,
+# one dot ran up to 1.7x faster than chunks of 512 rows and 2x faster than chunks of 256,
+# under jax 0.10.2 and 0.12; at K = N = 4096, M = 8 to 256, it ran 1.6-1.7x faster under
+# jax 0.12 (what `pip install qkern` gets) and 0.7-1.05x as fast under 0.10.2. Below M = 8
+# the native kernel runs where it can (w8a8/_xla.py), else 256-row chunks (XLA:CPU's integer
+# GEMV over K = 4096 in one dot ran at 0.09x of dense float32 under 0.10.2, in 256-row chunks
+# at 0.40x).
+W8A8_WHOLE_K_M = 8
+
 
 def heuristic_config(problem: "Problem") -> MatmulConfig:
     """The shipped config for `problem` when nothing is tuned: the table's entry for its
-    backend and regime; on xla, dequantise-then-dot for small weights at M >= 128."""
+    backend and regime; on xla, dequantise-then-dot for small weights at M >= 128, and W8A8
+    in one chunk of K from M = 8 (a block_k above the padded K, which is at most 2 K)."""
     cfg = default_config(problem.backend, problem.m)
+    if problem.backend == "xla" and problem.kernel == "w8a8" and problem.m >= W8A8_WHOLE_K_M:
+        whole = 1 << (2 * problem.k).bit_length()
+        return dataclasses.replace(cfg, block_k=max(cfg.block_k, whole))
     if (problem.backend == "xla" and problem.kernel in ("qmatmul", "qmatmul_t")
             and problem.m >= DEQUANTIZE_MIN_M and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES):
         cfg = dataclasses.replace(cfg, dequantize=True)

@@ -164,6 +164,20 @@ def test_w8a8_xla_space_is_the_chunk_of_its_int8_product():
     assert [c.block_k for c, _ in pruned] == [2048]               # whole K, as 1024 is
 
 
+def test_w8a8_xla_space_below_8_rows_is_the_native_kernel_alone():
+    """Where W8A8 runs the native int8 kernel (M < 8 on x86-64) block_k is never read: one
+    config, the rest pruned saying why."""
+    from qkern.pallas.qmatmul import _native
+    op = _op(1024, 128, "int8")
+    p = _problem("xla", 1, 1024, 128, "int8", op, kernel="w8a8", dtype="float32")
+    configs, pruned = _space.candidates(p, op)
+    if not _native.runs_for(1, op):                  # no native kernels on this machine
+        assert len(configs) > 1
+        return
+    assert len(configs) == 1 and len(pruned) == 6
+    assert all("native CPU kernel runs at this M" in why for _, why in pruned)
+
+
 @pytest.mark.parametrize("kernel", ["lora", "lora_t"])
 def test_lora_mosaic_candidates_budget_for_the_rank(kernel):
     """The fused LoRA kernel's Mosaic space is planned for the problem's rank: a larger rank

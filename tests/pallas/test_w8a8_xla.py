@@ -151,3 +151,93 @@ def test_grads_of_weight_and_act_scale_are_zero():
     # a bfloat16 act_scale gets a bfloat16 zero
     gs = jax.grad(lambda s: jnp.sum(w8a8_matmul(x, op, act_scale=s)))(jnp.bfloat16(0.05))
     assert gs.dtype == jnp.bfloat16 and float(gs) == 0.0
+
+
+# -- the CPU paths: the native kernel below NATIVE_BELOW rows, one whole-K int8 dot above ----
+
+from qkern.pallas._config import W8A8_WHOLE_K_M, Problem, heuristic_config  # noqa: E402
+from qkern.pallas.qmatmul import _native  # noqa: E402
+from qkern.pallas.w8a8 import _xla as w8a8_xla_module  # noqa: E402
+
+needs_native = pytest.mark.skipif(_native.library() is None,
+                                  reason=f"native kernels {_native.status()}")
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@needs_native
+@pytest.mark.parametrize("block", [None, 64], ids=["per-channel", "block64"])
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 96), (3, 300, 37), (7, 520, 130)])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_native_below_8_rows_is_the_int32_product(monkeypatch, block, m, k, n, static):
+    """Below NATIVE_BELOW rows the native int8 kernel multiplies the codes of x (as float32);
+    its sums of small integers are exact (K < 1040), so with the kernels turned off (the
+    int32 dot) a per-channel weight gives the same bits, a per-block one the same up to
+    the order its scaled block sums are added in."""
+    assert m < w8a8_xla_module.NATIVE_BELOW
+    x, op = activation(m, k, jnp.float32, seed=m), int8_operand(k, n, block)
+    s = jnp.float32(0.02) if static else None
+    fn = lambda x, op: w8a8_matmul(x, op, act_scale=s)
+    hlo = _hlo(fn, x, op)
+    assert "qkern_int8_gemv" in hlo
+    y = jax.jit(fn)(x, op)
+    monkeypatch.setenv(_native.ENV_VAR, "0")
+    off = lambda x, op: w8a8_matmul(x, op, act_scale=s)      # a new function: traced again
+    assert "qkern_int8_gemv" not in _hlo(off, x, op)
+    y_off = jax.jit(off)(x, op)
+    if block is None:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y_off))
+    else:
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_off), rtol=1e-5, atol=1e-5)
+    assert_matches(y, w8a8_reference(x, op, s))
+
+
+@needs_native
+def test_native_path_under_vmap_grad_and_bfloat16():
+    x, op = activation(2, 256, jnp.bfloat16), int8_operand(256, 64)
+    y = jax.jit(lambda x: w8a8_matmul(x, op))(x)
+    assert y.dtype == jnp.bfloat16
+    assert_matches(y, w8a8_reference(x, op))
+    xs = activation(6, 256, jnp.float32).reshape(3, 2, 256)
+    ys = jax.vmap(lambda x: w8a8_matmul(x, op))(xs)
+    assert_matches(ys.reshape(6, -1), w8a8_reference(xs.reshape(6, 256), op))
+    g = jax.grad(lambda x: jnp.sum(w8a8_matmul(x, op) ** 2))(xs[0])
+    assert g.shape == (2, 256) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+
+
+def test_from_8_rows_one_int8_dot_over_the_whole_of_k():
+    """From W8A8_WHOLE_K_M rows the shipped config covers the padded K in one chunk (no
+    scan); below it (and where the native kernel cannot run) 256-row chunks."""
+    for k, block in [(1536, None), (4096, None), (300, 96), (1000, 64)]:
+        op = int8_operand(k, 48, block)
+        big = heuristic_config(Problem.of("xla", jnp.zeros((W8A8_WHOLE_K_M, k)), op, "w8a8"))
+        assert w8a8_xla_module.chunk_rows(op, 8, big.block_k) == op.k_padded
+        small = heuristic_config(Problem.of("xla", jnp.zeros((1, k)), op, "w8a8"))
+        assert small.block_k == 256
+    x, op = activation(W8A8_WHOLE_K_M, 1536, jnp.float32), int8_operand(1536, 64)
+    jaxpr = str(jax.make_jaxpr(lambda x: w8a8_matmul(x, op))(x))
+    assert "scan" not in jaxpr and jaxpr.count("preferred_element_type=int32") == 1
+    assert_matches(w8a8_matmul(x, op), w8a8_reference(x, op))
+    # weight-only int8 keeps its table's chunks
+    wo = heuristic_config(Problem.of("xla", jnp.zeros((W8A8_WHOLE_K_M, 1536)), op, "qmatmul"))
+    assert wo.block_k == 256
+
+
+def test_cpu_bench_runs_checks_and_prints_the_table(capsys):
+    """bench/w8a8_cpu.py: checks every W8A8 variant against the reference, then one row per
+    shape and M."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "w8a8_cpu.py"
+    spec = importlib.util.spec_from_file_location("w8a8_cpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--shapes", "256x72,96x40", "--m", "1,9", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "W8A8  chunks of 256  chunks of 512        one dot  int8 (w-only)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("256x72", "96x40"))]
+    assert [r[:2] for r in rows] == [["256x72", "1"], ["256x72", "9"], ["96x40", "1"], ["96x40", "9"]]
+    assert all(len(r) == 8 and all(c.endswith("x") for c in r[3:]) for r in rows)

@@ -10,6 +10,17 @@ K). The activation scale sx is either dynamic, the absmax of each row / 127
 (`quantize_rows`), or one static scale for the whole tensor (`act_scale`, from
 calibration): xq = clip(round(x / act_scale), -127, 127).
 
+Below M = NATIVE_BELOW on an x86-64 CPU, the int8 product is the native CPU kernel's
+(qkern/pallas/qmatmul/_native, the weight-only int8 kernel) fed the codes of x as float32:
+its streaming path, which runs there, sums each block's products of small integers unscaled
+and scales once, so while a block's partial sums stay below 2^24 in magnitude (always for
+K < 1040) each block's sum is exact: per channel (or per tensor) the result is the int32
+product's bit for bit; per block, the scaled block sums are added in another order. It
+runs at the speed of weight-only int8 (3.0x dense float32 at M = 1, K = N = 4096, where
+XLA:CPU's integer GEMV ran at 0.4x). Beyond 2^24 a sum rounds as float32 does (6e-8). From M = NATIVE_BELOW, one int8
+dot over the whole of K (`_config.heuristic_config`; XLA:CPU runs it on AMX or VNNI where
+the CPU has them).
+
 The checks, the activation pre-pass every backend shares and the reference are in base.py.
 """
 
@@ -19,28 +30,38 @@ import jax
 import jax.numpy as jnp
 
 from ..._compat import explicit_sharding
-from .._config import MatmulConfig, default_config
+from .._config import MatmulConfig, Problem, heuristic_config
 from .._operand import QOperand
 from .base import check_w8a8_operand, quantize_activations
+from ..qmatmul import _native
 from ..qmatmul import _xla as qmatmul_xla
 from ..qmatmul._xla import (_chunk_rows, chunk_target, dot, padded_spec, product_sharding,
                            zero_acc)
 
 _PARTIAL_BYTES = 4 << 20     # xla, per-block scales: bound on one chunk's int32 partials
+# Rows of x below which the native kernel multiplies (its streaming path: exact integer sums)
+# where it can run. At M = 8 (its register-tiled path, which scales each code first) XLA's
+# int8 dot was faster at three of MiniLM's four shapes.
+NATIVE_BELOW = 8
 
 
 def w8a8_xla(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None,
              config: MatmulConfig | None = None, *, interpret: bool = False) -> jax.Array:
     """y[M, N] = x[M, K] @ W with x quantised to int8 (per row, or by the static
-    act_scale); output in x's dtype. config.block_k: rows per K chunk (None: the xla
-    entry of the heuristic table)."""
+    act_scale); output in x's dtype. config.block_k: rows per K chunk (None:
+    `_config.heuristic_config`, the whole of K from M = 8). Below NATIVE_BELOW rows the
+    native CPU kernel runs where it can (the module docstring)."""
     check_w8a8_operand(op)
     m, k = x.shape
     if k != op.k:
         raise ValueError(f"x has K={k} but the quantised weight has K={op.k}.")
     xq, sx = quantize_activations(x, act_scale)
+    config = config or heuristic_config(Problem.of("xla", x, op, "w8a8"))
+    if m < NATIVE_BELOW and _native.eligible(x, op):
+        # codes as float32: exact small integers (the module docstring)
+        return (_native.qmatmul_small_m(xq.astype(jnp.float32), op, config) * sx).astype(x.dtype)
     xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - k)))
-    target = chunk_target(op, (config or default_config("xla", m)).block_k)
+    target = chunk_target(op, config.block_k)
     return (_int8_product(xq, op, target) * sx).astype(x.dtype)
 
 
@@ -136,7 +157,14 @@ MAX_CONFIGS = None
 
 
 def candidates(problem, op: QOperand, space: dict, device_kind: str = ""):
-    """block_k, the K chunk of the int8 product, deduplicated by the chunk really used."""
+    """block_k, the K chunk of the int8 product, deduplicated by the chunk really used.
+    Where the native CPU kernel runs (M < NATIVE_BELOW) nothing is read from the config."""
+    anchor = heuristic_config(problem)
+    if problem.m < NATIVE_BELOW and _native.runs_for(problem.m, op):
+        pruned = [(MatmulConfig(block_k=bk), "the native CPU kernel runs at this M "
+                   "(qkern/pallas/qmatmul/_native); block_k is unused")
+                  for bk in space["block_k"]]
+        return [anchor], pruned, anchor
     chosen: dict[int, MatmulConfig] = {}
     pruned = []
     for bk in space["block_k"]:
@@ -146,7 +174,6 @@ def candidates(problem, op: QOperand, space: dict, device_kind: str = ""):
                            f"the product would use the same chunk of {chunk} rows"))
         else:
             chosen[chunk] = MatmulConfig(block_k=bk)
-    anchor = default_config("xla", problem.m)
     configs = list(chosen.values())
     if chunk_rows(op, problem.m, chunk_target(op, anchor.block_k)) not in chosen:
         configs.append(anchor)
