@@ -74,9 +74,10 @@ def default_config(backend: str, m: int) -> MatmulConfig:
 SMALL_WEIGHT_BYTES = 8 << 20
 DEQUANTIZE_MIN_M = 128
 
-# xla, W8A8, M >= W8A8_WHOLE_K_M: one int8 dot over the whole of K instead of a scan over
-# K chunks. Measured on a 2-core Intel Xeon with AMX (docs/benchmarks.md, "W8A8 on the
-# CPU", `python bench/w8a8_cpu.py`): at MiniLM's 384 x 1536 and 1536 x 384, M = 32 to 1024,
+# xla, W8A8, M >= W8A8_WHOLE_K_M, per-channel or per-tensor weights: one int8 dot over the
+# whole of K instead of a scan over K chunks (per-block weights keep the table's chunks,
+# whose int32 partials per block w8a8/_xla.py caps). Measured on a 2-core Intel Xeon with
+# AMX (docs/benchmarks.md, "W8A8 on the CPU", `python bench/w8a8_cpu.py`): at MiniLM's 384 x 1536 and 1536 x 384, M = 32 to 1024,
 # one dot ran up to 1.7x faster than chunks of 512 rows and 2x faster than chunks of 256,
 # under jax 0.10.2 and 0.12; at K = N = 4096, M = 8 to 256, it ran 1.6-1.7x faster under
 # jax 0.12 (what `pip install qkern` gets) and 0.7-1.05x as fast under 0.10.2. Below M = 8
@@ -89,9 +90,11 @@ W8A8_WHOLE_K_M = 8
 def heuristic_config(problem: "Problem") -> MatmulConfig:
     """The shipped config for `problem` when nothing is tuned: the table's entry for its
     backend and regime; on xla, dequantise-then-dot for small weights at M >= 128, and W8A8
-    in one chunk of K from M = 8 (a block_k above the padded K, which is at most 2 K)."""
+    with one scale block (per channel or per tensor) in one chunk of K from M = 8 (a block_k
+    above the padded K, which is at most 2 K)."""
     cfg = default_config(problem.backend, problem.m)
-    if problem.backend == "xla" and problem.kernel == "w8a8" and problem.m >= W8A8_WHOLE_K_M:
+    if (problem.backend == "xla" and problem.kernel == "w8a8" and problem.m >= W8A8_WHOLE_K_M
+            and problem.block_size >= problem.k):       # one scale block: per channel / tensor
         whole = 1 << (2 * problem.k).bit_length()
         return dataclasses.replace(cfg, block_k=max(cfg.block_k, whole))
     if (problem.backend == "xla" and problem.kernel in ("qmatmul", "qmatmul_t")

@@ -6,6 +6,8 @@ cotangents of the frozen weight and act_scale. The Triton and Mosaic kernels:
 test_w8a8_triton.py, test_w8a8_mosaic.py.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +157,9 @@ def test_grads_of_weight_and_act_scale_are_zero():
 
 # -- the CPU paths: the native kernel below NATIVE_BELOW rows, one whole-K int8 dot above ----
 
-from qkern.pallas._config import W8A8_WHOLE_K_M, Problem, heuristic_config  # noqa: E402
+from qkern.pallas._config import (W8A8_WHOLE_K_M, Problem, default_config,  # noqa: E402
+                                  heuristic_config)
+from qkern.pallas._operand import reference_dequantize  # noqa: E402
 from qkern.pallas.qmatmul import _native  # noqa: E402
 from qkern.pallas.w8a8 import _xla as w8a8_xla_module  # noqa: E402
 
@@ -194,28 +198,76 @@ def test_native_below_8_rows_is_the_int32_product(monkeypatch, block, m, k, n, s
     assert_matches(y, w8a8_reference(x, op, s))
 
 
+def _int32_path(monkeypatch, x, op):
+    """W8A8 with the native kernels off: quantised rows times the weight by an int32 dot."""
+    monkeypatch.setenv(_native.ENV_VAR, "0")
+    try:
+        return jax.jit(lambda x: w8a8_matmul(x, op))(x)
+    finally:
+        monkeypatch.delenv(_native.ENV_VAR)
+
+
 @needs_native
-def test_native_path_under_vmap_grad_and_bfloat16():
+@pytest.mark.parametrize("batch,rows", [(3, 2), (16, 1), (40, 3)])
+def test_vmap_folds_below_8_rows_else_takes_the_int8_product(monkeypatch, batch, rows):
+    """Under vmap a batch folds into M only while it stays below 8 rows (the streaming
+    kernel, exact sums); a wider one takes the int8 product, not the float32 scan. Either
+    way a per-channel weight gives the int32 path's bits."""
+    op = int8_operand(512, 96)
+    xs = activation(batch * rows, 512, jnp.float32).reshape(batch, rows, 512)
+    fn = jax.vmap(lambda x: w8a8_matmul(x, op))
+    hlo = _hlo(fn, xs)
+    folds = batch * rows < w8a8_xla_module.NATIVE_BELOW
+    assert ("qkern_int8_gemv" in hlo) == folds
+    if not folds:                                             # an int8 dot with int32 sums
+        assert re.search(r"= s32\[[^\]]*\]\{[^}]*\} dot\(", hlo)
+    ys = jax.jit(fn)(xs)
+    want = _int32_path(monkeypatch, xs.reshape(batch * rows, 512), op)
+    np.testing.assert_array_equal(np.asarray(ys).reshape(batch * rows, -1), np.asarray(want))
+
+
+@needs_native
+@pytest.mark.parametrize("platforms", [["cpu"], ["cuda"]])
+def test_exports_take_the_int8_product(monkeypatch, platforms):
+    """Where the kernel cannot run (jax.export, other platforms) the native primitive W8A8
+    binds lowers to the int8 product, not to the weight-only float32 scan."""
+    x, op = activation(2, 320, jnp.float32), int8_operand(320, 48)
+    f = jax.jit(lambda x: w8a8_matmul(x, op))
+    assert "qkern_int8_gemv" in _hlo(f, x)
+    text = jax.export.export(f, platforms=platforms)(x).mlir_module()
+    assert "qkern_int8_gemv" not in text
+    assert re.search(r"dot_general.*xi8>.*xi32>", text), text
+    if platforms == ["cpu"]:
+        y = jax.export.export(f, platforms=platforms)(x).call(x)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(_int32_path(monkeypatch, x, op)))
+
+
+@needs_native
+def test_native_path_in_bfloat16_and_its_straight_through_gradient():
     x, op = activation(2, 256, jnp.bfloat16), int8_operand(256, 64)
     y = jax.jit(lambda x: w8a8_matmul(x, op))(x)
     assert y.dtype == jnp.bfloat16
     assert_matches(y, w8a8_reference(x, op))
-    xs = activation(6, 256, jnp.float32).reshape(3, 2, 256)
-    ys = jax.vmap(lambda x: w8a8_matmul(x, op))(xs)
-    assert_matches(ys.reshape(6, -1), w8a8_reference(xs.reshape(6, 256), op))
-    g = jax.grad(lambda x: jnp.sum(w8a8_matmul(x, op) ** 2))(xs[0])
-    assert g.shape == (2, 256) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+    x = activation(3, 256, jnp.float32)
+    c = jnp.asarray(np.random.default_rng(5).standard_normal((3, 64)), jnp.float32)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(w8a8_matmul(x, op) * c)))(x)
+    np.testing.assert_allclose(g, c @ reference_dequantize(op).T, rtol=1e-5, atol=1e-5)
 
 
 def test_from_8_rows_one_int8_dot_over_the_whole_of_k():
-    """From W8A8_WHOLE_K_M rows the shipped config covers the padded K in one chunk (no
-    scan); below it (and where the native kernel cannot run) 256-row chunks."""
-    for k, block in [(1536, None), (4096, None), (300, 96), (1000, 64)]:
+    """From W8A8_WHOLE_K_M rows the shipped config covers a per-channel (or per-tensor)
+    weight's K in one chunk (no scan); below it 256-row chunks. Per-block weights keep the
+    table's chunks."""
+    for k, block in [(1536, None), (4096, None), (300, None), (1000, None)]:
         op = int8_operand(k, 48, block)
         big = heuristic_config(Problem.of("xla", jnp.zeros((W8A8_WHOLE_K_M, k)), op, "w8a8"))
         assert w8a8_xla_module.chunk_rows(op, 8, big.block_k) == op.k_padded
         small = heuristic_config(Problem.of("xla", jnp.zeros((1, k)), op, "w8a8"))
         assert small.block_k == 256
+    for m in (8, 64):
+        op = int8_operand(1024, 48, 64)
+        cfg = heuristic_config(Problem.of("xla", jnp.zeros((m, 1024)), op, "w8a8"))
+        assert cfg == default_config("xla", m)
     x, op = activation(W8A8_WHOLE_K_M, 1536, jnp.float32), int8_operand(1536, 64)
     jaxpr = str(jax.make_jaxpr(lambda x: w8a8_matmul(x, op))(x))
     assert "scan" not in jaxpr and jaxpr.count("preferred_element_type=int32") == 1
@@ -223,6 +275,16 @@ def test_from_8_rows_one_int8_dot_over_the_whole_of_k():
     # weight-only int8 keeps its table's chunks
     wo = heuristic_config(Problem.of("xla", jnp.zeros((W8A8_WHOLE_K_M, 1536)), op, "qmatmul"))
     assert wo.block_k == 256
+
+
+def test_per_block_chunks_keep_their_partials_capped_for_any_block_k():
+    """A block_k past K (a config, or the autotuner's largest) still caps a per-block
+    weight's int32 partials [blocks, M, N] at _PARTIAL_BYTES."""
+    op = int8_operand(2048, 2048, 64)                          # 32 blocks
+    rows = w8a8_xla_module.chunk_rows(op, 256, 1 << 20)
+    assert rows < op.k_padded and rows % 64 == 0
+    assert (rows // 64) * 256 * 2048 * 4 <= w8a8_xla_module._PARTIAL_BYTES
+    assert w8a8_xla_module.chunk_rows(op, 1, 1 << 20) == op.k_padded   # small M: all of K
 
 
 def test_cpu_bench_runs_checks_and_prints_the_table(capsys):

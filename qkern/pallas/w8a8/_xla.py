@@ -15,11 +15,15 @@ Below M = NATIVE_BELOW on an x86-64 CPU, the int8 product is the native CPU kern
 its streaming path, which runs there, sums each block's products of small integers unscaled
 and scales once, so while a block's partial sums stay below 2^24 in magnitude (always for
 K < 1040) each block's sum is exact: per channel (or per tensor) the result is the int32
-product's bit for bit; per block, the scaled block sums are added in another order. It
-runs at the speed of weight-only int8 (3.0x dense float32 at M = 1, K = N = 4096, where
-XLA:CPU's integer GEMV ran at 0.4x). Beyond 2^24 a sum rounds as float32 does (6e-8). From M = NATIVE_BELOW, one int8
-dot over the whole of K (`_config.heuristic_config`; XLA:CPU runs it on AMX or VNNI where
-the CPU has them).
+product's bit for bit; per block, the scaled block sums are added in another order. Beyond
+2^24 a sum rounds as float32 does (6e-8). At M = 1, K = N = 4096 it ran at 2.0-3.0x dense
+float32 (weight-only int8: 2.8-3.0x), where XLA:CPU's integer GEMV ran at 0.4x. Under vmap a
+batch folds into M only while it stays below NATIVE_BELOW rows; wider batches, and
+lowerings where the kernel cannot run (other platforms, several devices, `jax.export`),
+take the int8 product below (`_int8_fallback`), as every call from NATIVE_BELOW rows does.
+From M = NATIVE_BELOW a per-channel (or per-tensor) weight is multiplied by one int8 dot
+over the whole of K (`_config.heuristic_config`; XLA:CPU runs it on AMX or VNNI where the
+CPU has them); a per-block one by a scan over K chunks.
 
 The checks, the activation pre-pass every backend shares and the reference are in base.py.
 """
@@ -40,9 +44,11 @@ from ..qmatmul._xla import (_chunk_rows, chunk_target, dot, padded_spec, product
 
 _PARTIAL_BYTES = 4 << 20     # xla, per-block scales: bound on one chunk's int32 partials
 # Rows of x below which the native kernel multiplies (its streaming path: exact integer sums)
-# where it can run. At M = 8 (its register-tiled path, which scales each code first) XLA's
-# int8 dot was faster at three of MiniLM's four shapes.
-NATIVE_BELOW = 8
+# where it can run: below the register-tiled kernel's first M. At M = 8 its register-tiled path, which scales each code before summing
+# (so the sums are no longer exact), and XLA's int8 dot over the whole of K each won at two
+# of the four shapes timed (MiniLM's 384 x 1536 and 1536 x 384 went to XLA; 384 x 384 and
+# 4096 x 4096 to the kernel).
+NATIVE_BELOW = _native.STREAMING_BELOW
 
 
 def w8a8_xla(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None,
@@ -59,7 +65,8 @@ def w8a8_xla(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None,
     config = config or heuristic_config(Problem.of("xla", x, op, "w8a8"))
     if m < NATIVE_BELOW and _native.eligible(x, op):
         # codes as float32: exact small integers (the module docstring)
-        return (_native.qmatmul_small_m(xq.astype(jnp.float32), op, config) * sx).astype(x.dtype)
+        y = _native.qmatmul_small_m(xq.astype(jnp.float32), op, config, int8_codes=True)
+        return (y * sx).astype(x.dtype)
     xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - k)))
     target = chunk_target(op, config.block_k)
     return (_int8_product(xq, op, target) * sx).astype(x.dtype)
@@ -73,9 +80,9 @@ def chunk_rows(op: QOperand, m: int, target: int) -> int:
     nb, b = op.num_blocks, op.block_size
     if nb == 1:
         return _chunk_rows(kp, kp, 1, target)
-    if target >= kp:
-        return kp
     g_cap = max(1, _PARTIAL_BYTES // (4 * max(m, 1) * n))
+    if target >= kp and g_cap >= nb:
+        return kp
     return _chunk_rows(kp, b, nb, min(target, g_cap * b))
 
 
@@ -122,6 +129,17 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
 
     acc, _ = jax.lax.scan(body, zero_acc(xs[0], xs[1]), xs)
     return acc
+
+
+def _int8_fallback(x2: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
+    """float32 [M, N]: the int8 product of x2 (int8 codes held as float32, unpadded) by op,
+    in K chunks of config.block_k rows: where the native primitive W8A8 binds cannot run
+    the kernel (the module docstring)."""
+    xq = jnp.pad(x2.astype(jnp.int8), ((0, 0), (0, op.k_padded - op.k)))
+    return _int8_product(xq, op, chunk_target(op, config.block_k))
+
+
+_native.INT8_PRODUCT.append(_int8_fallback)
 
 
 def _batch_sharded_like(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -177,7 +177,8 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
 
 # -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
 # Operands: x2, data, scales[, zeros]; params: fmt (its name), block_size, k (the
-# QOperand's static fields), block_k (the scan's config) and isa (the kernel's variant).
+# QOperand's static fields), block_k (the scan's config), isa (the kernel's variant) and
+# int8_codes (W8A8's codes, below).
 small_m_matmul_p = Primitive("qkern_small_m_matmul")
 
 
@@ -193,16 +194,24 @@ def _unpack(args, fmt, block_size, k):
 # The K-chunked XLA scan (`qmatmul/_xla.py`'s `_scan_matmul`), registered by that module, which
 # builds on this one: the lowering falls back to it wherever the native kernel cannot run.
 SCAN: list = []
+# W8A8 (`w8a8/_xla.py`) binds the primitive with int8_codes=True: x2 holds int8 codes as
+# float32. Its fallback is then the int8 product (x2 back to int8, an int32 dot), registered
+# by that module, and vmap folds a batch into M only below STREAMING_BELOW rows, where
+# the kernel streams: it sums each block's products unscaled, so sums of small integers are
+# exact (from there the register-tiled kernel scales each code first).
+INT8_PRODUCT: list = []
+STREAMING_BELOW = 8         # qgemv.cc's kTiledFrom
 
 
-def _scan_fn(*args, fmt, block_size, k, block_k, isa):
+def _scan_fn(*args, fmt, block_size, k, block_k, isa, int8_codes):
     del isa
     x2, op = _unpack(args, fmt, block_size, k)
-    return SCAN[0](x2, op, MatmulConfig(block_k=block_k))
+    fallback = INT8_PRODUCT[0] if int8_codes else SCAN[0]
+    return fallback(x2, op, MatmulConfig(block_k=block_k))
 
 
-def _native_fn(*args, fmt, block_size, k, block_k, isa):
-    del block_k
+def _native_fn(*args, fmt, block_size, k, block_k, isa, int8_codes):
+    del block_k, int8_codes
     return _native(*_unpack(args, fmt, block_size, k), isa=isa)
 
 
@@ -236,7 +245,8 @@ def _batch(args, dims, **params):
         b, m, kk = x.shape
         op = _operand(args[1], args[2], args[3] if len(args) > 3 else None,
                       params["fmt"], params["block_size"], params["k"])
-        if b * m <= max_m(op, params["isa"]):
+        limit = STREAMING_BELOW - 1 if params["int8_codes"] else max_m(op, params["isa"])
+        if b * m <= limit:
             y = small_m_matmul_p.bind(x.reshape(b * m, kk), *args[1:], **params)
             return y.reshape(b, m, -1), 0
     axes = tuple(None if d is not_mapped else d for d in dims)
@@ -250,13 +260,15 @@ mlir.register_lowering(small_m_matmul_p, _lower_cpu, platform="cpu")
 batching.primitive_batchers[small_m_matmul_p] = _batch
 
 
-def qmatmul_small_m(x2: jax.Array, op, config) -> jax.Array:
+def qmatmul_small_m(x2: jax.Array, op, config, *, int8_codes: bool = False) -> jax.Array:
     """x2[M, K] @ W as float32 [M, N]: the native kernel where the lowering allows it, the
-    scan with `config` elsewhere (see the module docstring). Call it when `eligible`."""
+    scan with `config` elsewhere (see the module docstring). Call it when `eligible`.
+    int8_codes=True (W8A8): x2 holds int8 codes as float32; the fallback is the int8
+    product, and vmap folds into M only below STREAMING_BELOW rows (see INT8_PRODUCT)."""
     zeros = () if op.zeros is None else (op.zeros,)
     return small_m_matmul_p.bind(x2, op.data, op.scales, *zeros, fmt=op.fmt.name,
                                  block_size=op.block_size, k=op.k, block_k=config.block_k,
-                                 isa=variant())
+                                 isa=variant(), int8_codes=bool(int8_codes))
 
 
 # -- dequantisation: the weight as float32, for dequantise-then-dot at large M -----------
