@@ -81,6 +81,25 @@ def test_matches_reference(fmt, opts, m, k, n):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,opts,k", [("int4", {}, 384), ("nf4", dict(block_size=64), 320),
+                                        ("fp4", dict(block_size=32), 96),
+                                        ("int4", dict(calibration="minmax"), 300)],
+                         ids=["int4-384", "nf4-b64-320", "fp4-b32-96", "int4-minmax-300"])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 33])
+def test_4bit_with_a_high_half_of_padding(fmt, opts, k, m):
+    """An odd number of blocks is stored as one more (even_blocks), all padding: the last
+    scale group's high nibbles hold no logical row and the kernel skips them (HighLive in
+    qgemv.cc), streaming (M < 8) and tiled, columns past the last whole vector included.
+    The live rows just before them (the high half of the groups before) must still count."""
+    x, _, op = make_case(fmt, opts, m, k, 203, jnp.float32, seed=m)
+    assert op.k_padded > op.k and op.num_blocks % 2 == 0
+    assert (op.k_padded - op.k) >= op.block_size               # a whole block of padding
+    fn = lambda x, op: qmatmul(x, op, backend="xla")
+    assert _uses_kernel(fn, x, op)
+    assert_matches(jax.jit(fn)(x, op), reference_matmul(x, op))
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(dtype):
     x, _, op = make_case("nf4", {}, 1, 512, 96, dtype)
@@ -264,7 +283,14 @@ def test_kernel_refuses_inconsistent_shapes():
                             jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="inconsistent shapes"):
         jax.block_until_ready(call(x, codes, scales, jnp.zeros(16, jnp.float32),
-                                   block_size=np.int64(64), threads=np.int64(1)))
+                                   block_size=np.int64(64), threads=np.int64(1),
+                                   k=np.int64(32)))
+    # consistent shapes, but more logical rows than stored (or none)
+    for k in (65, 0):
+        with pytest.raises(Exception, match="inconsistent shapes"):
+            jax.block_until_ready(call(x, jnp.zeros((32, 8), jnp.uint8), scales,
+                                       jnp.zeros(16, jnp.float32), block_size=np.int64(64),
+                                       threads=np.int64(1), k=np.int64(k)))
 
 
 @needs_native

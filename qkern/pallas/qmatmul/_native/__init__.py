@@ -148,6 +148,8 @@ def _weight_operands(op, kernel: str, threads: int) -> tuple[tuple, dict]:
     attrs = dict(block_size=np.int64(op.block_size), threads=np.int64(threads))
     if kernel.startswith("qkern_packed4_"):
         args += (jnp.asarray(_table(op.fmt)),)
+    if kernel == "qkern_packed4_gemv":      # logical rows: it skips a high half of padding
+        attrs["k"] = np.int64(op.k)
     if kernel.startswith("qkern_fp8_"):
         attrs["fp8_kind"] = np.int64(_FP8_KIND[jnp.dtype(op.fmt.float_dtype)])
     return args, attrs

@@ -144,7 +144,16 @@ struct Args4 {
   const float* table;    // [16]
   float* y;              // [M, N]
   int64_t m, r, n, nb, block;
+  int64_t k;             // logical rows (<= 2R; the rest is padding, x zero there)
 };
+
+// Whether the high nibbles of group j (the scale block hi_row0 + j; with one block, all
+// of them) hold any logical row. Packing keeps an even number of blocks, so K = 384 in
+// blocks of 128 is stored as 512 rows and the last group's high half is all padding:
+// its products (x is zero there) are skipped, a quarter of the work at that shape.
+inline bool HighLive(const Args4& a, int64_t j) {
+  return a.nb == 1 || a.r + j * a.block < a.k;
+}
 
 // Columns of partial sums per row of x, kept in cache while code rows stream past: long
 // contiguous runs of each code row keep the prefetchers busy (256 columns ran 1.5-2x
@@ -176,7 +185,7 @@ inline void Prefetch(const uint8_t* pf, int64_t stride, int64_t i) {
 
 // Adds U code rows from row r (columns c0 .. c0 + w) into the partial sums of MR rows of x
 // (panels of pw columns each): each code is decoded once for all MR rows.
-template <int U, int MR, typename T>
+template <int U, int MR, bool HI, typename T>
 inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0, int64_t w,
                            int64_t pw, float* lo, float* hi, const T& t) {
   const uint8_t* p = a.codes + r * a.n + c0;
@@ -185,7 +194,7 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
   for (int q = 0; q < U; ++q)
     for (int k = 0; k < MR; ++k) {
       xl[q][k] = VSplat(x[k * xs + r + q]);
-      xh[q][k] = VSplat(x[k * xs + a.r + r + q]);
+      if (HI) xh[q][k] = VSplat(x[k * xs + a.r + r + q]);
     }
   const uint8_t* pf = r + 2 * U <= a.r ? p + U * a.n : nullptr;
   for (int64_t i = 0; i < wv; i += kW) {
@@ -193,19 +202,19 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
     VF al[MR], ah[MR];
     for (int k = 0; k < MR; ++k) {
       al[k] = VLoad(lo + k * pw + i);
-      ah[k] = VLoad(hi + k * pw + i);
+      if (HI) ah[k] = VLoad(hi + k * pw + i);
     }
     for (int q = 0; q < U; ++q) {
       VF vl, vh;
       t.Nibbles(p + q * a.n + i, &vl, &vh);
       for (int k = 0; k < MR; ++k) {
         al[k] = VFma(vl, xl[q][k], al[k]);
-        ah[k] = VFma(vh, xh[q][k], ah[k]);
+        if (HI) ah[k] = VFma(vh, xh[q][k], ah[k]);
       }
     }
     for (int k = 0; k < MR; ++k) {
       VStore(lo + k * pw + i, al[k]);
-      VStore(hi + k * pw + i, ah[k]);
+      if (HI) VStore(hi + k * pw + i, ah[k]);
     }
   }
   for (int64_t i = wv; i < w; ++i)  // the last columns, one at a time, fused as above
@@ -213,7 +222,8 @@ inline void Packed4AddRows(const Args4& a, const float* x, int64_t r, int64_t c0
       const uint8_t b = p[q * a.n + i];
       for (int k = 0; k < MR; ++k) {
         lo[k * pw + i] = std::fma(a.table[b & 15], x[k * xs + r + q], lo[k * pw + i]);
-        hi[k * pw + i] = std::fma(a.table[b >> 4], x[k * xs + a.r + r + q], hi[k * pw + i]);
+        if (HI)
+          hi[k * pw + i] = std::fma(a.table[b >> 4], x[k * xs + a.r + r + q], hi[k * pw + i]);
       }
     }
 }
@@ -233,13 +243,19 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
     const float* s_lo = a.scales + (a.nb == 1 ? 0 : j) * a.n;
     const float* s_hi = a.scales + (a.nb == 1 ? 0 : hi_row0 + j) * a.n;
     const int64_t r0 = j * g;
+    const bool high = HighLive(a, j);
     for (int64_t c0 = n0; c0 < n1; c0 += pw) {
       const int64_t w = std::min(pw, n1 - c0);
       std::fill(lo, lo + MR * pw, 0.0f);
       std::fill(hi, hi + MR * pw, 0.0f);
       int64_t r = r0;
-      for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, T>(a, x, r, c0, w, pw, lo, hi, t);
-      for (; r < r0 + g; ++r) Packed4AddRows<1, MR, T>(a, x, r, c0, w, pw, lo, hi, t);
+      if (high) {
+        for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, true, T>(a, x, r, c0, w, pw, lo, hi, t);
+        for (; r < r0 + g; ++r) Packed4AddRows<1, MR, true, T>(a, x, r, c0, w, pw, lo, hi, t);
+      } else {
+        for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, false, T>(a, x, r, c0, w, pw, lo, hi, t);
+        for (; r < r0 + g; ++r) Packed4AddRows<1, MR, false, T>(a, x, r, c0, w, pw, lo, hi, t);
+      }
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i)
           y[k * a.n + c0 + i] += lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i];
@@ -287,7 +303,7 @@ inline int64_t Ahead(int64_t i, int64_t w, int64_t r1, int64_t rows, int64_t n) 
 // Adds code rows [r0, r1) (one scale row) into the sums of MR rows of x over one vector of
 // columns at c: from `in` (nullptr: zero; rows `pw` floats apart) to `out` (rows `stride`
 // floats apart).
-template <int MR, typename T>
+template <int MR, bool HI, typename T>
 inline void Packed4Strip(const Args4& a, const float* xp, int64_t r0, int64_t r1, int64_t j,
                          int64_t c, const float* in, int64_t pw, float* out, int64_t stride,
                          int64_t ahead, const T& t) {
@@ -306,10 +322,12 @@ inline void Packed4Strip(const Args4& a, const float* xp, int64_t r0, int64_t r1
     VF vl, vh;
     t.Nibbles(p, &vl, &vh);
     vl = VMul(vl, sl);
-    vh = VMul(vh, sh);
     const float* xr = xp + (r - r0) * 2 * MR;
     for (int k = 0; k < MR; ++k) acc[k] = VFma(vl, VSplat(xr[k]), acc[k]);
-    for (int k = 0; k < MR; ++k) acc[k] = VFma(vh, VSplat(xr[MR + k]), acc[k]);
+    if (HI) {
+      vh = VMul(vh, sh);
+      for (int k = 0; k < MR; ++k) acc[k] = VFma(vh, VSplat(xr[MR + k]), acc[k]);
+    }
   }
   for (int k = 0; k < MR; ++k) VStoreU(out + k * stride, acc[k]);
 }
@@ -323,8 +341,9 @@ inline void Packed4TiledTail(const Args4& a, const float* x, float* y, int64_t m
       const int64_t j = r / g;
       const uint8_t b = a.codes[r * a.n + c];
       const float wl = a.table[b & 15] * a.scales[j * a.n + c];
-      const float wh = a.table[b >> 4] * a.scales[(hi_row0 + j) * a.n + c];
       acc = std::fma(wl, x[k * xs + r], acc);
+      if (!HighLive(a, j)) continue;
+      const float wh = a.table[b >> 4] * a.scales[(hi_row0 + j) * a.n + c];
       acc = std::fma(wh, x[k * xs + a.r + r], acc);
     }
     y[k * a.n + c] = acc;
@@ -339,7 +358,8 @@ void Packed4Tiled(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
   alignas(64) float xp[2 * kChunk * MR];
   for (int64_t c0 = n0; c0 < n0 + wv; c0 += pw) {
     const int64_t w = std::min(pw, n0 + wv - c0);
-    for (int64_t r0 = 0; r0 < a.r; r0 += g)
+    for (int64_t r0 = 0; r0 < a.r; r0 += g) {
+      const bool high = HighLive(a, r0 / g);
       for (int64_t r = r0; r < r0 + g; r += kChunk) {
         const int64_t r1 = std::min(r + kChunk, r0 + g);
         const bool first = r == 0, last = r1 == a.r;
@@ -350,11 +370,17 @@ void Packed4Tiled(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
             xp[(q - r) * 2 * MR + k] = x[k * 2 * a.r + q];
             xp[(q - r) * 2 * MR + MR + k] = x[k * 2 * a.r + a.r + q];
           }
-        for (int64_t i = 0; i < w; i += kW)
-          Packed4Strip<MR, T>(a, xp, r, r1, r0 / g, c0 + i, first ? nullptr : buf + i, pw,
-                              last ? y + c0 + i : buf + i, last ? a.n : pw,
-                              Ahead(i, w, r1, a.r, a.n), t);
+        for (int64_t i = 0; i < w; i += kW) {
+          float* out = last ? y + c0 + i : buf + i;
+          const float* in = first ? nullptr : buf + i;
+          const int64_t stride = last ? a.n : pw, ahead = Ahead(i, w, r1, a.r, a.n);
+          if (high)
+            Packed4Strip<MR, true, T>(a, xp, r, r1, r0 / g, c0 + i, in, pw, out, stride, ahead, t);
+          else
+            Packed4Strip<MR, false, T>(a, xp, r, r1, r0 / g, c0 + i, in, pw, out, stride, ahead, t);
+        }
       }
+    }
   }
   for (int64_t c = n0 + wv; c < n1; ++c) Packed4TiledTail(a, x, y, MR, c);
 }
@@ -692,15 +718,16 @@ const char kNoMemory[] = "could not allocate the kernel's partial-sum buffers";
 
 ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> table,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t block_size, int64_t threads) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t block_size, int64_t threads,
+                       int64_t k) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || table.element_count() != 16)
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: expected x[M, K], codes[K/2, N], "
                                        "scales[nb, N] and a 16-entry table");
   Args4 a{x.typed_data(), codes.typed_data(), scales.typed_data(), table.typed_data(),
-          y->typed_data(), xd[0], cd[0], cd[1], sd[0], block_size};
-  if (xd[1] != 2 * a.r || sd[1] != a.n || (a.nb != 1 && (a.nb * a.block != 2 * a.r ||
-                                                        a.nb % 2 != 0)))
+          y->typed_data(), xd[0], cd[0], cd[1], sd[0], block_size, k};
+  if (xd[1] != 2 * a.r || sd[1] != a.n || k < 1 || k > 2 * a.r ||
+      (a.nb != 1 && (a.nb * a.block != 2 * a.r || a.nb % 2 != 0)))
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: inconsistent shapes");
   const bool ints = TwosComplement(a.table);
   auto work = [&a, ints](int64_t n0, int64_t n1) {
@@ -856,7 +883,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernPacked4Gemv, Packed4Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("k"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkernInt8Gemv, Int8Impl,
                               ffi::Ffi::Bind()
