@@ -100,6 +100,34 @@ def test_4bit_with_a_high_half_of_padding(fmt, opts, k, m):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt,opts,k", [("int4", {}, 384), ("nf4", dict(block_size=64), 320),
+                                        ("int4", {}, 300)], ids=["int4-384", "nf4-320", "int4-300"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_the_padding_high_half_is_not_read(fmt, opts, k, m):
+    """Junk in the all-padding high half (codes, its scale row, x) changes nothing: the
+    kernel skips it (streaming at M = 1, tiled at M = 9, the column tail at N = 203). The
+    same junk in a live row does change the result."""
+    x, _, op = make_case(fmt, opts, m, k, 203, jnp.float32, seed=m)
+    name = "qkern_packed4_gemv"
+    args, attrs = _native._weight_operands(op, name, 1)
+    data, scales, table = args
+    call = jax.ffi.ffi_call(_build.target(name, _native.variant()),
+                            jax.ShapeDtypeStruct((m, op.n), jnp.float32))
+    r, dead = op.data.shape[0], op.num_blocks - 1            # the last block: all padding
+    x_pad = jnp.pad(x, ((0, 0), (0, op.k_padded - k)))
+    clean = np.asarray(call(x_pad, data, scales, table, **attrs))
+    rows = np.arange(r)
+    high_dead = rows + r >= dead * op.block_size           # byte rows whose high nibble is there
+    junk_data = jnp.where(high_dead[:, None], data | jnp.uint8(0x90), data)
+    junk_scales = scales.at[dead].set(3.0)
+    junk_x = x_pad.at[:, dead * op.block_size:].set(5.0)
+    junk = np.asarray(call(junk_x, junk_data, junk_scales, table, **attrs))
+    np.testing.assert_array_equal(junk, clean)
+    live = np.asarray(call(x_pad.at[:, k - 1].set(50.0), data, scales, table, **attrs))
+    assert not np.array_equal(live, clean)                   # the last logical row counts
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(dtype):
     x, _, op = make_case("nf4", {}, 1, 512, 96, dtype)

@@ -150,7 +150,8 @@ struct Args4 {
 // Whether the high nibbles of group j (the scale block hi_row0 + j; with one block, all
 // of them) hold any logical row. Packing keeps an even number of blocks, so K = 384 in
 // blocks of 128 is stored as 512 rows and the last group's high half is all padding:
-// its products (x is zero there) are skipped, a quarter of the work at that shape.
+// its products (x is zero there) are skipped, a quarter of the decoding and multiplying at
+// that shape (its bytes are still read, for their low nibbles).
 inline bool HighLive(const Args4& a, int64_t j) {
   return a.nb == 1 || a.r + j * a.block < a.k;
 }
@@ -258,7 +259,8 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
       }
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i)
-          y[k * a.n + c0 + i] += lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i];
+          y[k * a.n + c0 + i] += high ? lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i]
+                                      : lo[k * pw + i] * s_lo[c0 + i];
     }
   }
 }
