@@ -77,8 +77,8 @@ DEQUANTIZE_MIN_M = 128
 # xla, W8A8, M >= W8A8_WHOLE_K_M, per-channel or per-tensor weights: one int8 dot over the
 # whole of K instead of a scan over K chunks (per-block weights keep the table's chunks,
 # whose int32 partials per block w8a8/_xla.py caps). Measured on a 2-core Intel Xeon with
-# AMX (docs/benchmarks.md, "W8A8 on the CPU", `python bench/w8a8_cpu.py`): at MiniLM's 384 x 1536 and 1536 x 384, M = 32 to 1024,
-# one dot ran up to 1.7x faster than chunks of 512 rows and 2x faster than chunks of 256,
+# AMX (docs/benchmarks.md, "W8A8 on the CPU", `python bench/w8a8_cpu.py`): at MiniLM's
+# 384 x 1536 and 1536 x 384, M = 32 to 1024, one dot ran up to 1.7x faster than chunks of 512 rows and 2x faster than chunks of 256,
 # under jax 0.10.2 and 0.12; at K = N = 4096, M = 8 to 256, it ran 1.6-1.7x faster under
 # jax 0.12 (what `pip install qkern` gets) and 0.7-1.05x as fast under 0.10.2. Below M = 8
 # the native kernel runs where it can (w8a8/_xla.py), else 256-row chunks (XLA:CPU's integer

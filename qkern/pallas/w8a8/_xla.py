@@ -44,9 +44,9 @@ from ..qmatmul._xla import (_chunk_rows, chunk_target, dot, padded_spec, product
 
 _PARTIAL_BYTES = 4 << 20     # xla, per-block scales: bound on one chunk's int32 partials
 # Rows of x below which the native kernel multiplies (its streaming path: exact integer sums)
-# where it can run: below the register-tiled kernel's first M. At M = 8 its register-tiled path, which scales each code before summing
-# (so the sums are no longer exact), and XLA's int8 dot over the whole of K each won at two
-# of the four shapes timed (MiniLM's 384 x 1536 and 1536 x 384 went to XLA; 384 x 384 and
+# where it can run: below the register-tiled kernel's first M. At M = 8 its register-tiled
+# path, which scales each code before summing (so the sums are no longer exact), and XLA's
+# int8 dot over the whole of K each won at two of the four shapes timed (MiniLM's 384 x 1536 and 1536 x 384 went to XLA; 384 x 384 and
 # 4096 x 4096 to the kernel).
 NATIVE_BELOW = _native.STREAMING_BELOW
 
@@ -67,9 +67,7 @@ def w8a8_xla(x: jax.Array, op: QOperand, act_scale: jax.Array | None = None,
         # codes as float32: exact small integers (the module docstring)
         y = _native.qmatmul_small_m(xq.astype(jnp.float32), op, config, int8_codes=True)
         return (y * sx).astype(x.dtype)
-    xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - k)))
-    target = chunk_target(op, config.block_k)
-    return (_int8_product(xq, op, target) * sx).astype(x.dtype)
+    return (_int8_matmul(xq, op, config) * sx).astype(x.dtype)
 
 
 def chunk_rows(op: QOperand, m: int, target: int) -> int:
@@ -131,12 +129,17 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
     return acc
 
 
-def _int8_fallback(x2: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
-    """float32 [M, N]: the int8 product of x2 (int8 codes held as float32, unpadded) by op,
-    in K chunks of config.block_k rows: where the native primitive W8A8 binds cannot run
-    the kernel (the module docstring)."""
-    xq = jnp.pad(x2.astype(jnp.int8), ((0, 0), (0, op.k_padded - op.k)))
+def _int8_matmul(xq: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
+    """float32 [M, N]: the int8 product of the unpadded int8 codes xq [M, K] by op, in K
+    chunks of about config.block_k rows."""
+    xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - op.k)))
     return _int8_product(xq, op, chunk_target(op, config.block_k))
+
+
+def _int8_fallback(x2: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
+    """`_int8_matmul` of x2, int8 codes held as float32: where the native primitive W8A8
+    binds cannot run the kernel (the module docstring)."""
+    return _int8_matmul(x2.astype(jnp.int8), op, config)
 
 
 _native.INT8_PRODUCT.append(_int8_fallback)

@@ -156,6 +156,13 @@ inline bool HighLive(const Args4& a, int64_t j) {
   return a.nb == 1 || a.r + j * a.block < a.k;
 }
 
+// Runs f(std::bool_constant<live>{}): the kernels' loops with or without the high nibbles.
+template <typename F>
+inline void WithHigh(bool live, F f) {
+  if (live) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Columns of partial sums per row of x, kept in cache while code rows stream past: long
 // contiguous runs of each code row keep the prefetchers busy (256 columns ran 1.5-2x
 // slower than 2048 at M = 1; 2048 / MR per row, at MR = 4, cost int8 a third at M = 4).
@@ -249,14 +256,12 @@ void Packed4Block(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
       const int64_t w = std::min(pw, n1 - c0);
       std::fill(lo, lo + MR * pw, 0.0f);
       std::fill(hi, hi + MR * pw, 0.0f);
-      int64_t r = r0;
-      if (high) {
-        for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, true, T>(a, x, r, c0, w, pw, lo, hi, t);
-        for (; r < r0 + g; ++r) Packed4AddRows<1, MR, true, T>(a, x, r, c0, w, pw, lo, hi, t);
-      } else {
-        for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, false, T>(a, x, r, c0, w, pw, lo, hi, t);
-        for (; r < r0 + g; ++r) Packed4AddRows<1, MR, false, T>(a, x, r, c0, w, pw, lo, hi, t);
-      }
+      WithHigh(high, [&](auto hl) {
+        constexpr bool HI = decltype(hl)::value;
+        int64_t r = r0;
+        for (; r + 4 <= r0 + g; r += 4) Packed4AddRows<4, MR, HI, T>(a, x, r, c0, w, pw, lo, hi, t);
+        for (; r < r0 + g; ++r) Packed4AddRows<1, MR, HI, T>(a, x, r, c0, w, pw, lo, hi, t);
+      });
       for (int k = 0; k < MR; ++k)
         for (int64_t i = 0; i < w; ++i)
           y[k * a.n + c0 + i] += high ? lo[k * pw + i] * s_lo[c0 + i] + hi[k * pw + i] * s_hi[c0 + i]
@@ -376,10 +381,10 @@ void Packed4Tiled(const Args4& a, const float* x, float* y, int64_t n0, int64_t 
           float* out = last ? y + c0 + i : buf + i;
           const float* in = first ? nullptr : buf + i;
           const int64_t stride = last ? a.n : pw, ahead = Ahead(i, w, r1, a.r, a.n);
-          if (high)
-            Packed4Strip<MR, true, T>(a, xp, r, r1, r0 / g, c0 + i, in, pw, out, stride, ahead, t);
-          else
-            Packed4Strip<MR, false, T>(a, xp, r, r1, r0 / g, c0 + i, in, pw, out, stride, ahead, t);
+          WithHigh(high, [&](auto hl) {
+            Packed4Strip<MR, decltype(hl)::value, T>(a, xp, r, r1, r0 / g, c0 + i, in, pw, out,
+                                                     stride, ahead, t);
+          });
         }
       }
     }
