@@ -131,7 +131,7 @@ def test_tune_writes_the_cache_and_info_lists_it(capsys, cache_dir):
 def test_tune_names_the_native_kernel_not_a_block_k_it_does_not_read(capsys, monkeypatch):
     """Where the native CPU kernel runs (xla forward, small M) the report says so; the
     scan's problems (here M=12 with the native kernel taken away) show their block_k."""
-    monkeypatch.setattr(_native, "runs_for", lambda m, op: m <= 8)
+    monkeypatch.setattr(_native, "runs_for", lambda m, op, x_dtype=None: m <= 8)
     assert cli.main(TINY_TUNE[:2] + ["1,12"] + TINY_TUNE[3:] + ["--formats", "int8",
                                                                  "--no-write"]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| xla")]

@@ -343,7 +343,7 @@ def native_runs(problem: Problem) -> bool:
         qw = quantize(w, problem.fmt, block_size=problem.block_size,
                       calibration="minmax" if problem.zeros else "absmax")
         op = stored_operand(qw)
-        found.append(op is not None and _native.runs_for(problem.m, op))
+        found.append(op is not None and _native.runs_for(problem.m, op, problem.x_dtype))
 
     try:
         jax.eval_shape(probe)

@@ -33,7 +33,7 @@ def _problem(backend, m, k, n, fmt, op, kernel="qmatmul", dtype="bfloat16", rank
 
 def test_xla_space_is_block_k_deduplicated_by_the_chunk_the_scan_uses(monkeypatch):
     op = _op(256, 128, "int8")                                    # one block of 256 rows
-    p = _problem("xla", 64, 256, 128, "int8", op, dtype="float32")  # M past the native kernel
+    p = _problem("xla", 64, 256, 128, "int8", op)   # bfloat16 x: M past the native kernel
     configs, pruned = _space.candidates(p, op)
     assert [c.block_k for c in configs if not c.dequantize] == [64, 128, 256]
     assert [c.dequantize for c in configs].count(True) == 1      # and dequantise-then-dot

@@ -85,8 +85,9 @@ def _scan_lengths(m, k=256, n=128):
 
 def test_a_write_in_this_process_reaches_functions_traced_afterwards(monkeypatch):
     # No cache clearing here: jax caches traces of the kernels, and the tuner itself traced
-    # the candidate configs; the next trace must still pick up the new winner. M = 64: the
-    # scan (at M <= 48 int8 runs the native CPU kernel, which has no scan to count).
+    # the candidate configs; the next trace must still pick up the new winner. The scan:
+    # the native CPU kernel, which has no scan to count, is switched off.
+    monkeypatch.setenv("QKERN_NATIVE", "0")
     assert _scan_lengths(64) == [1]                            # heuristic: block_k 256 = K
     autotune(m=64, k=256, n=128, formats="int8", configs=[MatmulConfig(block_k=64)],
              repeats=2, warmup=1)
@@ -313,15 +314,16 @@ def test_describe_config_names_the_native_kernel(monkeypatch):
 
     cfg = MatmulConfig(block_k=256)
     p = Problem("xla", "qmatmul", 1, 256, 128, "float32", "int8", 256, False)
-    monkeypatch.setattr(_native, "runs_for", lambda m, op: True)
+    monkeypatch.setattr(_native, "runs_for", lambda m, op, x_dtype: True)
     assert describe_config(cfg, "xla", p) == NATIVE
     assert describe_config(cfg, "xla") == "block_k=256"                 # no problem: no claim
     t = dataclasses.replace(p, kernel="qmatmul_t")                     # the scan: block_k read
     assert describe_config(cfg, "xla", t) == "block_k=256"
     assert describe_config(MatmulConfig(dequantize=True), "xla", p) == "dequantise + XLA dot"
-    monkeypatch.setattr(_native, "runs_for", lambda m, op: False)
+    monkeypatch.setattr(_native, "runs_for", lambda m, op, x_dtype: False)
     assert describe_config(cfg, "xla", p) == "block_k=256"
     seen = []
-    monkeypatch.setattr(_native, "runs_for", lambda m, op: seen.append((m, op.fmt.name)) or 1)
+    monkeypatch.setattr(_native, "runs_for",
+                        lambda m, op, x_dtype: seen.append((m, op.fmt.name)) or 1)
     assert describe_config(cfg, "xla", dataclasses.replace(p, m=5, fmt="nf4", block_size=64))
     assert seen == [(5, "nf4")]                                         # the problem's weight

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -232,14 +233,16 @@ def test_avx2_fp8_runs_to_m32_for_small_weights_and_m16_above():
     w = jnp.ones((2048, 2049), jnp.float32)
     small, large = (stored_operand(qkern.quantize(w[:, :n], "fp8_e4m3")) for n in (2048, 2049))
     assert _native.max_m(small, "avx2") == 32 and _native.max_m(large, "avx2") == 16
-    assert _native.max_m(large, "avx512") == 48
+    assert _native.max_m(large, "avx512") == sys.maxsize                # the GEMM above 48
+    assert _native.max_m(large, "avx512", jnp.bfloat16) == 48
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8_e4m3"])
 def test_the_kernel_runs_to_m48_except_fp8_with_avx2(isa, fmt):
     x, _, op = make_case(fmt, {}, 45, 256, 48, jnp.float32)   # 16 + 16 + 8 + 4 + 1 rows
     runs = isa == "avx512" or not fmt.startswith("fp8")        # avx2: 8 x 5 + 4 + 1
-    assert _native.max_m(op) == (48 if runs else 32)           # avx2 fp8: 32 for small W
+    # avx512: every M for float32 x (the GEMM from 49 rows); avx2 fp8: 32 for small W
+    assert _native.max_m(op) == (sys.maxsize if isa == "avx512" else 48 if runs else 32)
     fn = lambda x: qmatmul(x, op, backend="xla")
     assert bool(_targets(fn, x)) == runs
     assert_matches(jax.jit(fn)(x), reference_matmul(x, op))

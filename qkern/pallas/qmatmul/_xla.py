@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ..._compat import explicit_sharding, vary_like
 from . import _native
-from .._config import MatmulConfig, default_config
+from .._config import NATIVE_RUNS, MatmulConfig, default_config
 from .._decode import decode_unpacked, nibble_table, split_nibbles
 from .._operand import QOperand, reference_dequantize
 
@@ -264,6 +264,7 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
 
 
 _native.SCAN.append(_scan_matmul)   # what the native primitive lowers to where it cannot run
+NATIVE_RUNS.append(_native.covers)  # the heuristic's dequantise-first rule yields to it
 
 
 # --------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def candidates(problem, op: QOperand, space: dict, device_kind: str = ""):
     default = default_config("xla", problem.m)
     anchor = MatmulConfig(block_k=chunk_of(op, default.block_k))
     block_ks = space["block_k"]
-    if problem.kernel == "qmatmul" and _native.runs_for(problem.m, op):
+    if problem.kernel == "qmatmul" and _native.runs_for(problem.m, op, problem.x_dtype):
         pruned = [(MatmulConfig(block_k=bk), "the native CPU kernel runs at this M "
                    "(qkern/pallas/qmatmul/_native); block_k is unused") for bk in block_ks]
         return [anchor], pruned, anchor

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -48,25 +49,39 @@ __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
 
 
 SMALL_FP8_CODES = 1 << 22   # 4 Mi codes: the AVX2 fp8 kernel's larger max_m below this
+GEMM_FROM = 49              # qgemv.cc's kGemmFrom: the blocked GEMM from this many rows
+TILED_MAX_M = 48            # the register-tiled kernel's last M (AVX-512)
 
 
-def max_m(op, isa: str | None = None) -> int:
-    """Rows of x at or below which the kernel runs for `op`, by variant (`isa`; default: the
-    one loaded now). From M = 8 the kernel is register-tiled (qgemv.cc: each code decoded
-    once for up to 16 rows of x on AVX-512, 8 on AVX2). The AVX-512 variant beats the scan,
-    which runs above it up to M = 128, to M = 48 for every format at K = N = 4096 and at
-    MiniLM's 384 x 384, 384 x 1536 and 1536 x 384, and dequantise-then-dot as well except for
-    fp8 at the smaller shapes (`python bench/native_crossover.py`, docs/benchmarks.md). The
-    AVX2 variant beat the scan to M = 48 as well for the integer and 4-bit formats (measured
-    capped on the same CPU, where the scan still ran XLA's AVX-512 code: an AVX2-only CPU's
-    scan is slower still). fp8 did not past M = 16 at K = N = 4096 (0.9-1.2x against
-    1.2-1.7x), but did to M = 32 at MiniLM's shapes: fp8 runs to 32 for weights of at most
-    `SMALL_FP8_CODES` codes with AVX2, to 16 above."""
+def max_m(op, isa: str | None = None, x_dtype=jnp.float32) -> int:
+    """Rows of x at or below which the kernel runs for `op` and x of `x_dtype`, by variant
+    (`isa`; default: the one loaded now); see `_max_m`."""
+    return _max_m(op.fmt, op.k * op.n, isa, x_dtype)
+
+
+def _max_m(fmt, codes: int, isa: str | None, x_dtype) -> int:
+    """Below 8 rows the kernel streams the weight; from 8 it is register-tiled (qgemv.cc:
+    each code decoded once for up to 16 rows of x on AVX-512, 8 on AVX2); from GEMM_FROM
+    (AVX-512) a blocked GEMM decodes each block of the weight once into a panel that all
+    rows use.
+    - AVX-512, float32 (or float16) x: every M. The tiled kernel beat the scan to M = 48 for
+      every format at K = N = 4096 and at MiniLM's 384 x 384, 384 x 1536 and 1536 x 384
+      (`python bench/native_crossover.py`); above, the GEMM ran 1.0-2.6x of XLA's dense
+      float32 dot at M = 64 where the scan ran 0.5-0.8x, and 1.0-1.4x at K = N = 4096,
+      M = 512, against 0.85-0.95x (`python bench/native_gemm.py`, docs/benchmarks.md).
+    - bfloat16 x (`compute_dtype="bfloat16"`): to M = 48. Above, XLA's bfloat16 dot (which
+      AMX runs) beats any float32 kernel: the scan or dequantise-then-dot in bfloat16.
+    - AVX2: to M = 48 for the integer and 4-bit formats, where it beat the scan (measured
+      capped on the same CPU, where the scan still ran XLA's AVX-512 code: an AVX2-only
+      CPU's scan is slower still). fp8 did not past M = 16 at K = N = 4096 (0.9-1.2x
+      against 1.2-1.7x), but did to M = 32 at MiniLM's shapes: fp8 runs to 32 for weights
+      of at most `SMALL_FP8_CODES` codes with AVX2, to 16 above. The AVX2 build has the
+      GEMM too (tests run it), unmeasured on an AVX2-only CPU, so not chosen there."""
     if (isa or variant() or "").startswith("avx512"):
-        return 48
-    if op.fmt.byte_floats:
-        return 32 if op.k * op.n <= SMALL_FP8_CODES else 16
-    return 48
+        return TILED_MAX_M if jnp.dtype(x_dtype) == jnp.bfloat16 else sys.maxsize
+    if fmt.byte_floats:
+        return 32 if codes <= SMALL_FP8_CODES else 16
+    return TILED_MAX_M
 
 
 def _table(fmt) -> np.ndarray:
@@ -96,14 +111,31 @@ _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 _FP8_KIND = {jnp.dtype(jnp.float8_e4m3fn): 1, jnp.dtype(jnp.float8_e5m2): 2}
 
 
-def runs_for(m: int, op) -> bool:
-    """Whether an unsharded x[m, K] @ op runs the native kernel on this machine."""
-    return 0 < m <= max_m(op) and _kernel_for(op) is not None and library() is not None
+def runs_for(m: int, op, x_dtype=jnp.float32) -> bool:
+    """Whether an unsharded x[m, K] @ op, x of `x_dtype`, runs the native kernel on this
+    machine."""
+    return (0 < m <= max_m(op, x_dtype=x_dtype) and _kernel_for(op) is not None
+            and library() is not None)
+
+
+def covers(problem) -> bool:
+    """Whether the native kernel runs `problem` (a pallas._config.Problem: x @ W on xla) on
+    this machine, judged from its format, shapes and x dtype alone: what the heuristic asks
+    before it picks dequantise-then-dot (registered in _config.NATIVE_RUNS by _xla.py). A
+    weight the kernel cannot take after all (stored unusually, or sharded) runs the scan."""
+    fmt = FORMATS.get(problem.fmt)
+    if problem.backend != "xla" or problem.kernel != "qmatmul" or fmt is None:
+        return False
+    if not (fmt.byte_floats or (fmt.kind == "int" and not fmt.packed)
+            or (fmt.packed and fmt.kind in ("int", "codebook", "mx"))):
+        return False
+    return (0 < problem.m <= _max_m(fmt, problem.k * problem.n, None, problem.x_dtype)
+            and library() is not None)
 
 
 def eligible(x2: jax.Array, op) -> bool:
     """Whether `x2 @ op` can run the native kernel (decided at trace time)."""
-    if x2.ndim != 2 or not runs_for(x2.shape[0], op):
+    if x2.ndim != 2 or not runs_for(x2.shape[0], op, x2.dtype):
         return False
     return _unsharded(x2, op.data, op.scales, op.zeros)
 
@@ -165,16 +197,23 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
         isa = variant()
     m = x2.shape[0]
     x32 = x2.astype(jnp.float32)
-    if op.k_padded != op.k:
-        x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
     name = _kernel_for(op)
+    # x padded to the stored rows, except for the 4-bit GEMM, which reads logical rows only
+    # (the copy cost a third of a 384 x 384 int4 matmul at M = 1024)
+    if op.k_padded != op.k and not (name == "qkern_packed4_gemv" and m >= GEMM_FROM):
+        x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
     out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
     args, attrs = _weight_operands(op, name, _threads(op, m))
     y = jax.ffi.ffi_call(target(name, isa), out)(x32, *args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
-        xsum = x32.reshape(m, op.num_blocks, -1).sum(-1)
+        xsum = _pad_k(x32, op.k_padded).reshape(m, op.num_blocks, -1).sum(-1)
         y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
     return y
+
+
+def _pad_k(x32, kp: int):
+    k = x32.shape[1]
+    return x32 if k == kp else jnp.pad(x32, ((0, 0), (0, kp - k)))
 
 
 # -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
@@ -247,7 +286,8 @@ def _batch(args, dims, **params):
         b, m, kk = x.shape
         op = _operand(args[1], args[2], args[3] if len(args) > 3 else None,
                       params["fmt"], params["block_size"], params["k"])
-        limit = STREAMING_BELOW - 1 if params["int8_codes"] else max_m(op, params["isa"])
+        limit = (STREAMING_BELOW - 1 if params["int8_codes"]
+                 else max_m(op, params["isa"], x.dtype))
         if b * m <= limit:
             y = small_m_matmul_p.bind(x.reshape(b * m, kk), *args[1:], **params)
             return y.reshape(b, m, -1), 0

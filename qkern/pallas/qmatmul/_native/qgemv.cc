@@ -62,6 +62,7 @@ inline void VStore(float* p, VF v) { _mm512_store_ps(p, v); }
 inline VF VLoadU(const float* p) { return _mm512_loadu_ps(p); }
 inline void VStoreU(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF VMul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF VAdd(VF a, VF b) { return _mm512_add_ps(a, b); }
 inline VF VFma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF VSplat(float v) { return _mm512_set1_ps(v); }
 
@@ -100,6 +101,7 @@ inline void VStore(float* p, VF v) { _mm256_store_ps(p, v); }
 inline VF VLoadU(const float* p) { return _mm256_loadu_ps(p); }
 inline void VStoreU(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VF VMul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF VAdd(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF VFma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF VSplat(float v) { return _mm256_set1_ps(v); }
 
@@ -145,6 +147,7 @@ struct Args4 {
   float* y;              // [M, N]
   int64_t m, r, n, nb, block;
   int64_t k;             // logical rows (<= 2R; the rest is padding, x zero there)
+  int64_t xs;            // from one row of x to the next: 2R, or k for the GEMM (unpadded x)
 };
 
 // Whether the high nibbles of group j (the scale block hi_row0 + j; with one block, all
@@ -631,12 +634,14 @@ struct Share {
   std::atomic<bool> ok{true};
 };
 
+// Splits [0, count) into `threads` ranges of whole units and runs `work(lo, hi)` on each;
+// false when any range failed (`work` returns false when it cannot allocate its buffers).
 template <typename F>
-bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  threads = std::max<int64_t>(1, std::min(threads, tiles));
-  if (threads == 1) return work(0, n);
-  const int64_t per = (tiles + threads - 1) / threads;
+bool OverRanges(ffi::ThreadPool& pool, int64_t count, int64_t unit, int64_t threads, F work) {
+  const int64_t units = (count + unit - 1) / unit;
+  threads = std::max<int64_t>(1, std::min(threads, units));
+  if (threads == 1) return work(0, count);
+  const int64_t per = (units + threads - 1) / threads;
   std::shared_ptr<Share> share;
   try {
     share = std::make_shared<Share>();
@@ -644,10 +649,11 @@ bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
     return false;
   }
   const F* job = &work;
-  auto take = [share, job, n, per, threads] {  // runs ranges until none is left
+  auto take = [share, job, count, unit, per, threads] {  // runs ranges until none is left
     for (int64_t t; (t = share->next.fetch_add(1)) < threads;) {
-      const int64_t n0 = std::min(n, t * per * kTile), n1 = std::min(n, (t + 1) * per * kTile);
-      if (n0 < n1 && !(*job)(n0, n1)) share->ok = false;
+      const int64_t lo = std::min(count, t * per * unit);
+      const int64_t hi = std::min(count, (t + 1) * per * unit);
+      if (lo < hi && !(*job)(lo, hi)) share->ok = false;
       share->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -662,6 +668,217 @@ bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
   take();
   while (share->done.load(std::memory_order_acquire) < threads) _mm_pause();
   return share->ok;
+}
+
+template <typename F>
+bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
+  return OverRanges(pool, n, kTile, threads, work);
+}
+
+// -- the blocked GEMM, from kGemmFrom rows of x (prefill, encoders): each weight block is
+// decoded once, scaled (T[c] * s, as dequantisation rounds it), into a panel in L2 that all
+// the rows of a block of x then use, as a dense GEMM uses its packed weight; x's block is
+// packed too, kGemmRows rows interleaved per step of K. The micro tile keeps the sums of
+// kGemmRows rows over two vectors of columns in registers (AVX-512: 28 of 32, AVX2: 12 of
+// 16) down a depth block of K, broadcasting one value of x per row per step: per value
+// of x loaded, two FMAs; per weight vector, kGemmRows. The float32 dot of XLA:CPU runs
+// at about 85-95% of the FMA peak at these shapes, so this gains little on it where the
+// weight is small; it replaces the K-chunked scan (a decode per step of M-wide products,
+// 0.4-0.8x of dense at M = 64, 384 x 1536) and dequantise-then-dot (a weight-sized
+// round trip through memory): docs/benchmarks.md, "The native GEMM".
+// Per element of y the sum runs over K in depth blocks, in the same order for every
+// variant, tile and thread count: within a block an FMA chain from zero, then added to y
+// (the first block stored), so both variants give the same bits.
+constexpr int64_t kGemmFrom = 49;                 // the tiled kernel runs to 48 rows
+constexpr int kGemmRows = kW == 16 ? 14 : 6;      // MR: rows of x per micro tile
+constexpr int64_t kGemmCols = 2 * kW;             // NR: columns per micro tile
+constexpr int64_t kGemmDepth = 256;               // KC: rows of K per depth block
+constexpr int64_t kGemmPanel = 256;               // NC: columns decoded at a time
+constexpr int64_t kGemmBlock = 504;               // MC: most rows of x per block (14 x 36)
+
+// y[rows, cols] (rows `ldc` apart) = (first ? 0 : y) + A strip [kc][kGemmRows] times
+// B strip [kc][kGemmCols]; rows and columns past `rows`, `cols` are computed, not stored.
+inline void GemmTile(const float* ap, const float* bp, int64_t kc, float* c, int64_t ldc,
+                     int64_t rows, int64_t cols, bool first) {
+  VF acc[kGemmRows][2];
+  for (int i = 0; i < kGemmRows; ++i) acc[i][0] = acc[i][1] = VSplat(0.0f);
+  for (int64_t k = 0; k < kc; ++k) {
+    const VF b0 = VLoad(bp + k * kGemmCols), b1 = VLoad(bp + k * kGemmCols + kW);
+    const float* a = ap + k * kGemmRows;
+#pragma GCC unroll 16
+    for (int i = 0; i < kGemmRows; ++i) {
+      const VF v = VSplat(a[i]);
+      acc[i][0] = VFma(v, b0, acc[i][0]);
+      acc[i][1] = VFma(v, b1, acc[i][1]);
+    }
+  }
+  if (rows == kGemmRows && cols == kGemmCols) {
+    for (int i = 0; i < kGemmRows; ++i) {
+      float* ci = c + i * ldc;
+      VStoreU(ci, first ? acc[i][0] : VAdd(VLoadU(ci), acc[i][0]));
+      VStoreU(ci + kW, first ? acc[i][1] : VAdd(VLoadU(ci + kW), acc[i][1]));
+    }
+    return;
+  }
+  alignas(kAlign) float t[kGemmRows * kGemmCols];
+  for (int i = 0; i < kGemmRows; ++i) {
+    VStore(t + i * kGemmCols, acc[i][0]);
+    VStore(t + i * kGemmCols + kW, acc[i][1]);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      c[i * ldc + j] = first ? t[i * kGemmCols + j] : c[i * ldc + j] + t[i * kGemmCols + j];
+}
+
+// A depth block: up to two runs of K (4-bit: low-nibble rows, then the high-nibble rows of
+// the same bytes), `len` rows each from row `start` of K (x's column).
+struct Depth {
+  int64_t start[2], len[2];
+  int64_t rows() const { return len[0] + len[1]; }
+};
+
+// Packs rows [i0, i0 + mb) of x (rows `xs` floats apart) over depth block d into strips of
+// kGemmRows rows: ap[strip][k][kGemmRows], rows past mb zero.
+inline void GemmPackX(const float* x, int64_t xs, int64_t i0, int64_t mb, const Depth& d,
+                      float* ap) {
+  const int64_t kc = d.rows();
+  for (int64_t s = 0; s * kGemmRows < mb; ++s) {
+    float* dst = ap + s * kc * kGemmRows;
+    for (int i = 0; i < kGemmRows; ++i) {
+      const int64_t row = s * kGemmRows + i;
+      if (row >= mb) {
+        for (int64_t k = 0; k < kc; ++k) dst[k * kGemmRows + i] = 0.0f;
+        continue;
+      }
+      const float* xr = x + (i0 + row) * xs;
+      int64_t k = 0;
+      for (int q = 0; q < 2; ++q)
+        for (int64_t j = 0; j < d.len[q]; ++j, ++k) dst[k * kGemmRows + i] = xr[d.start[q] + j];
+    }
+  }
+}
+
+// The micro tiles of x rows [i0, i0 + mb) (packed in ap) times one decoded panel (bp, nc
+// columns from c0, strips of kGemmCols) into y.
+inline void GemmPanel(const float* ap, const float* bp, int64_t kc, float* y, int64_t n,
+                      int64_t i0, int64_t mb, int64_t c0, int64_t nc, bool first) {
+  for (int64_t j = 0; j < nc; j += kGemmCols) {
+    const float* bs = bp + j * kc;
+    for (int64_t s = 0; s * kGemmRows < mb; ++s)
+      GemmTile(ap + s * kc * kGemmRows, bs, kc, y + (i0 + s * kGemmRows) * n + c0 + j, n,
+               std::min<int64_t>(kGemmRows, mb - s * kGemmRows),
+               std::min<int64_t>(kGemmCols, nc - j), first);
+  }
+}
+
+// Rows [m0, m1) and columns [n0, n1) of y = x @ W: x's rows in blocks of about kGemmBlock,
+// K in depth blocks; per depth block x's block is packed, and the weight decoded a panel
+// of columns at a time (decode(bp, d, c0, nc): rows of d, strips of kGemmCols columns,
+// zero past nc).
+template <typename Decode>
+bool GemmRange(const float* x, int64_t xs, float* y, int64_t n, int64_t m0, int64_t m1,
+               int64_t n0, int64_t n1, const std::vector<Depth>& depths, Decode decode) {
+  const int64_t blocks = (m1 - m0 + kGemmBlock - 1) / kGemmBlock;
+  const int64_t per = ((m1 - m0 + blocks - 1) / blocks + kGemmRows - 1) / kGemmRows * kGemmRows;
+  Buffer ap(per * kGemmDepth), bp(kGemmPanel * kGemmDepth);
+  if (ap.data == nullptr || bp.data == nullptr) return false;
+  for (int64_t i0 = m0; i0 < m1; i0 += per) {
+    const int64_t mb = std::min(per, m1 - i0);
+    for (size_t q = 0; q < depths.size(); ++q) {
+      const Depth& d = depths[q];
+      GemmPackX(x, xs, i0, mb, d, ap.data);
+      for (int64_t c0 = n0; c0 < n1; c0 += kGemmPanel) {
+        const int64_t nc = std::min(kGemmPanel, n1 - c0);
+        decode(bp.data, d, c0, nc);
+        GemmPanel(ap.data, bp.data, d.rows(), y, n, i0, mb, c0, nc, q == 0);
+      }
+    }
+  }
+  return true;
+}
+
+// Runs the GEMM over `threads` ranges: of rows when x has at least as many as y has
+// columns (each thread decodes the whole weight for its rows), else of columns (each packs
+// all of x).
+template <typename Decode>
+bool Gemm(ffi::ThreadPool& pool, const float* x, int64_t xs, float* y, int64_t m, int64_t n,
+          int64_t threads, const std::vector<Depth>& depths, Decode decode) {
+  if (m >= n)
+    return OverRanges(pool, m, kGemmRows, threads, [&](int64_t m0, int64_t m1) {
+      return GemmRange(x, xs, y, n, m0, m1, 0, n, depths, decode); });
+  return OverRanges(pool, n, kGemmCols, threads, [&](int64_t n0, int64_t n1) {
+    return GemmRange(x, xs, y, n, 0, m, n0, n1, depths, decode); });
+}
+
+// Where column j of a panel's row 0 lies (strips of kGemmCols columns, kc rows each).
+inline int64_t PanelAt(int64_t j, int64_t kc) {
+  return (j / kGemmCols) * kc * kGemmCols + j % kGemmCols;
+}
+
+// The panel's columns past the last whole vector (nc - nc % kW .. nc) of one row at `row`,
+// one(c) each, and zeros to the end of its last strip.
+template <typename One>
+inline void GemmPanelTail(float* row, int64_t kc, int64_t c0, int64_t nc, One one) {
+  const int64_t padded = (nc + kGemmCols - 1) / kGemmCols * kGemmCols;
+  for (int64_t j = nc / kW * kW; j < padded; ++j)
+    row[PanelAt(j, kc)] = j < nc ? one(c0 + j) : 0.0f;
+}
+
+// 4-bit codes: depth blocks of kGemmDepth / 2 byte rows, each the low-nibble rows of those
+// bytes, then their live high-nibble rows (logical rows below k).
+template <typename T>
+bool Packed4Gemm(ffi::ThreadPool& pool, const Args4& a, int64_t threads) {
+  std::vector<Depth> depths;
+  for (int64_t r0 = 0; r0 < a.r; r0 += kGemmDepth / 2) {
+    const int64_t h = std::min(kGemmDepth / 2, a.r - r0);
+    const int64_t lo = std::clamp<int64_t>(a.k - r0, 0, h);
+    const int64_t hi = std::clamp<int64_t>(a.k - a.r - r0, 0, h);
+    if (lo + hi > 0) depths.push_back(Depth{{r0, a.r + r0}, {lo, hi}});
+  }
+  const T t(a.table);
+  auto decode = [&a, &t](float* bp, const Depth& d, int64_t c0, int64_t nc) {
+    const int64_t kc = d.rows(), whole = nc / kW * kW;
+    for (int64_t j = 0; j < d.len[0]; ++j) {
+      const int64_t r = d.start[0] + j;
+      const uint8_t* p = a.codes + r * a.n;
+      const float* s_lo = a.scales + (a.nb == 1 ? 0 : r / a.block) * a.n;
+      const float* s_hi = a.scales + (a.nb == 1 ? 0 : (r + a.r) / a.block) * a.n;
+      float* lo = bp + j * kGemmCols;
+      float* hi = bp + (d.len[0] + j) * kGemmCols;
+      const bool live = j < d.len[1];
+      for (int64_t q = 0; q < whole; q += kW) {
+        VF vl, vh;
+        t.Nibbles(p + c0 + q, &vl, &vh);
+        VStore(lo + PanelAt(q, kc), VMul(vl, VLoadU(s_lo + c0 + q)));
+        if (live) VStore(hi + PanelAt(q, kc), VMul(vh, VLoadU(s_hi + c0 + q)));
+      }
+      GemmPanelTail(lo, kc, c0, nc, [&](int64_t c) { return a.table[p[c] & 15] * s_lo[c]; });
+      if (live)
+        GemmPanelTail(hi, kc, c0, nc, [&](int64_t c) { return a.table[p[c] >> 4] * s_hi[c]; });
+    }
+  };
+  return Gemm(pool, a.x, a.xs, a.y, a.m, a.n, threads, depths, decode);
+}
+
+// One-byte codes: depth blocks of kGemmDepth rows of K.
+template <typename D>
+bool BytesGemm(ffi::ThreadPool& pool, const Args8& a, int64_t threads) {
+  std::vector<Depth> depths;
+  for (int64_t k0 = 0; k0 < a.k; k0 += kGemmDepth)
+    depths.push_back(Depth{{k0, 0}, {std::min(kGemmDepth, a.k - k0), 0}});
+  auto decode = [&a](float* bp, const Depth& d, int64_t c0, int64_t nc) {
+    const int64_t kc = d.rows(), whole = nc / kW * kW;
+    for (int64_t j = 0; j < kc; ++j) {
+      const int64_t r = d.start[0] + j;
+      const uint8_t* p = a.codes + r * a.n;
+      const float* s = a.scales + (a.nb == 1 ? 0 : r / a.block) * a.n;
+      float* row = bp + j * kGemmCols;
+      for (int64_t q = 0; q < whole; q += kW)
+        VStore(row + PanelAt(q, kc), VMul(D::Vec(p + c0 + q), VLoadU(s + c0 + q)));
+      GemmPanelTail(row, kc, c0, nc, [&](int64_t c) { return D::One(p[c]) * s[c]; });
+    }
+  };
+  return Gemm(pool, a.x, a.k, a.y, a.m, a.n, threads, depths, decode);
 }
 
 // -- dequantisation: codes to float32 weights (value * scale), for dequantise-then-dot at
@@ -732,15 +949,21 @@ ffi::Error Packed4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: expected x[M, K], codes[K/2, N], "
                                        "scales[nb, N] and a 16-entry table");
   Args4 a{x.typed_data(), codes.typed_data(), scales.typed_data(), table.typed_data(),
-          y->typed_data(), xd[0], cd[0], cd[1], sd[0], block_size, k};
-  if (xd[1] != 2 * a.r || sd[1] != a.n || k < 1 || k > 2 * a.r ||
+          y->typed_data(), xd[0], cd[0], cd[1], sd[0], block_size, k, xd[1]};
+  // x is [M, 2R], zeros past k; from kGemmFrom rows it may also be [M, k] (the GEMM reads
+  // only logical rows: padding x cost a copy of it, a third of a 384 x 384 GEMM at M = 1024)
+  const bool x_ok = xd[1] == 2 * a.r || (a.m >= kGemmFrom && xd[1] == k);
+  if (!x_ok || sd[1] != a.n || k < 1 || k > 2 * a.r ||
       (a.nb != 1 && (a.nb * a.block != 2 * a.r || a.nb % 2 != 0)))
     return ffi::Error::InvalidArgument("qkern_packed4_gemv: inconsistent shapes");
   const bool ints = TwosComplement(a.table);
   auto work = [&a, ints](int64_t n0, int64_t n1) {
     return ints ? Packed4Columns<NibbleInts>(a, n0, n1) : Packed4Columns<Table16>(a, n0, n1);
   };
-  if (!OverColumns(pool, a.n, threads, work))
+  const bool ok = a.m < kGemmFrom ? OverColumns(pool, a.n, threads, work)
+                  : ints          ? Packed4Gemm<NibbleInts>(pool, a, threads)
+                                  : Packed4Gemm<Table16>(pool, a, threads);
+  if (!ok)
     return ffi::Error::Internal(std::string("qkern_packed4_gemv: ") + kNoMemory);
   return ffi::Error::Success();
 }
@@ -788,6 +1011,7 @@ ffi::Error BytesImpl(ffi::ThreadPool& pool, const char* name, int64_t kind, cons
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
   const std::optional<bool> ok = WithByteCodes(kind, [&](auto codes) {
     using D = decltype(codes);
+    if (a.m >= kGemmFrom) return BytesGemm<D>(pool, a, threads);
     return OverColumns(pool, a.n, threads, [&a](int64_t n0, int64_t n1) {
       return BytesColumns<D>(a, n0, n1); });
   });
