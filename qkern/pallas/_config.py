@@ -87,12 +87,6 @@ DEQUANTIZE_MIN_M = 128
 W8A8_WHOLE_K_M = 8
 
 
-# Predicates that say whether a kernel of the backend's own runs `problem` whatever its
-# config says (xla's native CPU kernels: qmatmul/_native `covers`, registered by
-# qmatmul/_xla.py): there the heuristic does not pick dequantise-then-dot.
-NATIVE_RUNS: list[Callable[["Problem"], bool]] = []
-
-
 def heuristic_config(problem: "Problem") -> MatmulConfig:
     """The shipped config for `problem` when nothing is tuned: the table's entry for its
     backend and regime; on xla, dequantise-then-dot for small weights at M >= 128, and W8A8
@@ -104,8 +98,7 @@ def heuristic_config(problem: "Problem") -> MatmulConfig:
         whole = 1 << (2 * problem.k).bit_length()
         return dataclasses.replace(cfg, block_k=max(cfg.block_k, whole))
     if (problem.backend == "xla" and problem.kernel in ("qmatmul", "qmatmul_t")
-            and problem.m >= DEQUANTIZE_MIN_M and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES
-            and not any(runs(problem) for runs in NATIVE_RUNS)):
+            and problem.m >= DEQUANTIZE_MIN_M and 4 * problem.k * problem.n <= SMALL_WEIGHT_BYTES):
         cfg = dataclasses.replace(cfg, dequantize=True)
     return cfg
 

@@ -79,7 +79,7 @@ def test_autotune_times_dequantize_for_prefill_only(backend):
 def test_a_cached_dequantize_winner_reaches_qmatmul(monkeypatch):
     from qkern.autotune import _cache
 
-    monkeypatch.setenv("QKERN_NATIVE", "0")   # where it runs, the native GEMM is the default
+    monkeypatch.setenv("QKERN_NATIVE", "0")   # the scan, not the native GEMM, on large weights
 
     x, op = _case("int8", m=128)
     monkeypatch.setattr(_cache, "lookup", lambda problem: MatmulConfig(dequantize=True))

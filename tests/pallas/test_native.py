@@ -415,14 +415,11 @@ def test_dequantize_of_stacked_weights_under_vmap_and_scan_is_right():
 
 
 @needs_native
-def test_dequantize_runs_just_before_its_dot(monkeypatch):
+def test_dequantize_runs_just_before_its_dot():
     """Each layer's weight is decoded once that layer's x exists, so the decoded weights of
     a stack are never live together: the program's temporary buffer stays near one
     layer's weight, not the sum of all of them (all-MiniLM-L6-v2 at batch 32: 17 MB, not
-    55 MB, which glibc maps afresh on every call). (With float32 x the native GEMM runs at
-    this M; the heuristic's dequantise-first rule is restored for the test.)"""
-    from qkern.pallas import _config
-    monkeypatch.setattr(_config, "NATIVE_RUNS", [])
+    55 MB, which glibc maps afresh on every call)."""
     layers, k = 8, 512
     qws = [qkern.quantize(jax.random.normal(jax.random.PRNGKey(i), (k, k)) * 0.05, "int8")
            for i in range(layers)]

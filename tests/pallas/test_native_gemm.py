@@ -1,8 +1,8 @@
 """The native CPU kernels' blocked GEMM (qgemv.cc, from `_native.GEMM_FROM` rows of x):
 numerics against the reference in both instruction-set variants, the same bits whatever
 the variant or thread count, where it runs in a program (jit, vmap, scan, grad) and where
-it does not (bfloat16 x, the transposed direction), the unpadded x it takes, and the
-heuristic that no longer dequantises first where it runs."""
+it does not (bfloat16 x, the transposed direction, small weights from M = 128), and the
+unpadded x it takes."""
 
 from __future__ import annotations
 
@@ -68,17 +68,20 @@ def test_gemm_bits_do_not_depend_on_variant_or_threads(fmt, opts, monkeypatch):
         for threads in (1, 2, 3):
             monkeypatch.setattr(_native, "_threads", lambda op, m, t=threads: t)
             for v in RUNNABLE:
+                monkeypatch.setenv(_build.ISA_VAR, v)          # loads (registers) variant v
+                assert _native.variant() == v, _native.status()
                 ys.append(np.asarray(jax.jit(lambda x, v=v: _native._native(x, op, isa=v))(x)))
         for y in ys[1:]:
             np.testing.assert_array_equal(y, ys[0])
 
 
 @needs_native
-@pytest.mark.parametrize("m", [_native.GEMM_FROM, 64, 300])
+@pytest.mark.parametrize("m", [_native.GEMM_FROM, 64, 127])
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "fp8_e4m3"])
 def test_quaxified_float32_matmuls_run_the_gemm(fmt, m):
     """From 49 rows (AVX-512) x @ qw runs the native kernel: no scan, no dequantise-then-
-    dot, under jit and quaxify; the result matches the reference."""
+    dot (below M = 128 for small weights), under jit and quaxify; the result matches the
+    reference."""
     if _native.variant() != "avx512":
         pytest.skip(f"the GEMM is chosen on AVX-512 only (loaded: {_native.variant()})")
     x, qw, op = make_case(fmt, {}, m, 384, 200, jnp.float32)
@@ -145,17 +148,21 @@ def test_unpadded_x_is_taken_only_by_the_gemm():
 
 
 @needs_native
-def test_the_heuristic_leaves_float32_prefill_to_the_native_kernel(monkeypatch):
-    """Where the native kernel covers a problem the heuristic no longer picks dequantise-
-    then-dot; bfloat16 x and the transposed direction (gradients) keep it."""
+def test_where_the_gemm_runs_and_where_dequantise_then_dot_stays(monkeypatch):
+    """Nothing tuned, float32 x, AVX-512: from 49 rows the GEMM replaces the scan (to
+    M = 127, and for weights above SMALL_WEIGHT_BYTES in float32 at any M); small weights
+    from M = 128 keep dequantise-then-dot (XLA's dot, which balances its work over busy
+    cores better: docs/benchmarks.md, "The native GEMM")."""
+    if _native.variant() != "avx512":
+        pytest.skip(f"the GEMM is chosen on AVX-512 only (loaded: {_native.variant()})")
     from qkern.pallas import _config
     monkeypatch.setattr(_config, "LOOKUPS", [])                    # no autotune cache
-    p = Problem("xla", "qmatmul", 256, 384, 384, "float32", "nf4", 64)
-    gemm = _native.variant() == "avx512"
-    assert _native.covers(p) == gemm
-    assert config_for(p).dequantize == (not gemm)
-    for other in (Problem("xla", "qmatmul", 256, 384, 384, "bfloat16", "nf4", 64),
-                  Problem("xla", "qmatmul_t", 256, 384, 384, "float32", "nf4", 64)):
-        assert not _native.covers(other) and config_for(other).dequantize
-    monkeypatch.setenv(_build.ENV_VAR, "0")                        # QKERN_NATIVE=0
-    assert not _native.covers(p) and config_for(p).dequantize
+    f = qkern.quaxify(lambda x, w: x @ w)
+    for m, k, n, native in [(127, 384, 256, True), (128, 384, 256, False),
+                            (128, 2048, 1100, True)]:          # 2048 x 1100 x 4 B > 8 MB
+        x, qw, op = make_case("int8", {}, m, k, n, jnp.float32)
+        assert config_for(Problem.of("xla", x, op, "qmatmul")).dequantize == (not native)
+        hlo = jax.jit(f).lower(x, qw).compile().as_text()
+        assert ("qkern_int8_gemv_avx512" in hlo) == native, (m, k, n)
+        assert ("qkern_int8_dequantize" in hlo) == (not native), (m, k, n)
+        assert "while" not in hlo                                      # never the scan

@@ -128,7 +128,6 @@ def test_heuristic_dequantises_small_weights_at_prefill_sizes(kernel, monkeypatc
     scan (or the native kernel); W8A8 keeps its own path."""
     from qkern.pallas import _config
     monkeypatch.setattr(_config, "LOOKUPS", [])          # no autotune cache
-    monkeypatch.setenv("QKERN_NATIVE", "0")              # no native kernel on this machine
     side = int((SMALL_WEIGHT_BYTES // 4) ** 0.5)
     small = lambda m, kern=kernel: Problem("xla", kern, m, side, side, "float32", "nf4", 64)
     big = Problem("xla", kernel, 256, side, 2 * side, "float32", "nf4", 64)

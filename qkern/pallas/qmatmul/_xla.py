@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ..._compat import explicit_sharding, vary_like
 from . import _native
-from .._config import NATIVE_RUNS, MatmulConfig, default_config
+from .._config import MatmulConfig, default_config
 from .._decode import decode_unpacked, nibble_table, split_nibbles
 from .._operand import QOperand, reference_dequantize
 
@@ -264,7 +264,6 @@ def qmatmul_t_xla(dy: jax.Array, op: QOperand, config: MatmulConfig | None = Non
 
 
 _native.SCAN.append(_scan_matmul)   # what the native primitive lowers to where it cannot run
-NATIVE_RUNS.append(_native.covers)  # the heuristic's dequantise-first rule yields to it
 
 
 # --------------------------------------------------------------------------------------

@@ -118,21 +118,6 @@ def runs_for(m: int, op, x_dtype=jnp.float32) -> bool:
             and library() is not None)
 
 
-def covers(problem) -> bool:
-    """Whether the native kernel runs `problem` (a pallas._config.Problem: x @ W on xla) on
-    this machine, judged from its format, shapes and x dtype alone: what the heuristic asks
-    before it picks dequantise-then-dot (registered in _config.NATIVE_RUNS by _xla.py). A
-    weight the kernel cannot take after all (stored unusually, or sharded) runs the scan."""
-    fmt = FORMATS.get(problem.fmt)
-    if problem.backend != "xla" or problem.kernel != "qmatmul" or fmt is None:
-        return False
-    if not (fmt.byte_floats or (fmt.kind == "int" and not fmt.packed)
-            or (fmt.packed and fmt.kind in ("int", "codebook", "mx"))):
-        return False
-    return (0 < problem.m <= _max_m(fmt, problem.k * problem.n, None, problem.x_dtype)
-            and library() is not None)
-
-
 def eligible(x2: jax.Array, op) -> bool:
     """Whether `x2 @ op` can run the native kernel (decided at trace time)."""
     if x2.ndim != 2 or not runs_for(x2.shape[0], op, x2.dtype):
@@ -168,6 +153,8 @@ def _threads(op, m: int = 1) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
+    if m >= GEMM_FROM:          # the GEMM shares pieces of 64 columns between its threads
+        return max(1, min(cpus, MAX_THREADS))
     width = MIN_COLUMNS if m < 8 else NARROW_COLUMNS
     return max(1, min(cpus, op.n // width, MAX_THREADS))
 
