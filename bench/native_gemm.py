@@ -1,12 +1,16 @@
-"""Weight-only matmuls at prefill and encoder sizes on the CPU: the shipped path (from 49
-rows of float32 x, the native blocked GEMM: qkern/pallas/qmatmul/_native) against what ran
-there before it (the K-chunked scan, dequantise-then-dot) and the dense dots a user could
-run instead (XLA float32, XLA bfloat16), `x @ w` under `jax.jit(qkern.quaxify(...))`.
+"""Weight-only matmuls at prefill and encoder sizes on the CPU: the shipped path against
+the native blocked GEMM forced, the K-chunked scan, dequantise-then-dot, and the dense dots
+a user could run instead (XLA float32, XLA bfloat16), `x @ w` under
+`jax.jit(qkern.quaxify(...))`.
 
     python bench/native_gemm.py                              # MiniLM's shapes, M = 64, 1024
     python bench/native_gemm.py --shapes 4096x4096 --m 64,512 --formats nf4,int8
 
-Columns: dense float32 (ms), then speed-ups over it: the shipped path; "scan" (chunks of
+The shipped path with float32 x on AVX-512 (qkern/pallas/qmatmul/_native): from 49 rows the
+native GEMM, except for weights of at most 8 MB in float32 from M = 128, which keep
+dequantise-then-dot (`_config.heuristic_config`).
+Columns: dense float32 (ms), then speed-ups over it: the shipped path; "GEMM" (the native
+kernel called directly); "scan" (chunks of
 512 stored rows, `_scan_matmul`, which ran from M = 49 to 127, and for weights above 8 MB
 in float32 at any M); "dequant + dot" (`MatmulConfig(dequantize=True)`, which ran from
 M = 128 for smaller weights); dense bfloat16 (XLA's bfloat16 dot, float32 sums, AMX where
@@ -51,9 +55,11 @@ def main(argv=None) -> None:
     scan = jax.jit(lambda x, op: _scan_matmul(x, op, MatmulConfig(block_k=512)))
     deq = jax.jit(lambda x, op: qmatmul(x, op, backend="xla",
                                         config=MatmulConfig(dequantize=True)))
+    gemm = jax.jit(lambda x, op: _native._native(x, op))
     print(f"{cpu()}\nbackend {jax.default_backend()}, jax {jax.__version__}, native kernels "
           f"{_native.variant() or 'absent'}; speed-up over dense float32")
-    head = (f"{'K x N':>11} {'M':>5} {'format':>9} {'f32 ms':>8} {'shipped':>8} {'scan':>7} "
+    head = (f"{'K x N':>11} {'M':>5} {'format':>9} {'f32 ms':>8} {'shipped':>8} {'GEMM':>7} "
+            f"{'scan':>7} "
             f"{'dequant+dot':>11} {'bf16 dense':>10}")
     print(head)
     print("-" * len(head))
@@ -68,22 +74,28 @@ def main(argv=None) -> None:
                 op = stored_operand(qw)
                 want = jnp.dot(x, reference_dequantize(op), precision="highest")
                 scale = float(jnp.max(jnp.abs(want)))
-                for name, y in (("shipped", mm(x, qw)), ("scan", scan(x, op)),
-                                ("dequant", deq(x, op))):
+                runs = {"shipped": mm, "scan": scan, "dequant": deq}
+                if _native.variant() and _native._kernel_for(op):
+                    runs["gemm"] = gemm
+                for name, f in runs.items():
+                    y = f(x, qw) if name == "shipped" else f(x, op)
                     err = float(jnp.max(jnp.abs(y - want))) / scale
                     if err > 1e-5:
                         raise SystemExit(f"{name}: relative error {err:.2e} at {shape}, "
                                          f"M={m}, {fmt}")
                 timed = {"shipped": lambda: mm(x, qw), "scan": lambda: scan(x, op),
                          "dequant": lambda: deq(x, op), "bf16": lambda: dense_bf16(x, wb)}
+                if "gemm" in runs:
+                    timed["gemm"] = lambda: gemm(x, op)
                 fns = {}
                 for name, fn in timed.items():    # each right after a dense float32 dot
                     fns[("f32", name)] = lambda: dense(x, w)
                     fns[name] = fn
                 t = interleaved_medians(fns, repeats=a.repeats)
                 f32 = float(np.median([t[("f32", name)] for name in timed]))
+                g = f"{f32 / t['gemm']:6.2f}x" if "gemm" in t else f"{'-':>7}"
                 print(f"{shape:>11} {m:>5} {fmt:>9} {f32 * 1e3:8.3f} {f32 / t['shipped']:7.2f}x "
-                      f"{f32 / t['scan']:6.2f}x {f32 / t['dequant']:10.2f}x "
+                      f"{g} {f32 / t['scan']:6.2f}x {f32 / t['dequant']:10.2f}x "
                       f"{f32 / t['bf16']:9.2f}x", flush=True)
 
 

@@ -116,8 +116,8 @@ def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None, 
                 interpret: bool = False) -> jax.Array:
     """y[M, N] = x[M, K] @ W (float32 accumulation, output in x's dtype).
 
-    At small M (`_native.max_m`) on an x86-64 CPU this runs the native kernel
-    (qkern/pallas/qmatmul/_native). Otherwise one `lax.scan` over chunks of stored rows: each step
+    Where `_native.max_m` allows (small M on an x86-64 CPU; every M with AVX-512 and
+    float32 x) this runs the native kernel (qkern/pallas/qmatmul/_native). Otherwise one `lax.scan` over chunks of stored rows: each step
     decodes its chunk (for 4-bit formats both nibble halves of the same bytes), applies
     per-block zero points and scales to the decoded weights while they are in cache, and
     adds the chunk's products.

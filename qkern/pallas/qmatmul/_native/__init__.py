@@ -1,4 +1,5 @@
-"""Native CPU kernels for the `xla` backend at small M (decode), called through the XLA FFI.
+"""Native CPU kernels for the `xla` backend, called through the XLA FFI: at small M (decode)
+and, with AVX-512 and float32 x, from M = 49 as a blocked GEMM (see `max_m`).
 
 At M = 1 every way of writing a 4-bit codebook lookup in XLA lowers to an AVX2 gather at
 about a cycle per weight (bench/nf4_lookup.py), which kept nf4 below the dense matmul.

@@ -1,4 +1,5 @@
-// qkern's native CPU kernels: y[M, N] = x[M, K] @ W[K, N] for small M with W quantised,
+// qkern's native CPU kernels: y[M, N] = x[M, K] @ W[K, N] with W quantised (streaming and
+// register-tiled for small M, a blocked GEMM from kGemmFrom rows),
 // called from XLA through the FFI (see __init__.py, which builds and registers this file).
 //
 // One source, compiled once per instruction-set variant (_build.py picks the best the CPU
@@ -683,9 +684,10 @@ bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
 // 16) down a depth block of K, broadcasting one value of x per row per step: per value
 // of x loaded, two FMAs; per weight vector, kGemmRows. The float32 dot of XLA:CPU runs
 // at about 85-95% of the FMA peak at these shapes, so this gains little on it where the
-// weight is small; it replaces the K-chunked scan (a decode per step of M-wide products,
-// 0.4-0.8x of dense at M = 64, 384 x 1536) and dequantise-then-dot (a weight-sized
-// round trip through memory): docs/benchmarks.md, "The native GEMM".
+// weight is small; it replaces the K-chunked scan (0.5-0.97x of dense at M = 64 against
+// 0.8-2.0x; 0.77-0.95x at K = N = 4096 against 1.0-1.45x): docs/benchmarks.md, "The
+// native GEMM". Its two halves (OverRanges) wait for a slow thread, which XLA's finely
+// split dot does not: small weights from M = 128 keep dequantise-then-dot.
 // Per element of y the sum runs over K in depth blocks, in the same order for every
 // variant, tile and thread count: within a block an FMA chain from zero, then added to y
 // (the first block stored), so both variants give the same bits.
