@@ -7,11 +7,11 @@ a user could run instead (XLA float32, XLA bfloat16), `x @ w` under
     python bench/native_gemm.py --shapes 4096x4096 --m 64,512 --formats nf4,int8
 
 The shipped path with float32 x on AVX-512 (qkern/pallas/qmatmul/_native): from 49 rows the
-native GEMM, except for weights of at most 8 MB in float32 from M = 128, which keep
+native GEMM, except for weights of at most 8 MiB in float32 from M = 128, which keep
 dequantise-then-dot (`_config.heuristic_config`).
 Columns: dense float32 (ms), then speed-ups over it: the shipped path; "GEMM" (the native
 kernel called directly); "scan" (chunks of
-512 stored rows, `_scan_matmul`, which ran from M = 49 to 127, and for weights above 8 MB
+512 stored rows, `_scan_matmul`, which ran from M = 49 to 127, and for weights above 8 MiB
 in float32 at any M); "dequant + dot" (`MatmulConfig(dequantize=True)`, which ran from
 M = 128 for smaller weights); dense bfloat16 (XLA's bfloat16 dot, float32 sums, AMX where
 the CPU has it: another precision, for reference). Every call is timed in turns in one

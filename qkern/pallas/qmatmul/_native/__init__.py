@@ -67,9 +67,11 @@ def _max_m(fmt, codes: int, isa: str | None, x_dtype) -> int:
     rows use.
     - AVX-512, float32 (or float16) x: every M. The tiled kernel beat the scan to M = 48 for
       every format at K = N = 4096 and at MiniLM's 384 x 384, 384 x 1536 and 1536 x 384
-      (`python bench/native_crossover.py`); above, the GEMM ran 1.0-2.6x of XLA's dense
-      float32 dot at M = 64 where the scan ran 0.5-0.8x, and 1.0-1.4x at K = N = 4096,
-      M = 512, against 0.85-0.95x (`python bench/native_gemm.py`, docs/benchmarks.md).
+      (`python bench/native_crossover.py`); above, the GEMM ran 0.8-2.0x of XLA's dense
+      float32 dot at M = 64 on MiniLM's shapes where the scan ran 0.5-0.97x, 1.1-1.45x at
+      K = N = 4096, M = 64, and 1.0-1.13x at M = 512, against 0.77-0.95x (`python
+      bench/native_gemm.py`, docs/benchmarks.md). (Small weights from M = 128 are
+      dequantised first by the heuristic, `_config.heuristic_config`, before this is asked.)
     - bfloat16 x (`compute_dtype="bfloat16"`): to M = 48. Above, XLA's bfloat16 dot (which
       AMX runs) beats any float32 kernel: the scan or dequantise-then-dot in bfloat16.
     - AVX2: to M = 48 for the integer and 4-bit formats, where it beat the scan (measured
@@ -154,7 +156,7 @@ def _threads(op, m: int = 1) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    if m >= GEMM_FROM:          # the GEMM shares pieces of 64 columns between its threads
+    if m >= GEMM_FROM:   # the GEMM splits rows (m >= n) or columns, in whole micro tiles
         return max(1, min(cpus, MAX_THREADS))
     width = MIN_COLUMNS if m < 8 else NARROW_COLUMNS
     return max(1, min(cpus, op.n // width, MAX_THREADS))

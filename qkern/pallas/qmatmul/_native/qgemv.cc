@@ -677,8 +677,9 @@ bool OverColumns(ffi::ThreadPool& pool, int64_t n, int64_t threads, F work) {
 }
 
 // -- the blocked GEMM, from kGemmFrom rows of x (prefill, encoders): each weight block is
-// decoded once, scaled (T[c] * s, as dequantisation rounds it), into a panel in L2 that all
-// the rows of a block of x then use, as a dense GEMM uses its packed weight; x's block is
+// decoded once per block of up to kGemmBlock rows of x and thread (a thread given a range
+// of rows decodes the whole weight), scaled (T[c] * s, as dequantisation rounds it), into
+// a panel in L2 that all the rows of that block then use, as a dense GEMM uses its packed weight; x's block is
 // packed too, kGemmRows rows interleaved per step of K. The micro tile keeps the sums of
 // kGemmRows rows over two vectors of columns in registers (AVX-512: 28 of 32, AVX2: 12 of
 // 16) down a depth block of K, broadcasting one value of x per row per step: per value
@@ -831,11 +832,15 @@ inline void GemmPanelTail(float* row, int64_t kc, int64_t c0, int64_t nc, One on
 template <typename T>
 bool Packed4Gemm(ffi::ThreadPool& pool, const Args4& a, int64_t threads) {
   std::vector<Depth> depths;
-  for (int64_t r0 = 0; r0 < a.r; r0 += kGemmDepth / 2) {
-    const int64_t h = std::min(kGemmDepth / 2, a.r - r0);
-    const int64_t lo = std::clamp<int64_t>(a.k - r0, 0, h);
-    const int64_t hi = std::clamp<int64_t>(a.k - a.r - r0, 0, h);
-    if (lo + hi > 0) depths.push_back(Depth{{r0, a.r + r0}, {lo, hi}});
+  try {
+    for (int64_t r0 = 0; r0 < a.r; r0 += kGemmDepth / 2) {
+      const int64_t h = std::min(kGemmDepth / 2, a.r - r0);
+      const int64_t lo = std::clamp<int64_t>(a.k - r0, 0, h);
+      const int64_t hi = std::clamp<int64_t>(a.k - a.r - r0, 0, h);
+      if (lo + hi > 0) depths.push_back(Depth{{r0, a.r + r0}, {lo, hi}});
+    }
+  } catch (...) {  // no memory: the caller reports it
+    return false;
   }
   const T t(a.table);
   auto decode = [&a, &t](float* bp, const Depth& d, int64_t c0, int64_t nc) {
@@ -866,8 +871,12 @@ bool Packed4Gemm(ffi::ThreadPool& pool, const Args4& a, int64_t threads) {
 template <typename D>
 bool BytesGemm(ffi::ThreadPool& pool, const Args8& a, int64_t threads) {
   std::vector<Depth> depths;
-  for (int64_t k0 = 0; k0 < a.k; k0 += kGemmDepth)
-    depths.push_back(Depth{{k0, 0}, {std::min(kGemmDepth, a.k - k0), 0}});
+  try {
+    for (int64_t k0 = 0; k0 < a.k; k0 += kGemmDepth)
+      depths.push_back(Depth{{k0, 0}, {std::min(kGemmDepth, a.k - k0), 0}});
+  } catch (...) {  // no memory: the caller reports it
+    return false;
+  }
   auto decode = [&a](float* bp, const Depth& d, int64_t c0, int64_t nc) {
     const int64_t kc = d.rows(), whole = nc / kW * kW;
     for (int64_t j = 0; j < kc; ++j) {
