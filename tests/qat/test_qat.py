@@ -137,9 +137,11 @@ def test_trained_with_fake_quant_then_served_with_quantize_matches_exactly():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_kernel_path_is_bit_identical_where_it_runs_one_dense_dot():
-    # int8 in blocks with M > 32 rows and K within one scan chunk: the xla kernel
-    # dequantises the tile and runs one dot, the same one the fake-quant model runs.
+def test_kernel_path_is_bit_identical_where_it_runs_one_dense_dot(monkeypatch):
+    # int8 in blocks with M > 32 rows and K within one scan chunk: the xla scan dequantises
+    # the tile and runs one dot, the same one the fake-quant model runs. (With the native
+    # CPU kernels on, M = 64 runs their GEMM, which sums in its own order: switched off.)
+    monkeypatch.setenv("QKERN_NATIVE", "0")
     w, x = _w(256, 96), _w(64, 256)
     with qkern.backend("xla"):
         got = qkern.quaxify(lambda w, x: x @ w)(qkern.quantize(w, "int8", block_size=64), x)
