@@ -15,7 +15,7 @@ kernel called directly); "scan" (chunks of
 in float32 at any M); "dequant + dot" (`MatmulConfig(dequantize=True)`, which ran from
 M = 128 for smaller weights); dense bfloat16 (XLA's bfloat16 dot, float32 sums, AMX where
 the CPU has it: another precision, for reference). Every call is timed in turns in one
-process (`interleaved_medians`), each right after a dense float32 dot; each result is
+process (`interleaved_after`), each right after a dense float32 dot; each result is
 checked against the reference first. On a 2-core VM cells move by 10-30 % between runs:
 compare columns of one run. The CPU model and its vector flags are printed with it.
 """
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qkern
-from qkern._bench.timing import interleaved_medians
+from qkern._bench.timing import interleaved_after
 from qkern.pallas import MatmulConfig, qmatmul, stored_operand
 from qkern.pallas._operand import reference_dequantize
 from qkern.pallas.qmatmul import _native
@@ -59,8 +59,7 @@ def main(argv=None) -> None:
     print(f"{cpu()}\nbackend {jax.default_backend()}, jax {jax.__version__}, native kernels "
           f"{_native.variant() or 'absent'}; speed-up over dense float32")
     head = (f"{'K x N':>11} {'M':>5} {'format':>9} {'f32 ms':>8} {'shipped':>8} {'GEMM':>7} "
-            f"{'scan':>7} "
-            f"{'dequant+dot':>11} {'bf16 dense':>10}")
+            f"{'scan':>7} {'dequant+dot':>11} {'bf16 dense':>10}")
     print(head)
     print("-" * len(head))
     for shape in a.shapes.split(","):
@@ -87,12 +86,8 @@ def main(argv=None) -> None:
                          "dequant": lambda: deq(x, op), "bf16": lambda: dense_bf16(x, wb)}
                 if "gemm" in runs:
                     timed["gemm"] = lambda: gemm(x, op)
-                fns = {}
-                for name, fn in timed.items():    # each right after a dense float32 dot
-                    fns[("f32", name)] = lambda: dense(x, w)
-                    fns[name] = fn
-                t = interleaved_medians(fns, repeats=a.repeats)
-                f32 = float(np.median([t[("f32", name)] for name in timed]))
+                # each right after a dense float32 dot
+                t, f32 = interleaved_after(timed, lambda: dense(x, w), repeats=a.repeats)
                 g = f"{f32 / t['gemm']:6.2f}x" if "gemm" in t else f"{'-':>7}"
                 print(f"{shape:>11} {m:>5} {fmt:>9} {f32 * 1e3:8.3f} {f32 / t['shipped']:7.2f}x "
                       f"{g} {f32 / t['scan']:6.2f}x {f32 / t['dequant']:10.2f}x "

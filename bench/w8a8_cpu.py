@@ -9,7 +9,7 @@ codes of x where it runs; from 8 rows one int8 dot over the whole of K
 (`_config.heuristic_config`). The "chunks of B" and "one dot" columns force a scan over K chunks of B rows, or none (`MatmulConfig(block_k=B)`; 256
 was the shipped choice below M = 17, 512 above, before 2026-12-04); below 8 rows, where the
 native kernel runs, they run it too. Every call is timed in turns in one process
-(`interleaved_medians`), each right after a dense float32 dot, as in a model: the first
+(`interleaved_after`), each right after a dense float32 dot, as in a model: the first
 int8 dot after a float32 one ran up to 1.7x slower here (a 2-core Xeon with AMX) than the
 same dot called again. Cells are speed-ups over dense float32 at that shape and M; on a
 2-core VM they move by 10-30 % between runs, so compare columns of one run. Each W8A8
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qkern
-from qkern._bench.timing import interleaved_medians
+from qkern._bench.timing import interleaved_after
 from qkern.pallas import MatmulConfig, stored_operand
 from qkern.pallas.w8a8 import w8a8_matmul
 from qkern.pallas.w8a8.base import w8a8_reference
@@ -71,12 +71,8 @@ def main(argv=None) -> None:
             for b, f in chunked.items():
                 timed[b] = lambda f=f: f(x, op)
             timed["w8a8"] = lambda: mm(x, qa)
-            fns = {}
-            for name, fn in timed.items():        # each right after a dense float32 dot
-                fns[("f32", name)] = lambda: dense(x, w)
-                fns[name] = fn
-            t = interleaved_medians(fns, repeats=a.repeats)
-            f32 = float(np.median([t[("f32", name)] for name in timed]))
+            # each right after a dense float32 dot
+            t, f32 = interleaved_after(timed, lambda: dense(x, w), repeats=a.repeats)
             row = (f"{shape:>11} {m:>5} {f32 * 1e3:8.3f} {f32 / t['w8a8']:6.2f}x"
                    + "".join(f" {f32 / t[b]:13.2f}x" for b in CHUNKS)
                    + f" {f32 / t['w-only']:13.2f}x")

@@ -43,3 +43,17 @@ def interleaved_medians(fns: dict, *, repeats: int = 20, warmup: int = 2) -> dic
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_after(fns: dict, before, *, repeats: int = 20, warmup: int = 2):
+    """`interleaved_medians` of `fns` with `before()` run and timed right before each of
+    them, as a model calls them after other work (the first int8 dot after a float32 one
+    ran up to 1.7x slower than the same dot called again). Returns (medians of `fns`,
+    the median of `before`'s medians)."""
+    turns = {}
+    for name, fn in fns.items():
+        turns[("before", name)] = before
+        turns[name] = fn
+    t = interleaved_medians(turns, repeats=repeats, warmup=warmup)
+    return ({name: t[name] for name in fns},
+            statistics.median(t[("before", name)] for name in fns))

@@ -79,6 +79,12 @@ def canonical_operand(w) -> QOperand | None:
     return stored_operand(w) if w.perm is None else None
 
 
+def pad_k(x: jax.Array, kp: int) -> jax.Array:
+    """x [M, K] with zero columns up to kp (a QOperand's stored rows, `k_padded`)."""
+    k = x.shape[-1]
+    return x if k == kp else jnp.pad(x, ((0, 0), (0, kp - k)))
+
+
 def reference_dequantize(op: QOperand) -> jax.Array:
     """[K, N] float32: the plain-jnp meaning of a QOperand (for references and tests)."""
     codes = decode_codes(op.data, op.fmt)                       # [Kp, N]

@@ -16,7 +16,7 @@ from ..._compat import explicit_sharding, vary_like
 from . import _native
 from .._config import MatmulConfig, default_config
 from .._decode import decode_unpacked, nibble_table, split_nibbles
-from .._operand import QOperand, reference_dequantize
+from .._operand import QOperand, pad_k, reference_dequantize
 
 def _chunk_rows(rows: int, block: int, per_stream_blocks: int, target: int) -> int:
     """Rows per chunk: a whole number of blocks that divides `rows`, near `target`."""
@@ -107,11 +107,6 @@ def chunk_target(op: QOperand, block_k: int) -> int:
     return block_k
 
 
-def _pad_k(x: jax.Array, kp: int) -> jax.Array:
-    k = x.shape[-1]
-    return x if k == kp else jnp.pad(x, ((0, 0), (0, kp - k)))
-
-
 def qmatmul_xla(x: jax.Array, op: QOperand, config: MatmulConfig | None = None, *,
                 interpret: bool = False) -> jax.Array:
     """y[M, N] = x[M, K] @ W (float32 accumulation, output in x's dtype).
@@ -155,7 +150,7 @@ def _scan_matmul(x: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
     still multiplies in float32: XLA:CPU has no fast float16 dot."""
     m = x.shape[0]
     cdt = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
-    xc = _pad_k(x.astype(cdt), op.k_padded)
+    xc = pad_k(x.astype(cdt), op.k_padded)
     ch = _Chunks(op, config)
     # x as [c, halves, M, t]: step i, half h multiplies stored rows i*t .. i*t+t-1.
     x_chunks = xc.reshape(m, ch.halves, ch.c, ch.t).transpose(2, 1, 0, 3)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from ..._compat import explicit_sharding
 from .._config import MatmulConfig, Problem, heuristic_config
-from .._operand import QOperand
+from .._operand import QOperand, pad_k
 from .base import check_w8a8_operand, quantize_activations
 from ..qmatmul import _native
 from ..qmatmul import _xla as qmatmul_xla
@@ -132,8 +132,7 @@ def _int8_product(xq: jax.Array, op: QOperand, target: int) -> jax.Array:
 def _int8_matmul(xq: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:
     """float32 [M, N]: the int8 product of the unpadded int8 codes xq [M, K] by op, in K
     chunks of about config.block_k rows."""
-    xq = jnp.pad(xq, ((0, 0), (0, op.k_padded - op.k)))
-    return _int8_product(xq, op, chunk_target(op, config.block_k))
+    return _int8_product(pad_k(xq, op.k_padded), op, chunk_target(op, config.block_k))
 
 
 def _int8_fallback(x2: jax.Array, op: QOperand, config: MatmulConfig) -> jax.Array:

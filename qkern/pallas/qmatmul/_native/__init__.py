@@ -42,7 +42,7 @@ from ...._compat import _vma, explicit_sharding, lowering_is_local, not_mapped
 from ....formats import FORMATS, get_format
 from ..._config import MatmulConfig
 from ..._decode import nibble_table
-from ..._operand import QOperand, reference_dequantize
+from ..._operand import QOperand, pad_k, reference_dequantize
 from ._build import ENV_VAR, ISA_VAR, VARIANTS, library, status, target, variant
 
 __all__ = ["ENV_VAR", "ISA_VAR", "VARIANTS", "dequantize", "eligible", "max_m",
@@ -56,12 +56,7 @@ TILED_MAX_M = 48            # the register-tiled kernel's last M (AVX-512)
 
 def max_m(op, isa: str | None = None, x_dtype=jnp.float32) -> int:
     """Rows of x at or below which the kernel runs for `op` and x of `x_dtype`, by variant
-    (`isa`; default: the one loaded now); see `_max_m`."""
-    return _max_m(op.fmt, op.k * op.n, isa, x_dtype)
-
-
-def _max_m(fmt, codes: int, isa: str | None, x_dtype) -> int:
-    """Below 8 rows the kernel streams the weight; from 8 it is register-tiled (qgemv.cc:
+    (`isa`; default: the one loaded now). Below 8 rows the kernel streams the weight; from 8 it is register-tiled (qgemv.cc:
     each code decoded once for up to 16 rows of x on AVX-512, 8 on AVX2); from GEMM_FROM
     (AVX-512) a blocked GEMM decodes each block of the weight once into a panel that all
     rows use.
@@ -82,8 +77,8 @@ def _max_m(fmt, codes: int, isa: str | None, x_dtype) -> int:
       GEMM too (tests run it), unmeasured on an AVX2-only CPU, so not chosen there."""
     if (isa or variant() or "").startswith("avx512"):
         return TILED_MAX_M if jnp.dtype(x_dtype) == jnp.bfloat16 else sys.maxsize
-    if fmt.byte_floats:
-        return 32 if codes <= SMALL_FP8_CODES else 16
+    if op.fmt.byte_floats:
+        return 32 if op.k * op.n <= SMALL_FP8_CODES else 16
     return TILED_MAX_M
 
 
@@ -190,20 +185,15 @@ def _native(x2: jax.Array, op, isa: str | None = None) -> jax.Array:
     name = _kernel_for(op)
     # x padded to the stored rows, except for the 4-bit GEMM, which reads logical rows only
     # (the copy cost a third of a 384 x 384 int4 matmul at M = 1024)
-    if op.k_padded != op.k and not (name == "qkern_packed4_gemv" and m >= GEMM_FROM):
-        x32 = jnp.pad(x32, ((0, 0), (0, op.k_padded - op.k)))
+    if not (name == "qkern_packed4_gemv" and m >= GEMM_FROM):
+        x32 = pad_k(x32, op.k_padded)
     out = jax.ShapeDtypeStruct((m, op.n), jnp.float32)
     args, attrs = _weight_operands(op, name, _threads(op, m))
     y = jax.ffi.ffi_call(target(name, isa), out)(x32, *args, **attrs)
     if op.zeros is not None:  # sum_k x[k] (c - z) s = kernel - sum_b (sum of x over b) z s
-        xsum = _pad_k(x32, op.k_padded).reshape(m, op.num_blocks, -1).sum(-1)
+        xsum = pad_k(x32, op.k_padded).reshape(m, op.num_blocks, -1).sum(-1)
         y = y - xsum @ (op.zeros.astype(jnp.float32) * op.scales.astype(jnp.float32))
     return y
-
-
-def _pad_k(x32, kp: int):
-    k = x32.shape[1]
-    return x32 if k == kp else jnp.pad(x32, ((0, 0), (0, kp - k)))
 
 
 # -- the primitive: x2 @ W with the choice of kernel or scan left to the lowering -------
