@@ -110,6 +110,7 @@ def merge(tree: Any, *, requantize: bool | str = False) -> Any:
 
 
 def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
+    q = q.fitted()                  # a scan step's layer: its own layout, not the stack's
     lay = q.layout
     stored = dense if q.perm is None else jnp.transpose(dense, np.argsort(q.perm))
     out = _quantize(stored, q.fmt, block_size=None if lay.per_tensor else lay.block_size,

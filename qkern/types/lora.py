@@ -15,8 +15,8 @@ from .qarray import QArray
 
 
 def _shape(x) -> tuple[int, ...]:
-    if isinstance(x, QArray):
-        return tuple(x.logical_shape)
+    if isinstance(x, QArray):   # a scan step's or shard's piece has its own, smaller shape
+        return tuple(x.fitted().logical_shape)
     return tuple(x.shape) if has_array_leaf(x) else tuple(np.shape(x))
 
 

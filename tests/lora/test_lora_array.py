@@ -280,6 +280,30 @@ def test_scan_over_stacked_adapters_cond_and_vmap(keys, kind):
     np.testing.assert_allclose(vm[:, 0], x @ single.materialise(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_stacked_quantised_base_stays_quantised_per_layer(keys, fmt):
+    """A scan step's (or vmap's) layer of a stacked QLoRA weight is one [in, out] layer:
+    the codes go into the scan and each step runs the fused kernel; nothing dequantises
+    the stack up front."""
+    w = jax.random.normal(keys[0], (3, 64, 32)) / 8
+    stack = make_lora(qkern.quantize(w, fmt), 64, 32, 2, keys[1], lead=(3,))
+    x = jax.random.normal(keys[2], (4, 64))
+    layer = jax.tree_util.tree_map(lambda l: l[1], stack)
+    assert layer.shape == (64, 32) and layer.aval().shape == (64, 32)
+    dense = stack.materialise()
+    ref = jnp.einsum("mk,lkn->lmn", x, dense)
+
+    per_layer = qkern.quaxify(lambda ws, x: lax.scan(lambda h, w: (h, x @ w), 0.0, ws)[1])
+    np.testing.assert_allclose(jax.jit(per_layer)(stack, x), ref, rtol=1e-4, atol=1e-4)
+    jaxpr = jax.make_jaxpr(per_layer)(stack, x).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert all(v.aval.dtype != jnp.float32 or v.aval.shape != (3, 64, 32) for v in scan.invars)
+    assert "lora" in str(scan.params["jaxpr"])              # the fused QLoRA kernel, per step
+
+    vm = jax.vmap(qkern.quaxify(lambda w, x: x @ w), in_axes=(0, None))(stack, x)
+    np.testing.assert_allclose(vm, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_nested_quaxify(keys):
     w = jax.random.normal(keys[0], (64, 32))
     lw = make_lora(qkern.quantize(w, "int8"), 64, 32, 4, keys[1])

@@ -137,6 +137,18 @@ def test_merge_requantize_of_a_transposed_base(keys):
     np.testing.assert_allclose(qkern.dequantize(m), lw.materialise(), rtol=0, atol=0.05)
 
 
+def test_merge_requantize_one_layer_of_a_stack_inside_scan(keys):
+    """Inside lax.scan each step's base is one layer of the stacked QArray; re-quantising
+    it uses that layer's layout, as merging the whole stack does."""
+    w = jax.random.normal(keys[0], (3, 64, 32))
+    lw = LoraArray(qkern.quantize(w, "int4"), jax.random.normal(keys[1], (3, 64, 2)) * 0.1,
+                   jax.random.normal(keys[2], (3, 2, 32)) * 0.1)
+    whole = qkern.dequantize(qkern.lora.merge(lw, requantize=True))
+    step = lambda c, layer: (c, qkern.dequantize(qkern.lora.merge(layer, requantize=True)))  # noqa: E731
+    per_layer = jax.lax.scan(step, 0, lw)[1]
+    np.testing.assert_allclose(per_layer, whole, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", [None, "nf4"])
 def test_partition_and_combine_train_only_the_factors(keys, fmt):
     lp = _trained(keys, fmt)
