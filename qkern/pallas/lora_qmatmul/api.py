@@ -54,18 +54,34 @@ def _lora2(x2, op, u, v, scale, sel, config, transposed):
     return _fused(x2, op, u, v, scale, sel, config, transposed)[0]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _pair(x2, op, u, v, scale, sel, config, transposed):
+    """(y, x @ u): both results of the fused kernel, both differentiable. The forward and
+    backward passes call this, never the bare kernel, so a gradient is differentiable
+    again (grad of grad)."""
+    return _fused(x2, op, u, v, scale, sel, config, transposed)
+
+
 def _lora2_fwd(x2, op, u, v, scale, sel, config, transposed):
-    y, xu = _fused(x2, op, u, v, scale, sel, config, transposed)
+    y, xu = _pair(x2, op, u, v, scale, sel, config, transposed)
     return y, (x2, op, u, v, xu)
 
 
-def _lora2_bwd(scale, sel, config, transposed, res, dy):
+def _pair_fwd(x2, op, u, v, scale, sel, config, transposed):
+    y, xu = _pair(x2, op, u, v, scale, sel, config, transposed)
+    return (y, xu), (x2, op, u, v, xu)
+
+
+def _backward(scale, sel, transposed, res, dy, dxu=None):
     x2, op, u, v, xu = res
     # The backward direction picks its own config: the forward's was chosen for its shape.
-    dx, g = _fused(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
-                   not transposed)
+    dx, g = _pair(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
+                  not transposed)
     du = scale * dot(x2.T.astype(_F32), g)
     dv = scale * dot(xu.T, dy)
+    if dxu is not None:                   # the cotangent of x @ u (only `_pair` returns it)
+        dx = dx.astype(_F32) + dot(dxu, jnp.swapaxes(u, 0, 1).astype(_F32))
+        du = du + dot(x2.T.astype(_F32), dxu)
     # On an Explicit mesh each cotangent takes its input's sharding; inside shard_map a
     # factor replicated over an axis the activations vary over gets the sum of every
     # shard's contribution (as JAX's transpose of the implicit pvary would give).
@@ -75,7 +91,17 @@ def _lora2_bwd(scale, sel, config, transposed, res, dy):
             like_input(sum_like(dv, v).astype(v.dtype), explicit_sharding(v)))
 
 
+def _lora2_bwd(scale, sel, config, transposed, res, dy):
+    return _backward(scale, sel, transposed, res, dy)
+
+
+def _pair_bwd(scale, sel, config, transposed, res, cts):
+    dy, dxu = cts
+    return _backward(scale, sel, transposed, res, dy, dxu.astype(_F32))
+
+
 _lora2.defvjp(_lora2_fwd, _lora2_bwd)
+_pair.defvjp(_pair_fwd, _pair_bwd)
 
 
 def lora_qmatmul(x: jax.Array, op: QOperand, u: jax.Array, v: jax.Array, scale: float, *,

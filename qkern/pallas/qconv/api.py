@@ -53,7 +53,9 @@ def _qconv(x, op, act_scale, frozen, compute, w8a8):
 
 
 def _fwd(x, op, act_scale, frozen, compute, w8a8):
-    return _forward(x, op, act_scale, frozen, compute, w8a8), (x, op, act_scale)
+    # `_qconv` itself: differentiating the gradient again goes through this rule
+    # (straight-through for W8A8), never through the rounding of x
+    return _qconv(x, op, act_scale, frozen, compute, w8a8), (x, op, act_scale)
 
 
 def _bwd(frozen, compute, w8a8, res, dy):

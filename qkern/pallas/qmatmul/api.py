@@ -69,14 +69,16 @@ def _qmatmul2(x2, op, sel, config, transposed, x_sharding):
 
 
 def _qmatmul2_fwd(x2, op, sel, config, transposed, x_sharding):
-    return _run(x2, op, sel, config, transposed), op
+    # The forward and backward call `_qmatmul2` itself, never the bare kernel, so the
+    # gradient is differentiable again (grad of grad, jacrev of jacrev).
+    return _qmatmul2(x2, op, sel, config, transposed, x_sharding), op
 
 
 def _qmatmul2_bwd(sel, config, transposed, x_sharding, op, dy):
     # d(x @ W)/dx is (dy @ W.T), and the other way round: the same family, flipped. The
     # config was chosen for the forward direction, so the backward picks its own.
-    dx = like_input(_run(dy, op, sel, None, not transposed), x_sharding)
-    return dx, jax.tree_util.tree_map(_zero_cotangent, op)
+    dx = _qmatmul2(dy, op, sel, None, not transposed, explicit_sharding(dy))
+    return like_input(dx, x_sharding), jax.tree_util.tree_map(_zero_cotangent, op)
 
 
 _qmatmul2.defvjp(_qmatmul2_fwd, _qmatmul2_bwd)

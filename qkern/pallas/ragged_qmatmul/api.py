@@ -54,7 +54,8 @@ def _ragged(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
 
 
 def _fwd(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8):
-    y = _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
+    # `_ragged` itself in both directions, so the gradient is differentiable again
+    y = _ragged(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
     return y, (op, group_sizes, act_scale)
 
 
@@ -62,7 +63,7 @@ def _bwd(sel, inner, config, transposed, w8a8, res, dy):
     op, group_sizes, act_scale = res
     # The window chosen for the forward suits the backward too (same rows, same groups).
     # W8A8: straight-through on the activation rounding, as `w8a8_matmul`'s gradient.
-    dx = _run(dy, op, group_sizes, None, sel, inner, config, not transposed)
+    dx = _ragged(dy, op, group_sizes, None, sel, inner, config, not transposed, False)
     d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
     return (dx, jax.tree_util.tree_map(_zero_cotangent, op),
             np.zeros(group_sizes.shape, jax.dtypes.float0), d_scale)

@@ -30,7 +30,7 @@ from ..._compat import explicit_sharding
 from .. import _backend
 from .._config import MatmulConfig, Problem, config_for
 from .._operand import QOperand
-from ..qmatmul.api import _run, _zero_cotangent, like_input
+from ..qmatmul.api import _qmatmul2, _zero_cotangent, like_input
 from . import _mosaic, _triton, _xla
 from .base import check_act_scale, check_w8a8_operand
 
@@ -53,14 +53,16 @@ def _w8a8_2d(x2, op, act_scale, sel, config, x_sharding):
 
 
 def _fwd(x2, op, act_scale, sel, config, x_sharding):
-    return _forward(x2, op, act_scale, sel, config), (op, act_scale)
+    # `_w8a8_2d` itself, not the bare kernel: differentiating the gradient again goes
+    # through this rule (straight-through), never through the rounding of x.
+    return _w8a8_2d(x2, op, act_scale, sel, config, x_sharding), (op, act_scale)
 
 
 def _bwd(sel, config, x_sharding, res, dy):
     op, act_scale = res
     # Straight-through: the rounding of x is treated as the identity. The forward config
     # was chosen for W8A8, so the transposed weight-only kernel picks its own.
-    dx = like_input(_run(dy, op, sel, None, transposed=True), x_sharding)
+    dx = like_input(_qmatmul2(dy, op, sel, None, True, explicit_sharding(dy)), x_sharding)
     d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
     return dx, jax.tree_util.tree_map(_zero_cotangent, op), d_scale
 
