@@ -140,7 +140,32 @@ def _qarray(fields: dict, static_json: dict) -> QArray:
                              f"{layout.block_size}, {fmt.name}) needs {tuple(shape_)}")
     if shell:
         return QArray(data=None, scales=None, **static)
+    _check_dtypes(fields, fmt)
     return QArray(**fields, **static)
+
+
+def _check_dtypes(fields: dict, fmt) -> None:
+    """Each array has the dtype `fmt` stores, so a header naming the wrong format (or a
+    file written by something else) is refused instead of decoding bytes as other codes."""
+    if fmt.packed:
+        data = ("uint8",)                                  # two 4-bit codes per byte
+    elif fmt.byte_floats:                                  # float8 bit patterns; older files
+        data = ("uint8", jnp.dtype(fmt.float_dtype).name)  # stored the float8 arrays
+    else:
+        data = ("int8",)
+    want = {"data": data, "zeros": ("int8",)}
+    if fmt.kind == "mx":
+        want["scales"] = ("uint8",)                        # E8M0 exponents
+    elif "dq_scale" in fields:
+        want["scales"] = ("int8",)                         # double-quantised scales
+    for name, a in fields.items():
+        dtype = jnp.dtype(a.dtype)
+        if name in want and dtype.name not in want[name]:
+            raise ValueError(f"{name} is {dtype.name}, but {fmt.name} stores {name} as "
+                             f"{' or '.join(want[name])}")
+        if name not in want and not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} is {dtype.name}, but {fmt.name} stores {name} as a "
+                             "floating dtype")
 
 
 # -- tensors -------------------------------------------------------------------------------

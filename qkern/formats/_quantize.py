@@ -111,8 +111,15 @@ def check_options(fmt, *, block_size=None, axis=-2, calibration="absmax", scale_
     if fmt is None:
         return
     f = get_format(fmt)                   # unknown formats
+    check_scale_dtype(f, scale_dtype)
     check_blocks(f, block_size, per_tensor=axis is None)
     check_calibration(f, calibration, double_quant)
+
+
+def check_scale_dtype(fmt: Format, scale_dtype) -> None:
+    if fmt.kind == "mx" and scale_dtype is not None:
+        raise ValueError(f"{fmt.name} stores its scales as 8-bit powers of two (E8M0, OCP MX); "
+                         f"scale_dtype={jnp.dtype(scale_dtype).name} does not apply.")
 
 
 def check_blocks(fmt: Format, block_size, per_tensor: bool) -> None:
@@ -122,6 +129,11 @@ def check_blocks(fmt: Format, block_size, per_tensor: bool) -> None:
             raise ValueError(f"{fmt.name} uses blocks of 32 (OCP MX); got block_size={block_size}.")
         if per_tensor:
             raise ValueError(f"{fmt.name} scales blocks of 32; per-tensor (axis=None) does not apply.")
+    elif per_tensor and block_size is not None:
+        raise ValueError(
+            f"block_size={block_size} with axis=None: per tensor is one scale for the whole "
+            "array, so there are no blocks. Drop block_size, or give the axis the blocks run "
+            "along (e.g. axis=-2).")
     elif fmt.packed and not per_tensor and block_size is not None and block_size % 2:
         raise ValueError(
             f"{fmt.name} packs two codes per byte along the block axis, so block_size must "
@@ -239,6 +251,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
         raise TypeError(f"qkern.quantize expects a floating-point array, got dtype {w.dtype}.")
     layout = make_layout(w.shape, fmt, block_size, axis, default_axis=default_axis)
     cal = check_calibration(fmt, calibration, double_quant)
+    check_scale_dtype(fmt, scale_dtype)
 
     x = w.astype(jnp.float32)
     pad = layout.padded - layout.length
@@ -261,10 +274,13 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     asymmetric = fmt.supports_zero_points and (
         cal.method == "minmax" or (cal.method == "fixed" and cal.lo != -cal.hi))
 
+    overflow = jnp.zeros_like(bad)          # blocks whose scale scale_dtype cannot hold
     if fmt.kind == "mx":
         amax = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
         emax = math.floor(math.log2(fmt.value_max))
-        exp = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
+        # floor(log2(amax)) from frexp's exponent (amax = m * 2**e, m in [0.5, 1)): exact,
+        # where XLA's log2 of 2**13, 2**15, ... lands just below the integer on a CPU
+        exp = (jnp.frexp(jnp.where(amax > 0, amax, 1.0))[1] - 1).astype(jnp.float32) - emax
         exp = jnp.where(amax > 0, jnp.clip(exp, -127, 127), -127)
         scale_b = _pow2(exp)
         # amax == 0 gives scale 2^-127, which may flush to zero: keep such blocks at 0.
@@ -280,7 +296,8 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
                 lo = jnp.full(_expand_scale(jnp.zeros(layout.scale_shape), layout).shape,
                               min(cal.lo, 0.0))
                 hi = jnp.full(lo.shape, max(cal.hi, 0.0))
-            scale_b = (hi - lo) / (2 ** fmt.bits - 1)
+            steps = 2 ** fmt.bits - 1     # hi / steps - lo / steps: no overflow near float32's max
+            scale_b = hi / steps - lo / steps
         else:
             if cal.method == "fixed":
                 bound = jnp.full(_expand_scale(jnp.zeros(layout.scale_shape), layout).shape,
@@ -294,6 +311,10 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
                     bound = jnp.minimum(bound, cal.factor * rms)
             scale_b = bound / fmt.value_max
         if scale_dtype is not None:  # quantise with the scale as it will be stored
+            # A scale past the dtype's largest finite value (float16: 65504) cannot be
+            # stored: its block gets a NaN scale like a non-finite block (eager quantise
+            # refuses it, see refuse_nonfinite), never an inf that decodes to NaN or inf.
+            overflow = (scale_b > float(jnp.finfo(scale_dtype).max)) & ~bad
             scale_b = scale_b.astype(scale_dtype).astype(jnp.float32)
         safe = jnp.where(scale_b > 0, scale_b, 1.0)
         y = xb / safe
@@ -313,7 +334,7 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
             codes = nearest_code(y, fmt.codebook)
         else:  # float
             codes = round_to_float(y, fmt.float_dtype)
-        scale_b = jnp.where(bad, jnp.nan, scale_b)
+        scale_b = jnp.where(bad | overflow, jnp.nan, scale_b)
         scales = _to_scale_shape(scale_b.astype(scale_dtype or jnp.float32), layout)
 
     codes = codes.reshape(x.shape)
@@ -336,22 +357,33 @@ def quantize_array(w: jax.Array, fmt: str | Format, *, block_size=None, axis: in
     if double_quant:
         scales, dq_scale, dq_offset = _double_quantize(scales)
     return dict(data=data, scales=scales, zeros=zeros, dq_scale=dq_scale, dq_offset=dq_offset,
-                layout=layout, nonfinite_blocks=jnp.sum(bad, dtype=jnp.int32))
+                layout=layout, nonfinite_blocks=jnp.sum(bad, dtype=jnp.int32),
+                overflow_blocks=jnp.sum(overflow, dtype=jnp.int32))
 
 
-def refuse_nonfinite(nonfinite_blocks, w, who: str = "qkern.quantize") -> None:
+def refuse_nonfinite(nonfinite_blocks, w, who: str = "qkern.quantize", overflow_blocks=None,
+                     scale_dtype=None) -> None:
     """Eager quantisation refuses non-finite weights (the policy in docs/formats.md): raise
-    when `nonfinite_blocks` (the field of `quantize_array`) is concrete and positive.
-    Under a trace (jit, grad, vmap) there is nothing to check on the host; the blocks holding
-    them dequantise to NaN instead."""
-    if isinstance(nonfinite_blocks, Tracer) or not int(nonfinite_blocks):
-        return
-    n = int(jnp.sum(~jnp.isfinite(w)))
-    raise ValueError(
-        f"{n} of {w.size} values are NaN or inf; {who} refuses non-finite weights (they "
-        "would otherwise hide a diverged or corrupt weight). Find where they came from "
-        "(jnp.isfinite), or replace them first (jnp.nan_to_num) if that is what you want. "
-        "(Under jit the blocks holding them dequantise to NaN instead.)")
+    when `nonfinite_blocks` (the field of `quantize_array`) is concrete and positive; and
+    weights whose scales `scale_dtype` cannot hold (`overflow_blocks`). Under a trace (jit,
+    grad, vmap) there is nothing to check on the host; those blocks dequantise to NaN
+    instead."""
+    if not isinstance(nonfinite_blocks, Tracer) and int(nonfinite_blocks):
+        n = int(jnp.sum(~jnp.isfinite(w)))
+        raise ValueError(
+            f"{n} of {w.size} values are NaN or inf; {who} refuses non-finite weights (they "
+            "would otherwise hide a diverged or corrupt weight). Find where they came from "
+            "(jnp.isfinite), or replace them first (jnp.nan_to_num) if that is what you want. "
+            "(Under jit the blocks holding them dequantise to NaN instead.)")
+    if (overflow_blocks is not None and not isinstance(overflow_blocks, Tracer)
+            and int(overflow_blocks)):
+        top = float(jnp.finfo(scale_dtype).max)
+        raise ValueError(
+            f"{int(overflow_blocks)} block(s) of this weight need a scale above {top:g}, the "
+            f"largest {jnp.dtype(scale_dtype).name} value (largest |w| "
+            f"{float(jnp.max(jnp.abs(w))):g}); {who} will not store an infinite scale. Use "
+            "scale_dtype=jnp.bfloat16 or float32 (the default), or rescale the weight. (Under "
+            "jit those blocks dequantise to NaN.)")
 
 
 def _valid_counts(layout: Layout, ndim_blocked: int) -> jnp.ndarray:

@@ -212,7 +212,8 @@ def _quantize_one(w, fmt, *, axis, act_fmt=None, compute_dtype=None, block_size=
     fields = _quantize_fields(w, fmt.name, axis=axis, default_axis=default_axis,
                               block_size=block_size, calibration=calibration,
                               scale_dtype=scale_dtype, double_quant=double_quant)
-    refuse_nonfinite(fields.pop("nonfinite_blocks"), w, who)
+    refuse_nonfinite(fields.pop("nonfinite_blocks"), w, who, fields.pop("overflow_blocks"),
+                     scale_dtype)
     return QArray(**fields, fmt=fmt.name, layout=layout, dtype=np.dtype(w.dtype),
                   act_fmt=act_fmt, compute_dtype=as_compute_dtype(compute_dtype))
 

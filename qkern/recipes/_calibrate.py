@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import itertools
 import threading
 import warnings
@@ -106,8 +107,8 @@ def calibrate(fn: Callable, params: Any, batches: Iterable[Any], *, margin: floa
     Returns `params` with those scales set (a new tree; QArrays otherwise unchanged).
     Weights that no batch reached keep dynamic per-row scales, with a warning.
     """
-    if margin <= 0:
-        raise ValueError(f"calibrate: margin must be positive, got {margin}.")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+        raise ValueError(f"calibrate: margin must be a finite positive number, got {margin!r}.")
     session = next(_sessions)
     recorder = _Recorder()
     targets = {}

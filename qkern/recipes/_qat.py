@@ -50,8 +50,19 @@ def ste(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(x, *args, **kwargs):
-        def forward(x):
-            out = fn(x, *args, **kwargs)
+        # The other arguments' arrays are inputs of the custom_jvp (their tangents are
+        # dropped), never closed over: a step computed from a differentiated value is a
+        # tracer of that differentiation, which a custom_jvp may not close over. Python
+        # scalars, strings and the like stay as they are (static).
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        arrays = [i for i, v in enumerate(leaves) if isinstance(v, (jax.Array, np.ndarray))]
+
+        def forward(x, dynamic):
+            full = list(leaves)
+            for i, v in zip(arrays, dynamic):
+                full[i] = v
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            out = fn(x, *a, **kw)
             _check_like(out, x, fn)
             return out
 
@@ -59,10 +70,10 @@ def ste(fn: Callable) -> Callable:
 
         @f.defjvp
         def _(primals, tangents):
-            (x,), (dx,) = primals, tangents
-            return forward(x), dx
+            (x, dynamic), (dx, _) = primals, tangents
+            return forward(x, dynamic), dx
 
-        return f(x)
+        return f(x, [leaves[i] for i in arrays])
 
     return wrapped
 

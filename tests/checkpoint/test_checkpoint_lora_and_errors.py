@@ -211,3 +211,20 @@ def test_a_lora_with_neither_base_arrays_nor_factors_is_refused(tmp_path, rewrit
     rewrite_header(tmp_path / "train.safetensors", tmp_path / "bad.safetensors", drop_b)
     with pytest.raises(qkern.CheckpointError, match=r"the LoraArray at l has neither"):
         qkern.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("saved, named, detail", [
+    ("mxfp8", "fp8_e4m3", "scales is uint8, but fp8_e4m3 stores scales as a floating dtype"),
+    ("fp8_e4m3", "int8", "data is uint8, but int8 stores data as int8"),
+    ("int8", "fp8_e5m2", "data is int8, but fp8_e5m2 stores data as uint8 or float8_e5m2"),
+])
+def test_a_header_naming_another_format_of_the_same_shapes_is_refused(
+        tmp_path, rewrite_header, saved, named, detail):
+    """Same shapes, other codes: the dtypes tell (mxfp8's E8M0 scale bytes read as float
+    scales came out 15,000x too large before this check)."""
+    tree = {"layers": [{"kernel": qkern.quantize(_w(64, 64), saved, block_size=32)}]}
+    qkern.save(tmp_path / "m.safetensors", tree)
+    rewrite_header(tmp_path / "m.safetensors", tmp_path / "bad.safetensors",
+                   _q_edit(lambda e: e["static"].__setitem__("fmt", named)))
+    with pytest.raises(qkern.CheckpointError, match=re.escape(detail)):
+        qkern.load(tmp_path / "bad.safetensors")

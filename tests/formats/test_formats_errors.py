@@ -182,3 +182,41 @@ def test_axis_must_be_an_int(axis):
 def test_axis_numpy_int_is_accepted():
     a = qkern.quantize(W, "int8", axis=np.int64(0))
     assert a.block_axis == 0
+
+
+def test_block_size_with_per_tensor_is_an_error():
+    with pytest.raises(ValueError, match="block_size=32 with axis=None"):
+        qkern.quantize(jnp.ones((64, 32)), "int8", axis=None, block_size=32)
+    with pytest.raises(ValueError, match="block_size=32 with axis=None"):
+        qkern.Rule(where=".*", fmt="int8", axis=None, block_size=32)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_scale_dtype_does_not_apply_to_mx(fmt):
+    with pytest.raises(ValueError, match="E8M0.*scale_dtype=bfloat16 does not apply"):
+        qkern.quantize(jnp.ones((64, 32)), fmt, scale_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="scale_dtype=bfloat16 does not apply"):
+        qkern.Rule(where=".*", fmt=fmt, scale_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("fmt, big", [("int8", 1e7), ("nf4", 1e5)])
+def test_a_scale_float16_cannot_hold_is_refused_never_inf(fmt, big):
+    """Block scales above float16's 65504 (|w| > 65504 * the format's largest code):
+    eager quantise refuses; under jit those blocks (only) dequantise to NaN."""
+    import jax
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((256, 16)), jnp.float32)
+    w = w.at[:, 3].multiply(big)
+    with pytest.raises(ValueError, match="scale above 65504, the largest float16"):
+        qkern.quantize(w, fmt, scale_dtype=jnp.float16)
+    d = np.asarray(qkern.dequantize(jax.jit(
+        lambda w: qkern.quantize(w, fmt, scale_dtype=jnp.float16))(w)))
+    assert np.isnan(d[:, 3]).all() and np.isfinite(np.delete(d, 3, axis=1)).all()
+    qkern.quantize(w, fmt, scale_dtype=jnp.bfloat16)               # bfloat16 holds it
+
+
+def test_minmax_near_the_float32_maximum_stays_finite():
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((128, 8)), jnp.float32)
+    w = w.at[0].set(3e38).at[1].set(-3e38)
+    d = qkern.dequantize(qkern.quantize(w, "int4", calibration="minmax"))
+    assert np.isfinite(np.asarray(d)).all()
+    np.testing.assert_allclose(d[:2], w[:2], rtol=0, atol=6e38 / 15 / 2 * 1.01)   # half a step

@@ -57,3 +57,16 @@ def test_mx_scales_are_exact_powers_of_two():
     s = np.asarray(dequantize_scales(q.scales, None, None, get_format("mxfp8")), np.float32)
     want = np.ldexp(np.float32(1), np.asarray(q.scales).astype(np.int32) - 127).astype(np.float32)
     np.testing.assert_array_equal(s, want)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_mx_scale_exponent_of_a_power_of_two_is_exact(fmt):
+    """A block whose largest value is 2**k keeps it exactly (the OCP exponent floor(log2
+    amax) - emax): XLA's log2(2**13) is just below 13 on a CPU, which stored 2**12 and
+    clipped 8192 to 7168 (mxfp8) or 6144 (mxfp4)."""
+    ks = np.arange(-100, 128)
+    col = (2.0 ** ks).astype(np.float32)
+    w = np.tile(col * 0.3, (32, 1))
+    w[0] = col                                             # each column: one block of 32
+    d = np.asarray(qkern.dequantize(qkern.quantize(jnp.asarray(w), fmt)))
+    np.testing.assert_array_equal(d[0], col)

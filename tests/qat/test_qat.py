@@ -78,6 +78,27 @@ def test_ste_on_a_pytree_and_with_traced_arguments():
     np.testing.assert_array_equal(grads["a"], np.zeros(3))
 
 
+def test_ste_with_a_step_computed_from_the_differentiated_value():
+    """The other arguments may be tracers of the same differentiation (a step from
+    max|w|): they are inputs of the straight-through rule, get no gradient through it,
+    and the forward value is exact."""
+    @qkern.ste
+    def rnd(x, step, *, offset=0.0):
+        return jnp.round((x - offset) / step) * step + offset
+
+    w = _w(8, 4)
+    step = lambda w: jnp.max(jnp.abs(w)) / 7                                # noqa: E731
+    np.testing.assert_array_equal(jax.grad(lambda w: rnd(w, step(w)).sum())(w), np.ones((8, 4)))
+    np.testing.assert_array_equal(
+        jax.jit(jax.grad(lambda w: rnd(w, step=step(w), offset=w[0, 0]).sum()))(w), np.ones((8, 4)))
+    assert float(jax.grad(lambda s: rnd(w, s).sum())(0.1)) == 0.0
+    y, dy = jax.jvp(lambda w: rnd(w, step(w)), (w,), (2 * w,))
+    np.testing.assert_array_equal(y, jnp.round(w / step(w)) * step(w))
+    np.testing.assert_array_equal(dy, 2 * w)
+    np.testing.assert_allclose(jax.vmap(lambda r: rnd(r, step(r)))(w),
+                               jnp.stack([jnp.round(r / step(r)) * step(r) for r in w]), rtol=1e-6)
+
+
 def test_ste_rejects_functions_that_change_shape():
     with pytest.raises(TypeError, match="shaped like its first argument"):
         qkern.ste(lambda w: w.sum())(_w(4))

@@ -146,6 +146,9 @@ def test_calibrate_warns_for_unreached_layers_and_rejects_bad_input():
         qkern.calibrate(model, qkern.quantize(params(), "int8"), [_w(2, 64)])
     with pytest.raises(ValueError, match="empty"):
         qkern.calibrate(model, q, [])
+    for margin in (0.0, -1.0, float("nan"), float("inf")):   # NaN/inf scales: all-NaN outputs
+        with pytest.raises(ValueError, match="margin must be a finite positive number"):
+            qkern.calibrate(model, q, [_w(2, 64)], margin=margin)
 
 
 def test_calibration_sessions_do_not_share_jit_caches():

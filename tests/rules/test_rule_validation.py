@@ -79,7 +79,8 @@ def test_good_axes_and_formats_are_accepted():
         qkern.Rule(axis=axis)
     qkern.Rule(fmt=None)
     qkern.Rule(fmt="mxfp4", block_size=32)
-    qkern.Rule(fmt="nf4", block_size=33, axis=None)        # per tensor: block_size unused
+    with pytest.raises(ValueError, match="with axis=None"):  # per tensor has no blocks:
+        qkern.Rule(fmt="nf4", block_size=33, axis=None)        # refused, not ignored
 
 
 def test_unknown_format_and_scale_dtype_fail_when_written():
