@@ -502,12 +502,17 @@ def decode(data: jnp.ndarray, fmt: Format, axis: int) -> jnp.ndarray:
 
 
 def dequantize_array(fmt: str | Format, data, scales, zeros, dq_scale, dq_offset,
-                     layout: Layout, dtype) -> jnp.ndarray:
+                     layout: Layout, dtype, *, scales_decoded: bool = False) -> jnp.ndarray:
+    """The logical array in `dtype`. `scales_decoded`: `scales` are float32 values already
+    (`dequantize_scales`' result), not the stored scales (MX exponents, double-quantised
+    codes)."""
     fmt = get_format(fmt)
     v = _blocked(decode(data, fmt, layout.axis), layout)
     if zeros is not None:
         v = v - _expand_scale(zeros.astype(jnp.float32), layout)
-    v = v * _expand_scale(dequantize_scales(scales, dq_scale, dq_offset, fmt), layout)
+    if not scales_decoded:
+        scales = dequantize_scales(scales, dq_scale, dq_offset, fmt)
+    v = v * _expand_scale(scales.astype(jnp.float32), layout)
     v = v.reshape(v.shape[:layout.axis] + (layout.padded,) + v.shape[layout.axis + 2:])
     if layout.padded != layout.length:
         v = jax.lax.slice_in_dim(v, 0, layout.length, axis=layout.axis)

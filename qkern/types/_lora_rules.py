@@ -50,6 +50,8 @@ def _fused_kernel(x, lw: LoraArray, x_axis: int, w_axis: int, w_on_left: bool):
     w = lw.w
     if lw.ndim != 2 or not isinstance(w, QArray) or not jnp.issubdtype(x.dtype, jnp.floating):
         return None
+    if w.act_fmt is not None:       # a W8A8 base: its own kernel (x rounded), update in float
+        return None
     w = w.fitted()                  # one layer of a stack (lax.scan, vmap) as its own QArray
     op = stored_operand(w)
     if op is None:

@@ -49,13 +49,15 @@ def _check_axes(w: QArray, params) -> None:
             f"{axis}, its output-feature axis, which a convolution does not contract (it "
             f"contracts axes {contracted}). Quantise it along its input-feature axis "
             f"instead: qkern.quantize(w, fmt, axis={in_axis}) (or Rule(axis={in_axis})).")
+    # Blocked along another axis, the scales still vary along the input features (one per
+    # input feature), which W8A8's per-(tap, feature block) int8 parts cannot apply.
     if (w.act_fmt is not None and axis is not None and axis != in_axis
-            and w.layout.num_blocks > 1):
+            and (w.layout.num_blocks > 1 or shape[in_axis] > 1)):
         raise ValueError(
             f"W8A8 convolution needs the kernel's blocks along its input-feature axis (axis "
-            f"{in_axis}) or one block per axis; the kernel of shape {shape} has "
-            f"{w.layout.num_blocks} blocks along axis {axis}. Quantise it with "
-            f"axis={in_axis}.")
+            f"{in_axis}), per tensor, or (one input feature, depthwise) one block along "
+            f"another axis; the kernel of shape {shape} has {w.layout.num_blocks} block(s) "
+            f"along axis {axis}. Quantise it with axis={in_axis}.")
 
 
 def qconv_dispatch(x, w: QArray, params: dict):

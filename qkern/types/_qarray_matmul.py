@@ -13,6 +13,7 @@ from .._core import Value
 from .._core._values import materialise_checked
 from ..formats._quantize import dequantize_scales
 from ..pallas import qmatmul, stored_operand, w8a8_matmul
+from ..pallas.w8a8.base import quantize_activations
 from .qarray import QArray
 
 
@@ -35,12 +36,25 @@ def qmatmul_dispatch(lhs, rhs, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     w_on_right = isinstance(rhs, QArray) and not isinstance(lhs, QArray)
     w_on_left = isinstance(lhs, QArray) and not isinstance(rhs, QArray)
-    dense = lambda: default_in_compute_dtype(jax.lax.dot_general_p, [lhs, rhs], params)
-    if lb or rb or len(lc) != 1 or not (w_on_right or w_on_left):
-        return dense()
+    if len(lc) != 1 or not (w_on_right or w_on_left):
+        return default_in_compute_dtype(jax.lax.dot_general_p, [lhs, rhs], params)
     w, x = (rhs, lhs) if w_on_right else (lhs, rhs)
     w = w.fitted()
     w_axis, x_axis = (rc[0], lc[0]) if w_on_right else (lc[0], rc[0])
+
+    def dense():
+        # A W8A8 weight contracted along its blocks (x @ W) rounds x as its kernel would,
+        # also where no kernel takes the layout (a batched dot_general under vmap).
+        xr = x
+        physical = w_axis if w.perm is None else w.perm[w_axis]
+        if (w.act_fmt is not None and physical == w.layout.axis
+                and jnp.issubdtype(jnp.result_type(x), jnp.floating)):
+            xr = _act_rounded(x, x_axis, w)
+        operands = [xr, rhs] if w_on_right else [lhs, xr]
+        return default_in_compute_dtype(jax.lax.dot_general_p, operands, params)
+
+    if lb or rb:
+        return dense()
     if w.ndim != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return dense()
     op = stored_operand(w)
@@ -120,6 +134,23 @@ def _act_quantised(xm, w, op):
     # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
     scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
     return w8a8_matmul(xm, op, act_scale=scale)
+
+
+def _act_rounded(x, axis, w):
+    """x with the activation rounding of `w`'s W8A8 kernel applied along its contracted
+    `axis` (per row, or the static `w.act_scale`), straight-through for the gradient: for
+    the layouts that run dense (materialised W) instead of the W8A8 kernel."""
+    record = getattr(w, "record_activation", None)
+    if record is not None:                      # under qkern.calibrate: record, no rounding
+        record(x)
+        return x
+    scale = w.act_scale
+    if scale is not None and jnp.ndim(scale):   # a stacked weight: one scale, broadcast
+        scale = jnp.reshape(scale, (-1,))[0]
+    xm = jnp.moveaxis(x, axis, -1)
+    codes, sx = quantize_activations(xm.reshape(-1, xm.shape[-1]), scale)
+    xq = jnp.moveaxis((codes.astype(jnp.float32) * sx).reshape(xm.shape), -1, axis)
+    return x + jax.lax.stop_gradient(xq.astype(x.dtype) - x)
 
 
 def _rows_blocked(w):

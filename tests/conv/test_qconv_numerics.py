@@ -77,6 +77,27 @@ def test_matches_dense_conv_of_dequantised_kernel(case, fmt, dtype):
                                rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_mx_kernels_match_dense(fmt, layout):
+    """MX scales (E8M0 bytes) are decoded once: decoding the decoded float scales again
+    read 0.25 as the exponent byte 0 and every MX convolution returned zeros."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 64) if layout == "NHWC" else (2, 64, 6, 6)),
+                    jnp.float32)
+    spec = ("NHWC", "HWIO", "NHWC") if layout == "NHWC" else ("NCHW", "OIHW", "NCHW")
+    w = jnp.asarray(rng.standard_normal((3, 3, 64, 16) if layout == "NHWC" else (16, 64, 3, 3)),
+                    jnp.float32)
+    q = qkern.quantize(w, fmt, axis=2 if layout == "NHWC" else 1)
+    conv = _conv(dict(window_strides=(1, 1), padding="SAME", dimension_numbers=spec))
+    want = conv(x, qkern.dequantize(q))
+    got = jax.jit(qkern.quaxify(conv))(x, q)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    gx = jax.grad(lambda x: jnp.sum(qkern.quaxify(conv)(x, q) ** 2))(x)
+    np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(conv(x, qkern.dequantize(q)) ** 2))(x),
+                               rtol=1e-4, atol=1e-4 * float(jnp.abs(gx).max()))
+
+
 def test_quantised_differs_from_float_kernel():
     """The comparison above can fail: the quantised result is not the float kernel's."""
     x, w, kw, axis = _arrays("2d_nhwc_same", jnp.float32)

@@ -144,6 +144,25 @@ def test_w8a8_blocks_along_a_spatial_axis_are_refused():
     # weight-only, the same layout is fine
     qw = qkern.quantize(w, "int8", axis=0, block_size=1)
     _close(qkern.quaxify(conv)(x, qw), conv(x, qkern.dequantize(qw)))
+    # one block along kh still has a scale per input feature: refused too (it ran with
+    # input feature 0's scale for every feature, 58 % off)
+    one = qkern.quantize(w, "int8", axis=0, block_size=w.shape[0], act_fmt="int8")
+    assert one.layout.num_blocks == 1 and w.shape[2] > 1
+    with pytest.raises(ValueError, match=r"input-feature axis \(axis 2\)"):
+        qkern.quaxify(conv)(x, one)
+
+
+def test_w8a8_depthwise_kernel_with_one_block_along_kh():
+    """One input feature per group: a block along kh is one scale per (kw, output feature)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 6))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 12)) * 0.2
+    dw = lambda x, w: jax.lax.conv_general_dilated(                      # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+    q = qkern.quantize(w, "int8", axis=0, act_fmt="int8")
+    got = qkern.quaxify(dw)(x, q)
+    s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    xq = jnp.clip(jnp.round(x / jnp.where(s > 0, s, 1.0)), -127, 127) * s
+    _close(got, dw(xq, qkern.dequantize(q)))
 
 
 def test_gptq_on_a_conv_kernel_says_so():

@@ -157,3 +157,30 @@ def test_calibration_sessions_do_not_share_jit_caches():
     small = qkern.calibrate(fn, q, [_w(2, 64) * 0.1])
     big = qkern.calibrate(fn, q, [_w(2, 64) * 10])
     assert float(big["w1"].act_scale) > 20 * float(small["w1"].act_scale)
+
+
+def test_w8a8_rounds_x_wherever_vmap_sits_and_under_a_lora_adapter():
+    """A batched dot_general (vmap inside quaxify) has no kernel and runs dense, and a
+    LoRA adapter on a W8A8 base skips the fused QLoRA kernel: both still round x as the
+    W8A8 kernel does (they ran weight-only before), so where vmap sits or whether an
+    adapter wraps the weight never changes the numerics."""
+    ws, xs = _w(3, 64, 32) / 8, _w(3, 5, 64)
+    qs = qkern.quantize(ws, "int8", act_fmt="int8")
+    mm = lambda x, w: x @ w                                              # noqa: E731
+    outside = jax.jit(jax.vmap(qkern.quaxify(mm)))(xs, qs)               # 2-D: the kernel
+    inside = jax.jit(qkern.quaxify(jax.vmap(mm)))(xs, qs)                # batched: dense
+    s = jnp.max(jnp.abs(xs), axis=-1, keepdims=True) / 127.0
+    want = jnp.einsum("bmk,bkn->bmn", _int8(xs, s), qkern.dequantize(qs))
+    np.testing.assert_allclose(inside, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outside, inside, rtol=1e-4, atol=1e-5)
+    weight_only = jnp.einsum("bmk,bkn->bmn", xs, qkern.dequantize(qs))
+    assert float(jnp.abs(inside - weight_only).max()) > 1e-3
+    g = jax.grad(lambda x: jnp.sum(qkern.quaxify(jax.vmap(mm))(x, qs) ** 2))(xs)   # STE
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(jax.vmap(qkern.quaxify(mm))(x, qs) ** 2))(xs),
+                               rtol=1e-3, atol=1e-3)
+
+    q = qkern.quantize(ws[0], "int8", act_fmt="int8")
+    a, b = _w(64, 2) * 0.1, _w(2, 32) * 0.1
+    lw = qkern.LoraArray(q, a, b, alpha=2.0)
+    got = qkern.quaxify(mm)(xs[0], lw)
+    np.testing.assert_allclose(got, qkern.quaxify(mm)(xs[0], q) + xs[0] @ a @ b, rtol=1e-5, atol=1e-5)

@@ -43,8 +43,9 @@ class ConvOperand:
         return self.layout.shape
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        # the scales are float32 already (MX's E8M0 bytes decoded once, by conv_operand)
         return dequantize_array(self.fmt, self.data, self.scales, self.zeros, None, None,
-                                self.layout, dtype)
+                                self.layout, dtype, scales_decoded=True)
 
 
 def _spec(params):
@@ -82,12 +83,13 @@ def check_w8a8(op: ConvOperand, params) -> None:
         raise ValueError("W8A8 convolution does not take batch_group_count > 1 (got "
                          f"{params['batch_group_count']}); quantise the kernel without "
                          "act_fmt to run it weight-only.")
-    if not lay.per_tensor and lay.axis != dn.rhs_spec[1] and lay.num_blocks > 1:
+    if (not lay.per_tensor and lay.axis != dn.rhs_spec[1]
+            and (lay.num_blocks > 1 or op.shape[dn.rhs_spec[1]] > 1)):
         raise ValueError(
             f"W8A8 convolution needs the kernel's blocks along its input-feature axis "
-            f"(axis {dn.rhs_spec[1]}) or one block per axis; kernel of shape {op.shape} "
-            f"has {lay.num_blocks} blocks along axis {lay.axis}. Quantise it with "
-            f"axis={dn.rhs_spec[1]}.")
+            f"(axis {dn.rhs_spec[1]}), per tensor, or (one input feature, depthwise) one "
+            f"block along another axis; kernel of shape {op.shape} has {lay.num_blocks} "
+            f"block(s) along axis {lay.axis}. Quantise it with axis={dn.rhs_spec[1]}.")
 
 
 def pixel_scales(x, params, act_scale):
