@@ -136,6 +136,14 @@ def _pvary_leaves(primitive, values, params):
     return out if primitive.multiple_results else out[0]
 
 
+# First-order primitives whose params hold a jaxpr only as a scalar combiner (scatter's
+# update, a reduction's monoid): no Value can be inside it, so they take the default path
+# (materialise, or a type's `default` rule) without the higher-order warning.
+_COMBINER_PRIMITIVES = frozenset({
+    "scatter", "scatter-add", "scatter-sub", "scatter-mul", "scatter-min", "scatter-max",
+    "scatter-apply", "reduce", "reduce_window", "select_and_scatter", "select_and_scatter_add"})
+
+
 def _process_values(primitive, values, params):
     """Dispatch a primitive with at least one Value operand (runs under the parent trace)."""
     rule = _dispatch.resolve(primitive, _dispatch.arg_types(values))
@@ -146,7 +154,7 @@ def _process_values(primitive, values, params):
     handler = HIGHER_ORDER.get(primitive)
     if handler is not None:
         return handler(values, params)
-    if _compat.jaxprs_in_params(params):
+    if _compat.jaxprs_in_params(params) and primitive.name not in _COMBINER_PRIMITIVES:
         warn_materialise(primitive)
         arrays = [_dispatch.materialise_checked(v) if isinstance(v, Value) else v
                   for v in values]

@@ -154,8 +154,8 @@ def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
 
 def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, ...] | None]:
     lay, fmt = q.layout, q.format
-    what = (f"a piece of {q!r} with data of shape {shape} (a scan step or a shard_map "
-            f"shard; the whole array stores {_data_shape(lay, fmt)})")
+    what = (f"a piece of {q!r} with data of shape {shape} (a scan step, a vmap slice or a "
+            f"shard_map shard; the whole array stores {_data_shape(lay, fmt)})")
     if q.dq_scale is not None:
         raise ValueError(f"{what}: double-quantised scales are blocked over the whole array and "
                          "cannot be split; quantise without double_quant to scan or shard it.")
@@ -163,7 +163,9 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, .
     perm = q.perm
     if drop < 0 or (drop and (lay.axis < drop or (
             perm is not None and tuple(perm[:drop]) != tuple(range(drop))))):
-        raise ValueError(f"{what}: only leading stacked axes may be scanned over.")
+        raise ValueError(f"{what}: only leading stacked axes may be scanned over or mapped "
+                         "(jax.vmap with in_axes=0 for the QArray; quantise the weight with "
+                         "the mapped axis first, or map over x instead).")
     if drop:
         lay = dataclasses.replace(lay, shape=lay.shape[drop:], axis=lay.axis - drop)
         if perm is not None:       # the stacked axes lead in both orders: renumber the rest

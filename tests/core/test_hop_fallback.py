@@ -56,3 +56,19 @@ def test_unknown_higher_order_primitive_without_values_is_silent():
         warnings.simplefilter("error")
         (out,), _ = qkern.quaxify(lambda x, w: (my_hop(jnp.sin, x), w))(x, w)
     np.testing.assert_allclose(out, jnp.sin(x), rtol=1e-6)
+
+
+def test_scatter_and_reductions_with_a_combiner_jaxpr_are_first_order_and_silent():
+    """scatter-add's update jaxpr and lax.reduce's monoid are scalar combiners, not bodies
+    that could hold a Value: no higher-order warning, the default path, right results."""
+    w = make_scaled()
+    dense = w.materialise()
+    fns = [lambda w: w.at[:, 1].add(3.0),
+           lambda w: w.at[0].multiply(2.0),
+           lambda w: jax.lax.reduce(w, 0.0, lambda a, b: a + 2 * b, (0,)),
+           lambda w: jax.lax.reduce_window(w, 0.0, lambda a, b: a + 2 * b, (2, 1), (1, 1), "VALID")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in fns:
+            assert_close(qkern.quaxify(fn)(w), fn(dense))
+            assert_close(jax.jit(qkern.quaxify(fn))(w), fn(dense))
