@@ -279,6 +279,7 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             p = f"{p}#{i}"
         seen.add(p)
         if isinstance(v, QArray):
+            v = v.fitted()         # a vmap-built stack or a scan piece: its own layout
             fields = {f: _put(tensors, f"{p}.{f}", getattr(v, f))
                       for f in _QFIELDS if getattr(v, f) is not None}
             # compute_dtype is written only when set: files without it stay readable by

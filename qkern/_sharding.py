@@ -34,6 +34,7 @@ def _is_q(v) -> bool:
 def qarray_specs(q: QArray, spec: P, mesh=None) -> QArray:
     """A QArray-shaped tree of PartitionSpecs for `q`'s arrays, from the spec of the dense
     weight (logical axes). With `mesh`, checks that block-axis shards hold whole blocks."""
+    q = q.fitted()
     ndim = len(q.logical_shape)
     spec = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
     if len(spec) != ndim:

@@ -109,6 +109,10 @@ class QArray(ArrayValue):
         # ...)`), None (the trainable half of `qkern.lora.partition`), ShapeDtypeStructs
         # or tracers, and the static fields whatever a pytree function left there.
         try:
+            self = self.fitted()
+        except Exception:       # noqa: BLE001 - a repr never raises; show what is stored
+            pass
+        try:
             blocks = "per tensor" if self.layout.per_tensor else (
                 f"blocks of {self.block_size} along axis {self.block_axis}")
             act = "" if self.act_fmt is None else f", act_fmt={self.act_fmt}" + (
@@ -152,6 +156,25 @@ def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
     return tuple(s)
 
 
+def _grown_layout(q: QArray, shape: tuple[int, ...], grow: int, what: str
+                  ) -> tuple[Layout, tuple[int, ...] | None]:
+    """The layout of a stack of QArrays that `jax.vmap` built from per-example ones
+    (`jax.vmap(lambda w: qkern.quantize(w, fmt))(ws)`): `grow` new leading axes, each
+    example blocked as before. Per-tensor scales do not stack into one per-tensor layout."""
+    lay, fmt = q.layout, q.format
+    if lay.per_tensor:
+        raise ValueError(f"{what}: each of the {shape[:grow]} stacked arrays has its own "
+                         "per-tensor scale, which no stacked layout holds; quantise the "
+                         "stack at once (qkern.quantize(ws, fmt, axis=None)) or with blocks.")
+    lay = dataclasses.replace(lay, shape=tuple(shape[:grow]) + lay.shape, axis=lay.axis + grow)
+    if tuple(shape) != _data_shape(lay, fmt) or tuple(jnp.shape(q.scales)) != lay.scale_shape:
+        raise ValueError(f"{what}: its data {tuple(shape)} and scales "
+                         f"{tuple(jnp.shape(q.scales))} are not a stack of the stored layout "
+                         f"{q.layout.shape}.")
+    perm = None if q.perm is None else tuple(range(grow)) + tuple(p + grow for p in q.perm)
+    return lay, perm
+
+
 def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, ...] | None]:
     lay, fmt = q.layout, q.format
     what = (f"a piece of {q!r} with data of shape {shape} (a scan step, a vmap slice or a "
@@ -161,8 +184,10 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, .
                          "cannot be split; quantise without double_quant to scan or shard it.")
     drop = len(lay.shape) - len(shape)
     perm = q.perm
-    if drop < 0 or (drop and (lay.axis < drop or (
-            perm is not None and tuple(perm[:drop]) != tuple(range(drop))))):
+    if drop < 0:
+        return _grown_layout(q, shape, -drop, what)
+    if drop and (lay.axis < drop or (
+            perm is not None and tuple(perm[:drop]) != tuple(range(drop)))):
         raise ValueError(f"{what}: only leading stacked axes may be scanned over or mapped "
                          "(jax.vmap with in_axes=0 for the QArray; quantise the weight with "
                          "the mapped axis first, or map over x instead).")

@@ -130,3 +130,29 @@ def test_aval_is_logical():
     t = qkern.quaxify(lambda w: w.T)(q)
     assert t.aval().shape == (40, 96)
     assert "int4" in repr(q) and "(96, 40)" in repr(q)
+
+
+@pytest.mark.parametrize("fmt, axis", [("int8", -2), ("nf4", -2), ("mxfp4", -2), ("int4", -1)])
+def test_vmap_of_quantize_builds_the_stacked_qarray(fmt, axis, tmp_path):
+    """jax.vmap(quantize) returns per-example fields stacked under the per-example layout;
+    the QArray reads its stacked layout from its arrays, so it is the same QArray as
+    quantising the stack at once (it could not be printed, dequantised or used before)."""
+    ws = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 32))
+    v = jax.vmap(lambda w: qkern.quantize(w, fmt, axis=axis))(ws)
+    whole = qkern.quantize(ws, fmt, axis=axis)
+    assert v.shape == (3, 64, 32) and "shape=(3, 64, 32)" in repr(v)
+    np.testing.assert_array_equal(v.data, whole.data)
+    np.testing.assert_array_equal(qkern.dequantize(v), qkern.dequantize(whole))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 64))
+    per_layer = qkern.quaxify(lambda ws, x: jax.lax.scan(lambda h, w: (h, x @ w), 0.0, ws)[1])
+    np.testing.assert_allclose(jax.jit(per_layer)(v, x), per_layer(whole, x), rtol=1e-6, atol=1e-6)
+    qkern.save(tmp_path / "v.safetensors", {"w": v})
+    np.testing.assert_array_equal(qkern.dequantize(qkern.load(tmp_path / "v.safetensors")["w"]),
+                                  qkern.dequantize(whole))
+
+
+def test_vmap_of_per_tensor_quantize_is_refused_clearly():
+    ws = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 32))
+    v = jax.vmap(lambda w: qkern.quantize(w, "int8", axis=None))(ws)
+    with pytest.raises(ValueError, match="its own per-tensor scale"):
+        qkern.dequantize(v)
