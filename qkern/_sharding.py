@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .recipes._paths import path_str
+from .types.lora import LoraArray
 from .types.qarray import QArray
 
 
@@ -34,7 +35,7 @@ def _is_q(v) -> bool:
 def qarray_specs(q: QArray, spec: P, mesh=None) -> QArray:
     """A QArray-shaped tree of PartitionSpecs for `q`'s arrays, from the spec of the dense
     weight (logical axes). With `mesh`, checks that block-axis shards hold whole blocks."""
-    q = q.fitted()
+    given, q = q, q.fitted()      # the specs keep `given`'s static fields (same treedef)
     ndim = len(q.logical_shape)
     spec = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
     if len(spec) != ndim:
@@ -74,8 +75,8 @@ def qarray_specs(q: QArray, spec: P, mesh=None) -> QArray:
                   dq_scale=None if q.dq_scale is None else P(),
                   dq_offset=None if q.dq_offset is None else P(),
                   act_scale=None if q.act_scale is None else P(),
-                  fmt=q.fmt, layout=q.layout, dtype=q.dtype, perm=q.perm, act_fmt=q.act_fmt,
-                  compute_dtype=q.compute_dtype)
+                  fmt=given.fmt, layout=given.layout, dtype=given.dtype, perm=given.perm,
+                  act_fmt=given.act_fmt, compute_dtype=given.compute_dtype)
 
 
 def _axis_size(mesh, entry) -> int:
@@ -93,13 +94,13 @@ def partition_specs(tree: Any, specs: Any, mesh=None) -> Any:
     `(path, leaf) -> PartitionSpec | None`. Leaves it does not cover are replicated. A spec shorter than a leaf's rank is padded
     with None; for QArrays it names the dense weight's (logical) axes.
     """
+    flat: dict = {}
     if isinstance(specs, P) or specs is None:
         one = specs
         fn = lambda path, v: one
     elif callable(specs) and not isinstance(specs, (dict, list, tuple)):
         fn = specs
     else:
-        flat = {}
         for kp, s in jax.tree_util.tree_leaves_with_path(
                 specs, is_leaf=lambda v: isinstance(v, P) or v is None):
             flat[path_str(kp)] = s
@@ -113,6 +114,12 @@ def partition_specs(tree: Any, specs: Any, mesh=None) -> Any:
             return None
 
     def leaf(kp, v):
+        if isinstance(v, LoraArray):
+            p = path_str(kp)
+            if any(k.startswith(p + "/") for k in flat):     # specs given for its parts
+                return jax.tree_util.tree_map_with_path(
+                    lambda k2, u: leaf(tuple(kp) + tuple(k2), u), v, is_leaf=_is_q)
+            return _lora_specs(v, fn(p, v), mesh)
         s = fn(path_str(kp), v)
         if _is_q(v):
             return qarray_specs(v, P() if s is None else s, mesh)
@@ -123,7 +130,35 @@ def partition_specs(tree: Any, specs: Any, mesh=None) -> Any:
             s = P(*tuple(s)[-np.ndim(v):]) if np.ndim(v) else P()
         return s
 
-    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_q)
+    return jax.tree_util.tree_map_with_path(
+        leaf, tree, is_leaf=lambda v: _is_q(v) or isinstance(v, LoraArray))
+
+
+def _lora_specs(lw: LoraArray, spec, mesh) -> LoraArray:
+    """Specs for a LoraArray from the spec of its dense weight [..., in, out]: the base
+    takes it, `a` [..., in, r] its leading and `in` entries, `b` [..., r, out] its leading
+    and `out` entries; the rank axis is never split. Either half of `qkern.lora.partition`
+    (factors only, or base only) gets the specs of the parts it holds."""
+    factor = lw.a if lw.a is not None else lw.b
+    nd = np.ndim(factor) if factor is not None else len(lw.w.fitted().logical_shape
+                                                         if _is_q(lw.w) else np.shape(lw.w))
+    s = tuple(P() if spec is None else spec)
+    if len(s) > nd:
+        raise ValueError(f"PartitionSpec {P(*s)} has {len(s)} entries for a LoraArray of "
+                         f"rank {nd}.")
+    s = s + (None,) * (nd - len(s))
+    lead, s_in, s_out = s[:-2], s[-2], s[-1]
+    parts = []
+    if _is_q(lw.w) and lw.w.data is None:          # the factors' half keeps a QArray shell
+        parts.append(lw.w)
+    elif lw.w is not None:
+        parts.append(qarray_specs(lw.w, P(*s), mesh) if _is_q(lw.w) else P(*s))
+    if lw.a is not None:
+        parts.append(P(*lead, s_in, None))
+    if lw.b is not None:
+        parts.append(P(*lead, None, s_out))
+    _, treedef = jax.tree_util.tree_flatten(lw, is_leaf=lambda x: x is not lw and _is_q(x))
+    return jax.tree_util.tree_unflatten(treedef, parts)
 
 
 def shardings(tree: Any, mesh, specs: Any) -> Any:

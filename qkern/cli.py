@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import platform
 import sys
@@ -127,6 +128,10 @@ def _cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'qkern[bench]'") from None
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--plot {args.plot}: cannot write there ({folder} is not a "
+                             "writable folder)")
     mm_rows = qmatmul.run(formats=args.formats, ms=args.m, k=args.k, n=args.n,
                           repeats=args.repeats, bandwidth_gbps=args.bandwidth,
                           progress=args.progress)
@@ -185,10 +190,16 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    if args.clear:
-        had = clear()
-        print(f"{'removed' if had else 'no cache at'} {cache_path()}")
-        return 0
+    try:
+        if args.clear:
+            had = clear()
+            print(f"{'removed' if had else 'no cache at'} {cache_path()}")
+            return 0
+        if not args.no_write and not args.dry_run:   # before the measurements, not after
+            _writable_cache_folder()
+    except OSError as err:
+        raise UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
+                         "(set QKERN_CACHE_DIR to a writable folder)") from None
     if args.backend is None and not args.dry_run:
         _require_runnable_backend()
     try:
@@ -204,6 +215,9 @@ def _cmd_tune(args) -> int:
         raise UsageError(f"--from {args.from_}: {err}") from None
     except ValueError as err:  # impossible requests (a GPU kernel on a CPU, a bad shape)
         raise UsageError(str(err).splitlines()[0]) from None
+    except OSError as err:     # the cache could not be written after all
+        raise UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
+                         "(set QKERN_CACHE_DIR to a writable folder)") from None
     if args.json:
         print(json.dumps({"cache": str(cache_path()), "device_kind": device_kind(),
                           "results": [r.as_dict() for r in results]}, indent=2))
@@ -222,6 +236,14 @@ def _cmd_tune(args) -> int:
         for cfg, err in r.failed:
             print(f"  failed: {r.problem.kernel} {r.problem.fmt} M={r.problem.m}: {cfg}: {err}")
     return 0
+
+
+def _writable_cache_folder() -> None:
+    """Raise OSError unless the cache's folder exists (made if needed) and can be written."""
+    folder = cache_path().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(13, "permission denied", str(folder))
 
 
 def _tune_table(results) -> str:
@@ -492,6 +514,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nqkern {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:               # `qkern tune ... | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     finally:
         warnings.formatwarning = formatwarning
 

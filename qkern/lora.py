@@ -18,6 +18,7 @@ for a full fine-tuning example.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import functools
 from typing import Any, Callable, Sequence
 
@@ -98,7 +99,8 @@ def merge(tree: Any, *, requantize: bool | str = False) -> Any:
         if isinstance(requantize, str):
             q = _quantize(dense, requantize)
             base_cd = getattr(v.w, "compute_dtype", None)   # a quantised base's compute dtype
-            return q if base_cd is None else dataclasses.replace(q, compute_dtype=base_cd)
+            q = q if base_cd is None else dataclasses.replace(q, compute_dtype=base_cd)
+            return _keep_activations(q, v.w)
         if requantize is not True:
             raise TypeError(f"qkern.lora.merge: requantize must be a bool or a format name, "
                             f"got {requantize!r}.")
@@ -120,7 +122,19 @@ def _requantize_like(dense: jax.Array, q: QArray) -> QArray:
                                  else None),
                     double_quant=q.dq_scale is not None)
     out = out if q.perm is None else dataclasses.replace(out, perm=q.perm)
-    return dataclasses.replace(out, compute_dtype=q.compute_dtype)
+    return _keep_activations(dataclasses.replace(out, compute_dtype=q.compute_dtype), q)
+
+
+def _keep_activations(out: QArray, base) -> QArray:
+    """A W8A8 base's activation quantisation (act_fmt and a calibrated act_scale) carried
+    to the merged weight when that is int8 too; refused loudly otherwise, never dropped."""
+    if getattr(base, "act_fmt", None) is None:
+        return out
+    if out.fmt != "int8" or out.zeros is not None:
+        warnings.warn(f"qkern.lora.merge: the base ran W8A8 (act_fmt={base.act_fmt!r}); the "
+                      f"merged {out.fmt} weight cannot, so it runs weight-only.", stacklevel=4)
+        return out
+    return dataclasses.replace(out, act_fmt=base.act_fmt, act_scale=base.act_scale)
 
 
 def partition(tree: Any) -> tuple[Any, Any]:

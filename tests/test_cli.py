@@ -472,3 +472,22 @@ def test_bench_decode_progress_reaches_its_total(capsys):
                      "--repeats", "2", "--skip-trace", "--decode", "--decode-layers", "2",
                      "--decode-width", "128", "--decode-repeats", "1", "--progress"]) == 0
     assert_monotone_and_complete(bars(capsys.readouterr().err, "qkern bench decode"), 1 + 2)
+
+
+def test_an_unusable_cache_folder_is_one_line_and_exit_2_before_tuning(tmp_path, monkeypatch,
+                                                                       capsys):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("QKERN_CACHE_DIR", str(tmp_path / "afile"))
+    for argv in (TINY_TUNE + ["--formats", "int8"], ["tune", "--clear"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "autotune cache" in err[0] and "QKERN_CACHE_DIR" in err[0], err
+
+
+def test_bench_plot_to_a_missing_folder_fails_before_measuring(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "--formats", "int8", "--m", "1", "--k", "256", "--n", "128",
+            "--skip-trace", "--plot", str(tmp_path / "missing" / "x.png")]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "cannot write there" in captured.err and "int8" not in captured.out

@@ -152,6 +152,9 @@ def _check_entry(key: str, e: Any) -> str | None:
             return f"{f}={e[f]!r} is not a positive int"
     if not isinstance(e["rank"], int) or isinstance(e["rank"], bool) or e["rank"] < 0:
         return f"rank={e['rank']!r} is not a non-negative int"
+    for f in ("time_ms", "default_ms"):
+        if f in e and (not isinstance(e[f], (int, float)) or isinstance(e[f], bool)):
+            return f"{f}={e[f]!r} is not a number"
     cfg = e["config"]
     if not isinstance(cfg, dict) or set(cfg) - set(_CONFIG_FIELDS):
         return f"config {cfg!r} is not a MatmulConfig"
@@ -177,6 +180,10 @@ def read_entries(path: Path | None = None, *, warn: bool = True) -> dict[str, di
     except OSError as err:
         if warn:
             _warn(path, f"cannot read it ({err.strerror or err})")
+        return {}
+    except UnicodeDecodeError as err:       # bytes that are not text: as broken JSON
+        if warn:
+            _warn(path, f"not valid JSON ({err}); it will be rewritten by the next `qkern tune`")
         return {}
     try:
         data = json.loads(text)

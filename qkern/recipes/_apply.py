@@ -17,7 +17,8 @@ from ..types.qarray import QArray, as_compute_dtype
 from ._gptq_core import GPTQ
 from ._gptq_driver import gptq_one, gptq_tree
 from ._paths import path_str, selector, warn_no_match
-from ._rule import QuantReport, ReportRow, Rule, choose_rule, is_plain_array, nbytes
+from ._rule import (QuantReport, ReportRow, Rule, choose_rule, is_plain_array, map_weights,
+                    nbytes)
 
 
 def quantize(x: Any, fmt: str | None = None, *, block_size: int | None = None,
@@ -187,7 +188,7 @@ def apply_rules(tree: Any, rules: Sequence[Rule], name_rules: bool = True, gptq:
         rows.append(row(q.fmt, i, size, nbytes(q), ", ".join(note)))
         return q
 
-    out = jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
+    out = map_weights(leaf, tree)
     return out, QuantReport(tuple(rows)), used
 
 

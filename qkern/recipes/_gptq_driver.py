@@ -10,7 +10,7 @@ from ..types.qarray import QArray
 from . import _gptq_core
 from ._gptq_core import GPTQ
 from ._paths import path_str, selector
-from ._rule import choose_rule, is_plain_array
+from ._rule import choose_rule, is_plain_array, weights_with_path
 
 
 def gptq_one(w, fmt, gptq: GPTQ, *, axis, **options) -> QArray:
@@ -30,7 +30,7 @@ def gptq_tree(tree, rules, gptq: GPTQ) -> dict:
     selects = [selector(r.where) for r in rules]
     done: dict = {}
     jobs, paths = [], []
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda v: isinstance(v, QArray))
+    leaves = weights_with_path(tree)
     for path, v in leaves:
         if not is_plain_array(v):
             continue

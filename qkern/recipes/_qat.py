@@ -31,7 +31,7 @@ from ..types._qarray_matmul import qmatmul_dispatch
 from ..types.qarray import QArray, as_compute_dtype
 from ._apply import _quantize_one
 from ._paths import path_str, selector
-from ._rule import Rule, choose_rule
+from ._rule import Rule, choose_rule, is_plain_array, map_weights
 
 
 def ste(fn: Callable) -> Callable:
@@ -134,6 +134,14 @@ def fake_quant(w: Any, fmt: str | None = None, *, block_size: int | None = None,
             raise TypeError("qkern.fake_quant: give either `fmt` or `rules=`, not both.")
         return _fake_quant_tree(w, tuple(rules), kernels)
     fmt = "int8" if fmt is None else fmt
+    if isinstance(w, QArray):
+        raise TypeError("qkern.fake_quant needs the float weight; this one is a QArray already "
+                        "(qkern.dequantize(q) is its float array).")
+    if not isinstance(w, (jax.Array, np.ndarray, np.generic, float, int, complex)):
+        raise TypeError(
+            f"qkern.fake_quant(w, fmt) takes one array; for a pytree ({type(w).__name__}) give "
+            f"the rules that serving uses: qkern.fake_quant(params, rules=[qkern.Rule("
+            f"where=r'.*kernel', fmt={fmt!r})]).")
     if isinstance(w, (np.generic, float, int, complex)) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         raise TypeError(f"qkern.fake_quant needs a floating array, got {w!r}.")
     options = dict(block_size=block_size, axis=axis, calibration=calibration,
@@ -148,7 +156,7 @@ def _fake_quant_tree(tree, rules, kernels=False):
     selects = [selector(r.where) for r in rules]
 
     def leaf(path, v):
-        if isinstance(v, QArray) or not isinstance(v, (jax.Array, np.ndarray)):
+        if not is_plain_array(v):
             return v
         p = path_str(path)
         i, why = choose_rule(p, v, rules, selects)
@@ -164,7 +172,7 @@ def _fake_quant_tree(tree, rules, kernels=False):
             raise type(e)(f"cannot fake-quantise {p!r} (shape {tuple(v.shape)}, {v.dtype}) to "
                           f"{r.fmt} (rules[{i}] {r.describe()}): {e}") from None
 
-    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda v: isinstance(v, QArray))
+    return map_weights(leaf, tree)
 
 
 # -- QAT through the serving kernels -------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration
 from ..formats._quantize import check_options
+from ..types.lora import LoraArray
 from ..types.qarray import QArray, as_compute_dtype
 from ._paths import selector
 
@@ -110,8 +111,35 @@ class Rule:
 
 
 def is_plain_array(x: Any) -> bool:
-    """An array leaf that rules can claim: a jax or numpy array, not a QArray."""
-    return isinstance(x, _PlainArray) and not isinstance(x, QArray)
+    """An array leaf that rules can claim: a jax or numpy array, not a QArray, not a typed
+    PRNG key (NNX modules hold them; NumPy cannot even name their dtype)."""
+    return (isinstance(x, _PlainArray) and not isinstance(x, QArray)
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def _weight_node(v) -> bool:
+    return isinstance(v, (QArray, LoraArray))
+
+
+def map_weights(fn: Callable[[Any, Any], Any], tree: Any) -> Any:
+    """`tree_map_with_path(fn, tree)` over the weights a recipe may quantise: QArrays are
+    leaves, and a LoraArray is its frozen base `w`, under the LoraArray's own path (the
+    path the weight had before `loraify`); its trainable factors are never touched."""
+    def one(path, v):
+        if not isinstance(v, LoraArray):
+            return fn(path, v)
+        if v.w is None:                             # the trainable half of lora.partition
+            return v
+        leaves, treedef = jax.tree_util.tree_flatten(
+            v, is_leaf=lambda x: x is not v and isinstance(x, QArray))
+        return jax.tree_util.tree_unflatten(treedef, [fn(path, leaves[0])] + leaves[1:])
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_weight_node)
+
+
+def weights_with_path(tree: Any) -> list[tuple[Any, Any]]:
+    """[(path, weight)] in `map_weights`' sense."""
+    return [(p, v.w if isinstance(v, LoraArray) else v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_weight_node)]
 
 
 def choose_rule(path: str, v, rules: Sequence[Rule], selects) -> tuple[int | None, str | None]:

@@ -185,3 +185,27 @@ def test_cache_dir_default_and_env(monkeypatch, tmp_path):
         assert _cache.cache_dir() == tmp_path / "qkern"
     monkeypatch.setenv(_cache.ENV_DIR, "~/somewhere")
     assert _cache.cache_dir() == _cache.Path("~/somewhere").expanduser()
+
+
+def test_bytes_that_are_not_text_are_a_bad_file_too(cache_dir):
+    """Not UTF-8 at all: reported and ignored like broken JSON (it raised
+    UnicodeDecodeError out of every quantised matmul), then replaced by the next write."""
+    cache_dir.mkdir(parents=True)
+    path = cache_dir / _cache.FILENAME
+    path.write_bytes(b"\xff\xfe garbage")
+    with pytest.warns(CacheWarning, match="not valid JSON"):
+        assert _cache.lookup(P) is None
+    with pytest.warns(CacheWarning):
+        _write(P, 64)
+    assert _cache.lookup(P).block_k == 64
+
+
+def test_an_entry_with_a_time_that_is_not_a_number_is_skipped(cache_dir):
+    _write(P, 64)
+    path = cache_dir / _cache.FILENAME
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    entry["time_ms"] = "fast"
+    path.write_text(json.dumps(data))
+    with pytest.warns(CacheWarning, match="time_ms='fast' is not a number"):
+        assert _cache.lookup(P) is None

@@ -177,3 +177,17 @@ def test_merge_requantize_an_mx_base(keys, fmt):
     dense = qkern.lora.merge({"k": lw})["k"]
     rel = jnp.linalg.norm(qkern.dequantize(merged) - dense) / jnp.linalg.norm(dense)
     assert rel < 0.2
+
+
+def test_merge_keeps_a_w8a8_base_w8a8(keys):
+    """act_fmt and a calibrated act_scale carry over to an int8 merged weight; another
+    format cannot run W8A8 and says so."""
+    q = dataclasses.replace(qkern.quantize(jax.random.normal(keys[0], (64, 32)), "int8",
+                                           act_fmt="int8"), act_scale=jnp.float32(0.02))
+    lw = LoraArray.init(q, 4, keys[1])
+    for requantize in (True, "int8"):
+        m = qkern.lora.merge({"k": lw}, requantize=requantize)["k"]
+        assert m.act_fmt == "int8" and float(m.act_scale) == pytest.approx(0.02)
+    with pytest.warns(UserWarning, match="runs weight-only"):
+        m = qkern.lora.merge({"k": lw}, requantize="nf4")["k"]
+    assert m.act_fmt is None

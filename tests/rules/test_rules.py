@@ -294,3 +294,42 @@ def test_out_in_w8a8_runs_w8a8():
     s = jnp.abs(x).max(axis=1, keepdims=True) / 127
     xq = jnp.clip(jnp.round(x / s), -127, 127) * s
     np.testing.assert_allclose(got, xq @ qkern.dequantize(q).T, rtol=1e-4, atol=1e-4)
+
+
+def test_typed_prng_keys_in_the_tree_are_left_alone():
+    """NNX modules hold typed keys (nnx.Rngs); NumPy cannot name their dtype."""
+    tree = {"w": jnp.ones((64, 64)), "rng": jax.random.key(0)}
+    for q in (qkern.quantize(tree, "int8"),
+              qkern.quantize(tree, rules=[qkern.Rule(where=r".*", fmt="int8")]),
+              qkern.fake_quant(tree, rules=[qkern.Rule(where=r".*", fmt="int8")])):
+        assert q["rng"] is tree["rng"]
+    assert isinstance(qkern.quantize(tree, "int8")["w"], qkern.QArray)
+
+
+def test_quantising_a_loraified_tree_quantises_each_base_only():
+    """Rules see a LoraArray as the weight it wraps (its own path, as before loraify): the
+    base is quantised, the trainable factors never are (they became QArrays and the model
+    could not run)."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (128, 128))
+    lp = qkern.loraify({"layer": {"kernel": w}}, rank=8, key=jax.random.PRNGKey(1))
+    for qp in (qkern.quantize(lp, "nf4"),
+               qkern.quantize(lp, rules=[qkern.Rule(where=r".*kernel", fmt="nf4")])):
+        lw = qp["layer"]["kernel"]
+        assert isinstance(lw, qkern.LoraArray) and isinstance(lw.w, qkern.QArray)
+        assert not isinstance(lw.a, qkern.QArray) and not isinstance(lw.b, qkern.QArray)
+        x = jax.random.normal(jax.random.PRNGKey(2), (3, 128))
+        np.testing.assert_allclose(qkern.quaxify(lambda p, x: x @ p["layer"]["kernel"])(qp, x),
+                                   x @ lw.materialise(), rtol=1e-4, atol=1e-4)
+    _, report = qkern.quantize(lp, "nf4", report=True)
+    assert [r.path for r in report.rows] == ["layer/kernel"]
+    fq = qkern.fake_quant(lp, rules=[qkern.Rule(where=r".*kernel", fmt="nf4")])
+    np.testing.assert_array_equal(fq["layer"]["kernel"].w,
+                                  qkern.dequantize(qkern.quantize(w, "nf4")))
+    np.testing.assert_array_equal(fq["layer"]["kernel"].a, lp["layer"]["kernel"].a)
+
+
+def test_fake_quant_of_a_pytree_with_fmt_names_rules():
+    with pytest.raises(TypeError, match="takes one array.*rules="):
+        qkern.fake_quant({"k": jnp.ones((64, 64))}, "int8")
+    with pytest.raises(TypeError, match="QArray already"):
+        qkern.fake_quant(qkern.quantize(jnp.ones((64, 64))), "int8")

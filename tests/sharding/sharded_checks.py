@@ -392,6 +392,29 @@ def _():
     assert f(qs, x1).sharding.num_devices == 8
 
 
+
+@check("a LoraArray takes its dense weight's spec (rank axis whole); a vmap-built stack shards")
+def _():
+    w = _w(512, 256) / 16
+    a, b = _w(512, 2) * 0.1, _w(2, 256) * 0.1          # rank 2: cannot split over 4 devices
+    mm = lambda p, x: x @ p["l"]                           # noqa: E731
+    xx = _w(8, 512)
+    for base in (w, qkern.quantize(w, "int8")):
+        lw = qkern.LoraArray(base, a, b, 2.0)
+        for spec in (P(None, "model"), P("model", None)):
+            t = qkern.shard({"l": lw}, mesh, {"l": spec})
+            assert t["l"].a.sharding.spec[-1] is None and t["l"].b.sharding.spec[0] is None
+            np.testing.assert_allclose(jax.jit(qkern.quaxify(mm))(t, xx), xx @ lw.materialise(),
+                                       rtol=1e-4, atol=1e-4)
+        train, frozen = qkern.lora.partition({"l": lw})     # each half gets its parts' specs
+        for half in (train, frozen):
+            jax.device_put(half, qkern.shardings(half, mesh, {"l": P(None, "model")}))
+    stack = jax.vmap(lambda w: qkern.quantize(w, "int8"))(_w(4, 256, 128))
+    t = qkern.shard(stack, mesh, P(None, None, "model"))
+    assert t.data.sharding.spec == P(None, None, "model")
+    np.testing.assert_array_equal(qkern.dequantize(t), qkern.dequantize(stack))
+
+
 if FAILED:
     print("FAILED:", "; ".join(FAILED))
     sys.exit(1)

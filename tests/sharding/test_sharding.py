@@ -35,7 +35,8 @@ CHECKS = ["jit with NamedSharding equals unsharded", "scales are sharded alongsi
           "explicit mesh: materialise a sharded nf4 QArray under jit",
           "explicit mesh: jit with NamedSharding, every format, equals unsharded",
           "explicit mesh: row-parallel, several K chunks per device, equals unsharded",
-          "decode (M = 1) on a sharded weight: the scan, not the native kernel; equals unsharded"]
+          "decode (M = 1) on a sharded weight: the scan, not the native kernel; equals unsharded",
+          "a LoraArray takes its dense weight's spec (rank axis whole); a vmap-built stack shards"]
 
 
 @pytest.fixture(scope="module")
