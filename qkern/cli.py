@@ -146,11 +146,11 @@ def _cmd_bench(args) -> int:
     if args.plot:
         qmatmul.plot(mm_rows, args.plot)
     if args.json:
-        print(json.dumps({"device": str(jax.devices()[0].device_kind),
-                          "jax": jax.__version__, "native_cpu_kernels": _native.status(),
-                          "qmatmul": mm_rows, "trace_compile": tc_rows, "decode": dec_rows,
-                          "conv": conv_rows},
-                         indent=2))
+        print(_json({"device": str(jax.devices()[0].device_kind),
+                     "jax": jax.__version__, "native_cpu_kernels": _native.status(),
+                     "qmatmul": mm_rows, "trace_compile": tc_rows, "decode": dec_rows,
+                     "conv": conv_rows},
+                    indent=2))
         return 0
     dense = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     print(f"Quantised x @ W against the dense {dense} matmul, K={args.k}, N={args.n}, on "
@@ -219,8 +219,8 @@ def _cmd_tune(args) -> int:
         raise UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
                          "(set QKERN_CACHE_DIR to a writable folder)") from None
     if args.json:
-        print(json.dumps({"cache": str(cache_path()), "device_kind": device_kind(),
-                          "results": [r.as_dict() for r in results]}, indent=2))
+        print(_json({"cache": str(cache_path()), "device_kind": device_kind(),
+                     "results": [r.as_dict() for r in results]}, indent=2))
         return 0
     if not results:
         print("no quantised matmuls found" + (f" in {args.from_}" if args.from_ else ""))
@@ -236,6 +236,20 @@ def _cmd_tune(args) -> int:
         for cfg, err in r.failed:
             print(f"  failed: {r.problem.kernel} {r.problem.fmt} M={r.problem.m}: {cfg}: {err}")
     return 0
+
+
+def _json(obj, **kw) -> str:
+    """Strict JSON: a time that was not measured (NaN, inf) is null, not the NaN token that
+    JSON does not have."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def _writable_cache_folder() -> None:

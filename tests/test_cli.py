@@ -491,3 +491,17 @@ def test_bench_plot_to_a_missing_folder_fails_before_measuring(tmp_path, capsys)
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert "cannot write there" in captured.err and "int8" not in captured.out
+
+
+def test_tune_edge_requests(capsys):
+    """w8a8 with zero points is refused up front (every config failed, exit 0, before);
+    a K shorter than the format's block takes quantize's block, as a real weight would;
+    --json is strict JSON (no NaN token) for a dry run."""
+    assert cli.main(TINY_TUNE + ["--kernels", "w8a8", "--formats", "int8", "--zeros"]) == 2
+    assert "symmetric int8" in capsys.readouterr().err
+    assert cli.main(["tune", "--m", "1", "--k", "100", "--n", "128", "--formats", "int4",
+                     "--dry-run", "--no-progress"]) == 0
+    assert "block 100" in capsys.readouterr().out
+    assert cli.main(["tune", "--m", "1", "--k", "256", "--n", "128", "--formats", "int8",
+                     "--dry-run", "--json", "--no-progress"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"JSON has {c}"))

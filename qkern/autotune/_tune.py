@@ -19,6 +19,7 @@ import numpy as np
 from .._bench.timing import interleaved_medians, median_time
 from .._core import quaxify
 from ..formats import get_format
+from ..formats._quantize import make_layout
 from ..pallas import _config
 from ..pallas._backend import backend as use_backend
 from ..pallas._backend import resolve
@@ -105,8 +106,8 @@ def default_dtype(backend: str = "xla") -> str:
 def _weight_problem(backend, kernel, m, k, n, dtype, fmt, block_size, zeros,
                     rank=0) -> Problem:
     f = get_format(fmt)
-    if block_size is None:
-        block_size = f.default_block or k
+    if block_size is None:          # as qkern.quantize picks it (shrunk to a shorter K)
+        block_size = make_layout((int(k), int(n)), f, None, -2, default_axis=False).block_size
     rank = int(rank) if KERNELS[kernel] == "lora_qmatmul" else 0
     return Problem(backend, kernel, int(m), int(k), int(n), dtype, f.name, int(block_size),
                    bool(zeros), rank)
@@ -415,11 +416,12 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
                 for kern, fmt, dt, kk, nn, mm in itertools.product(
                     _as_tuple(kernels), _as_tuple(formats), dts, _as_tuple(k), _as_tuple(n),
                     _as_tuple(m))
-                # W8A8 runs int8 weights only: other formats are not its problems
-                if KERNELS[kern] != "w8a8" or get_format(fmt).name == "int8"]
+                # W8A8 runs symmetric int8 weights only: others are not its problems
+                if KERNELS[kern] != "w8a8" or (get_format(fmt).name == "int8" and not zeros)]
         if not todo:
-            raise ValueError("no problems to tune: the w8a8 kernel takes int8 weights; "
-                             "add 'int8' to formats")
+            raise ValueError("no problems to tune: the w8a8 kernel takes symmetric int8 "
+                             "weights (no zero points); add 'int8' to formats"
+                             + (" and drop zeros" if zeros else ""))
     todo = list(dict.fromkeys(todo))
     for p in todo:
         if p.backend != "xla" and not dry_run:
@@ -428,7 +430,7 @@ def autotune(m=(1, 16), k=4096, n=4096, *, formats=("int8", "int4", "nf4"), dtyp
             if platform != want:
                 raise ValueError(f"the {p.backend} kernels run on {want.upper()}s, and this "
                                  f"machine's jax platform is {platform}: tune backend 'xla' "
-                                 "here, or use dry_run to see the pruned space")
+                                 "here, or use dry_run (`qkern tune --dry-run`) to see the pruned space")
     if dry_run:
         out = []
         for p in todo:
