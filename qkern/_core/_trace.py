@@ -184,9 +184,11 @@ def run_with_values(fn: Callable, args: Sequence[Any], kwargs: dict | None = Non
         trace = _QTrace(parent, tag)
         with _compat.no_leaks(trace):
             wrap = lambda x: _QTracer(trace, x) if isinstance(x, Value) and selected(x) else x
-            # Rebuilding pytrees may read the trace state (Flax NNX's Variables do), which
-            # `take_current_trace` leaves empty on newer JAX: do it under the parent.
-            with _compat.set_current_trace(parent):
+            # Rebuilding pytrees may read the trace state (Flax NNX's Variables record it,
+            # and refuse writes from another), which `take_current_trace` leaves empty on
+            # newer JAX: do it under the trace `fn` runs in, so a module may update its own
+            # state (BatchNorm statistics, RNG counters) in `fn`.
+            with _compat.set_current_trace(trace):
                 args, kwargs = jax.tree_util.tree_map(wrap, (args, kwargs), is_leaf=_is_value)
             with _compat.set_current_trace(trace):
                 out = fn(*args, **kwargs)

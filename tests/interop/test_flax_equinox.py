@@ -156,3 +156,39 @@ def test_equinox_qat_then_serve():
     served = qkern.quantize(model, rules=rules)
     qat = qkern.fake_quant(model, rules=rules)
     np.testing.assert_array_equal(jax.vmap(qkern.dequantize(served))(x), jax.vmap(qat)(x))
+
+
+def test_flax_nnx_module_that_updates_its_state_under_quaxify():
+    """Train-mode BatchNorm writes its statistics and Dropout its RNG counter in the
+    forward pass: the state's Variables are rebuilt in the trace the model runs in, so the
+    writes are allowed (they raised TraceContextError), and typed keys stay keys."""
+    nnx = pytest.importorskip("flax.nnx", reason="Flax NNX interop needs the `flax` extra "
+                              "(pip install 'qkern[flax]')")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(64, 128, rngs=rngs)
+            self.bn = nnx.BatchNorm(128, rngs=rngs)
+            self.drop = nnx.Dropout(0.0, rngs=rngs)
+            self.l2 = nnx.Linear(128, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.drop(jax.nn.relu(self.bn(self.l1(x)))))
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 64))
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))                   # train mode
+    qstate = qkern.quantize(state, "int8", where=r".*kernel.*")
+
+    def apply(s, x):
+        m = nnx.merge(graphdef, s)
+        return m(x), nnx.state(m)
+
+    want, dense_after = apply(qkern.dequantize(qstate), x)
+    for f in (qkern.quaxify(apply), jax.jit(qkern.quaxify(apply))):
+        y, after = f(qstate, x)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        mean = lambda st: jax.tree_util.tree_leaves(st["bn"]["mean"])[0]   # noqa: E731
+        np.testing.assert_allclose(mean(after), mean(dense_after), rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(mean(after)).max()) > 0                     # it was updated
+    qm = qkern.quantize_model(Net(nnx.Rngs(0)), rules=[qkern.Rule(where=r".*kernel.*", fmt="int8")])
+    assert qm(x).shape == (4, 32)
