@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
 import math
 import os
@@ -141,9 +142,15 @@ def load_function(spec) -> tuple[Callable, tuple]:
         if not callable(target):
             raise SpecError(f"{spec} is not callable")
     try:
-        got = target()
-    except TypeError as err:
+        inspect.signature(target).bind()
+    except TypeError as err:              # it needs arguments
         raise SpecError(f"{name} must take no arguments and return (fn, args): {err}") from None
+    except ValueError:                    # no signature to read (a builtin): just call it
+        pass
+    try:
+        got = target()
+    except Exception as err:  # noqa: BLE001  (an error inside the user's own function)
+        raise SpecError(f"{name}() raised {type(err).__name__}: {err}") from None
     if not (isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[0])
             and isinstance(got[1], (tuple, list))):
         raise SpecError(f"{name}() must return (fn, args) with fn callable and args a tuple; "

@@ -34,3 +34,8 @@ def not_a_pair():
 
 def needs_an_argument(x):
     return x
+
+
+def raises_inside():
+    """Takes no arguments but fails in its own body: the error is reported as its own."""
+    return 1 + "one"

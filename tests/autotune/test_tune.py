@@ -158,6 +158,7 @@ def test_autotune_from_a_function_dry_run():
     ("tests.autotune.models:missing", "no attribute"),
     ("tests.autotune.models:not_a_pair", "must return"),
     ("tests.autotune.models:needs_an_argument", "no arguments"),
+    ("tests.autotune.models:raises_inside", r"raises_inside\(\) raised TypeError"),
 ])
 def test_bad_function_specs(spec, match):
     with pytest.raises(SpecError, match=match):
