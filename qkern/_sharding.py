@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .recipes._paths import path_str
-from .types.lora import LoraArray
+from .types.lora import LoraArray, with_parts
 from .types.qarray import QArray
 
 
@@ -157,8 +157,7 @@ def _lora_specs(lw: LoraArray, spec, mesh) -> LoraArray:
         parts.append(P(*lead, s_in, None))
     if lw.b is not None:
         parts.append(P(*lead, None, s_out))
-    _, treedef = jax.tree_util.tree_flatten(lw, is_leaf=lambda x: x is not lw and _is_q(x))
-    return jax.tree_util.tree_unflatten(treedef, parts)
+    return with_parts(lw, parts)
 
 
 def shardings(tree: Any, mesh, specs: Any) -> Any:

@@ -198,8 +198,7 @@ def _cmd_tune(args) -> int:
         if not args.no_write and not args.dry_run:   # before the measurements, not after
             _writable_cache_folder()
     except OSError as err:
-        raise UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
-                         "(set QKERN_CACHE_DIR to a writable folder)") from None
+        raise _cache_error(err) from None
     if args.backend is None and not args.dry_run:
         _require_runnable_backend()
     try:
@@ -216,8 +215,7 @@ def _cmd_tune(args) -> int:
     except ValueError as err:  # impossible requests (a GPU kernel on a CPU, a bad shape)
         raise UsageError(str(err).splitlines()[0]) from None
     except OSError as err:     # the cache could not be written after all
-        raise UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
-                         "(set QKERN_CACHE_DIR to a writable folder)") from None
+        raise _cache_error(err) from None
     if args.json:
         print(_json({"cache": str(cache_path()), "device_kind": device_kind(),
                      "results": [r.as_dict() for r in results]}, indent=2))
@@ -250,6 +248,11 @@ def _json(obj, **kw) -> str:
             return [clean(x) for x in v]
         return v
     return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def _cache_error(err: OSError) -> UsageError:
+    return UsageError(f"the autotune cache {cache_path()}: {err.strerror or err} "
+                      "(set QKERN_CACHE_DIR to a writable folder)")
 
 
 def _writable_cache_folder() -> None:

@@ -190,7 +190,6 @@ def run_with_values(fn: Callable, args: Sequence[Any], kwargs: dict | None = Non
             # state (BatchNorm statistics, RNG counters) in `fn`.
             with _compat.set_current_trace(trace):
                 args, kwargs = jax.tree_util.tree_map(wrap, (args, kwargs), is_leaf=_is_value)
-            with _compat.set_current_trace(trace):
                 out = fn(*args, **kwargs)
             with _compat.set_current_trace(parent):
                 out = jax.tree_util.tree_map(trace.to_value, out)

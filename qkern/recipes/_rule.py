@@ -24,7 +24,7 @@ import numpy as np
 
 from ..formats import get_format, parse_calibration
 from ..formats._quantize import check_options
-from ..types.lora import LoraArray
+from ..types.lora import LoraArray, with_parts
 from ..types.qarray import QArray, as_compute_dtype
 from ._paths import selector
 
@@ -130,9 +130,7 @@ def map_weights(fn: Callable[[Any, Any], Any], tree: Any) -> Any:
             return fn(path, v)
         if v.w is None:                             # the trainable half of lora.partition
             return v
-        leaves, treedef = jax.tree_util.tree_flatten(
-            v, is_leaf=lambda x: x is not v and isinstance(x, QArray))
-        return jax.tree_util.tree_unflatten(treedef, [fn(path, leaves[0])] + leaves[1:])
+        return with_parts(v, [fn(path, v.w)] + [f for f in (v.a, v.b) if f is not None])
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_weight_node)
 
 

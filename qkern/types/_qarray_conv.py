@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from .._core import ArrayLike, Value, register
 from ..formats._quantize import dequantize_scales
 from ..pallas.qconv import ConvOperand, qconv
-from ._qarray_matmul import dense_dtypes, without_double_quant
+from ._qarray_matmul import dense_dtypes, static_act_scale, without_double_quant
 from .qarray import QArray
 
 lax = jax.lax
@@ -74,10 +74,8 @@ def qconv_dispatch(x, w: QArray, params: dict):
     if record is not None:
         record(x)
         return qconv(x, op, stored, compute=compute).astype(out)
-    scale = w.act_scale
-    if scale is not None and jnp.ndim(scale):     # a stacked weight: one scale broadcast
-        scale = jnp.reshape(scale, (-1,))[0]
-    return qconv(x, op, stored, compute=compute, w8a8=True, act_scale=scale).astype(out)
+    return qconv(x, op, stored, compute=compute, w8a8=True,
+                 act_scale=static_act_scale(w)).astype(out)
 
 
 @register(lax.conv_general_dilated_p)

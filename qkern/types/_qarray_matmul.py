@@ -129,11 +129,14 @@ def _act_quantised(xm, w, op):
     if record is not None:
         record(xm)
         return qmatmul(xm, op)
-    if w.act_scale is None:
-        return w8a8_matmul(xm, op)
-    # A stacked weight carries its one calibrated scale broadcast over the stacked axes.
-    scale = w.act_scale if jnp.ndim(w.act_scale) == 0 else jnp.reshape(w.act_scale, (-1,))[0]
-    return w8a8_matmul(xm, op, act_scale=scale)
+    return w8a8_matmul(xm, op, act_scale=static_act_scale(w))
+
+
+def static_act_scale(w):
+    """`w.act_scale` as the one scalar the kernels take (None: dynamic per-row scales). A
+    stacked weight carries its one calibrated scale broadcast over the stacked axes."""
+    scale = w.act_scale
+    return scale if scale is None or jnp.ndim(scale) == 0 else jnp.reshape(scale, (-1,))[0]
 
 
 def _act_rounded(x, axis, w):
@@ -144,11 +147,8 @@ def _act_rounded(x, axis, w):
     if record is not None:                      # under qkern.calibrate: record, no rounding
         record(x)
         return x
-    scale = w.act_scale
-    if scale is not None and jnp.ndim(scale):   # a stacked weight: one scale, broadcast
-        scale = jnp.reshape(scale, (-1,))[0]
     xm = jnp.moveaxis(x, axis, -1)
-    codes, sx = quantize_activations(xm.reshape(-1, xm.shape[-1]), scale)
+    codes, sx = quantize_activations(xm.reshape(-1, xm.shape[-1]), static_act_scale(w))
     xq = jnp.moveaxis((codes.astype(jnp.float32) * sx).reshape(xm.shape), -1, axis)
     return x + jax.lax.stop_gradient(xq.astype(x.dtype) - x)
 

@@ -29,7 +29,8 @@ from .._core import ArrayLike, Value, register
 from ..formats._quantize import dequantize_scales
 from ..pallas.ragged_qmatmul import StackedOperand, ragged_qmatmul
 from ..pallas.ragged_qmatmul.base import check_group_sizes
-from ._qarray_matmul import default_in_compute_dtype, dense_dtypes, without_double_quant
+from ._qarray_matmul import (default_in_compute_dtype, dense_dtypes, static_act_scale,
+                             without_double_quant)
 from .qarray import QArray
 
 
@@ -95,8 +96,5 @@ def _(x: ArrayLike, w: QArray, group_sizes: ArrayLike, **params):
         if record is not None:            # under qkern.calibrate: record, run weight-only
             record(xm)
         else:
-            scale = w.act_scale           # a stacked weight: one scale, broadcast
-            if scale is not None and jnp.ndim(scale):
-                scale = jnp.reshape(scale, (-1,))[0]
-            kw = dict(w8a8=True, act_scale=scale)
+            kw = dict(w8a8=True, act_scale=static_act_scale(w))
     return ragged_qmatmul(xm, op, group_sizes, transposed=transposed, **kw).astype(out_dtype)

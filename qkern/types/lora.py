@@ -143,3 +143,12 @@ class LoraArray(ArrayValue):
             except Exception:
                 pass
         return f"LoraArray({fields_repr(self)}, alpha={self.alpha!r})"
+
+
+def with_parts(lw: LoraArray, parts: list) -> LoraArray:
+    """`lw` rebuilt from `parts`: one object for each of its present fields, in the order
+    w, a, b, where a QArray base counts as one part (not its arrays). For pytree-shaped
+    results per part (specs, a re-quantised base) without unpacking the QArray."""
+    _, treedef = jax.tree_util.tree_flatten(lw, is_leaf=lambda x: x is not lw
+                                            and isinstance(x, QArray))
+    return jax.tree_util.tree_unflatten(treedef, parts)

@@ -65,7 +65,13 @@ class QArray(ArrayValue):
         shape = getattr(self.data, "shape", None)
         if shape is None or tuple(shape) == _data_shape(self.layout, self.format):
             return self
-        layout, perm = _fit_layout(self, tuple(shape))
+        try:
+            layout, perm = _fit_layout(self, tuple(shape))
+        except _Unfit as e:         # named here, only when raised (fitting is a hot path)
+            raise ValueError(
+                f"a piece of {self._repr_stored()} with data of shape {tuple(shape)} (a scan "
+                "step, a vmap slice or a shard_map shard; the whole array stores "
+                f"{_data_shape(self.layout, self.format)}): {e}") from None
         return dataclasses.replace(self, layout=layout, perm=perm)
 
     @property
@@ -105,13 +111,17 @@ class QArray(ArrayValue):
         return 8.0 * self.nbytes() / float(np.prod(self.logical_shape))
 
     def __repr__(self) -> str:
+        try:
+            return self.fitted()._repr_stored()
+        except Exception:       # noqa: BLE001 - a repr never raises; show what is stored
+            return self._repr_stored()
+
+    def _repr_stored(self) -> str:
+        """The repr by the stored static fields (never `fitted()`: its error messages
+        print the QArray, and must not fit it again)."""
         # Printing never fails: the children may be shapes (`tree_map(lambda a: a.shape,
         # ...)`), None (the trainable half of `qkern.lora.partition`), ShapeDtypeStructs
         # or tracers, and the static fields whatever a pytree function left there.
-        try:
-            self = self.fitted()
-        except Exception:       # noqa: BLE001 - a repr never raises; show what is stored
-            pass
         try:
             blocks = "per tensor" if self.layout.per_tensor else (
                 f"blocks of {self.block_size} along axis {self.block_axis}")
@@ -156,41 +166,43 @@ def _data_shape(layout: Layout, fmt) -> tuple[int, ...]:
     return tuple(s)
 
 
-def _grown_layout(q: QArray, shape: tuple[int, ...], grow: int, what: str
+class _Unfit(ValueError):
+    """Why a piece of a QArray cannot stand alone (`QArray.fitted` names the piece)."""
+
+
+def _grown_layout(q: QArray, shape: tuple[int, ...], grow: int
                   ) -> tuple[Layout, tuple[int, ...] | None]:
     """The layout of a stack of QArrays that `jax.vmap` built from per-example ones
     (`jax.vmap(lambda w: qkern.quantize(w, fmt))(ws)`): `grow` new leading axes, each
     example blocked as before. Per-tensor scales do not stack into one per-tensor layout."""
     lay, fmt = q.layout, q.format
     if lay.per_tensor:
-        raise ValueError(f"{what}: each of the {shape[:grow]} stacked arrays has its own "
-                         "per-tensor scale, which no stacked layout holds; quantise the "
-                         "stack at once (qkern.quantize(ws, fmt, axis=None)) or with blocks.")
+        raise _Unfit(f"each of the {shape[:grow]} stacked arrays has its own "
+                     "per-tensor scale, which no stacked layout holds; quantise the "
+                     "stack at once (qkern.quantize(ws, fmt, axis=None)) or with blocks.")
     lay = dataclasses.replace(lay, shape=tuple(shape[:grow]) + lay.shape, axis=lay.axis + grow)
     if tuple(shape) != _data_shape(lay, fmt) or tuple(jnp.shape(q.scales)) != lay.scale_shape:
-        raise ValueError(f"{what}: its data {tuple(shape)} and scales "
-                         f"{tuple(jnp.shape(q.scales))} are not a stack of the stored layout "
-                         f"{q.layout.shape}.")
+        raise _Unfit(f"its data {tuple(shape)} and scales "
+                     f"{tuple(jnp.shape(q.scales))} are not a stack of the stored layout "
+                     f"{q.layout.shape}.")
     perm = None if q.perm is None else tuple(range(grow)) + tuple(p + grow for p in q.perm)
     return lay, perm
 
 
 def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, ...] | None]:
     lay, fmt = q.layout, q.format
-    what = (f"a piece of {q!r} with data of shape {shape} (a scan step, a vmap slice or a "
-            f"shard_map shard; the whole array stores {_data_shape(lay, fmt)})")
     if q.dq_scale is not None:
-        raise ValueError(f"{what}: double-quantised scales are blocked over the whole array and "
-                         "cannot be split; quantise without double_quant to scan or shard it.")
+        raise _Unfit("double-quantised scales are blocked over the whole array and "
+                     "cannot be split; quantise without double_quant to scan or shard it.")
     drop = len(lay.shape) - len(shape)
     perm = q.perm
     if drop < 0:
-        return _grown_layout(q, shape, -drop, what)
+        return _grown_layout(q, shape, -drop)
     if drop and (lay.axis < drop or (
             perm is not None and tuple(perm[:drop]) != tuple(range(drop)))):
-        raise ValueError(f"{what}: only leading stacked axes may be scanned over or mapped "
-                         "(jax.vmap with in_axes=0 for the QArray; quantise the weight with "
-                         "the mapped axis first, or map over x instead).")
+        raise _Unfit("only leading stacked axes may be scanned over or mapped "
+                     "(jax.vmap with in_axes=0 for the QArray; quantise the weight with "
+                     "the mapped axis first, or map over x instead).")
     if drop:
         lay = dataclasses.replace(lay, shape=lay.shape[drop:], axis=lay.axis - drop)
         if perm is not None:       # the stacked axes lead in both orders: renumber the rest
@@ -206,16 +218,16 @@ def _fit_layout(q: QArray, shape: tuple[int, ...]) -> tuple[Layout, tuple[int, .
             new[ax] = got
             continue
         if fmt.packed:
-            raise ValueError(f"{what}: {fmt.name} packs the two halves of the block axis "
-                             f"(axis {ax}) into one byte, so a shard of that axis cannot be "
-                             "decoded alone; shard another axis.")
+            raise _Unfit(f"{fmt.name} packs the two halves of the block axis "
+                         f"(axis {ax}) into one byte, so a shard of that axis cannot be "
+                         "decoded alone; shard another axis.")
         if lay.padded != lay.length:
-            raise ValueError(f"{what}: the block axis is padded from {lay.length} to "
-                             f"{lay.padded}; shard it only when blocks fill it exactly.")
+            raise _Unfit(f"the block axis is padded from {lay.length} to "
+                         f"{lay.padded}; shard it only when blocks fill it exactly.")
         if lay.per_tensor or lay.num_blocks == 1:
             block = got          # one block (per tensor or per channel): shards share scales
         elif got % block:
-            raise ValueError(f"{what}: a shard of the block axis must hold whole blocks of "
-                             f"{block}; got {got} rows.")
+            raise _Unfit(f"a shard of the block axis must hold whole blocks of "
+                         f"{block}; got {got} rows.")
         new[ax] = got
     return dataclasses.replace(lay, shape=tuple(new), block_size=block), perm
