@@ -242,16 +242,18 @@ def explicit_sharding(x: Any) -> Any:
         return None
 
 
-def sum_like(ct: Any, primal: Any) -> Any:
-    """A custom_vjp cotangent `ct` summed over the manual mesh axes it varies over and
-    `primal` (its input) does not: the input was replicated over them (pvary), so its
-    cotangent is the sum of every shard's contribution, as JAX's own transpose of pvary
-    gives. Outside `shard_map` this returns `ct` unchanged.
+def aval_explicit_sharding(aval: Any) -> Any:
+    """`explicit_sharding` of an abstract value (a transpose rule's undefined primal)."""
+    return _explicit(getattr(aval, "sharding", None))
 
-        return (sum_like(du, u), sum_like(dv, v))       # the end of a bwd rule
-    """
-    extra = tuple(sorted(_vma(ct) - _vma(primal)))
-    return jax.lax.psum(ct, extra) if extra else ct
+
+# -- primitives that carry the jaxpr of a Python function ----------------------------------
+def trace_jaxpr(fun: Callable, *avals: Any) -> Any:
+    """The closed jaxpr of `fun` (one array out) on `avals` (shapes, dtypes, shardings and
+    varying manual axes included), its `out_avals` the result's type. Traced afresh on
+    every call (a new function object: no trace cache), so choices `fun` makes while
+    tracing (environment variables, the autotune cache) are read each time."""
+    return jax.make_jaxpr(lambda *args: fun(*args))(*avals)
 
 
 # -- lowering rules that choose by their lowering context ---------------------------------

@@ -216,22 +216,21 @@ def _fq_matmul(lhs, rhs, params):
     def product(x, q):
         return qmatmul_dispatch(x, q, params) if w_on_right else qmatmul_dispatch(q, x, params)
 
-    @jax.custom_vjp
+    def dense(x, wq):
+        return jax.lax.dot_general_p.bind(*((x, wq) if w_on_right else (wq, x)), **params)
+
+    @jax.custom_jvp
     def f(x, w):
         return product(x, fq.quantised(w))
 
-    def f_fwd(x, w):
-        return f(x, w), (x, w)
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        # Straight through the weight's rounding (W8A8: also the activations'): the tangent
+        # of x @ Wq with dWq = dw. `f` itself for the value, so every order comes here.
+        (x, w), (dx, dw) = primals, tangents
+        wq = fq.quantised(w).materialise()
+        return f(x, w), dense(dx, wq) + dense(x, dw.astype(wq.dtype))
 
-    def f_bwd(res, dy):
-        x, w = res
-        # Straight through the weight's rounding: the gradient of x @ Wq with respect to Wq,
-        # given to w. (W8A8: also straight through the activations' rounding.)
-        _, vjp = jax.vjp(lambda x, wq: jax.lax.dot_general_p.bind(
-            *((x, wq) if w_on_right else (wq, x)), **params), x, fq.quantised(w).materialise())
-        return vjp(dy)
-
-    f.defvjp(f_fwd, f_bwd)
     return f(x, fq.w)
 
 
@@ -251,18 +250,17 @@ def _(x: ArrayLike, w: FakeQuant, **params):
     straight through the kernel's rounding to `w`."""
     fq = w
 
-    @jax.custom_vjp
+    def dense(x, wq):
+        return jax.lax.conv_general_dilated_p.bind(x, wq, **params)
+
+    @jax.custom_jvp
     def conv(x, w):
         return qconv_dispatch(x, fq.quantised(w), params)
 
-    def conv_fwd(x, w):
-        return conv(x, w), (x, w)
+    @conv.defjvp
+    def conv_jvp(primals, tangents):
+        (x, w), (dx, dw) = primals, tangents
+        wq = fq.quantised(w).materialise()
+        return conv(x, w), dense(dx, wq) + dense(x, dw.astype(wq.dtype))
 
-    def conv_bwd(res, dy):
-        x, w = res
-        _, vjp = jax.vjp(lambda x, wq: jax.lax.conv_general_dilated_p.bind(x, wq, **params),
-                         x, fq.quantised(w).materialise())
-        return vjp(dy)
-
-    conv.defvjp(conv_fwd, conv_bwd)
     return conv(x, fq.w)

@@ -1,7 +1,7 @@
-"""Gradients of gradients through every kernel family: each custom_vjp's forward and
-backward passes call the family again (never the bare kernel), so `grad(grad(...))` and
-`jacrev(jacrev(...))` work and equal the same computation on the dequantised weight.
-Forward mode is refused by JAX (custom_vjp), as docs/kernels.md says."""
+"""Gradients of gradients through every kernel family: each derivative rule calls the
+family again (never the bare kernel), so `grad(grad(...))` and `jacrev(jacrev(...))` work
+and equal the same computation on the dequantised weight. Forward mode:
+test_forward_mode.py."""
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +54,6 @@ def test_hessian_by_jacrev_of_jacrev():
     hd = jax.jacrev(jax.jacrev(f))(x, qkern.dequantize(q))
     assert h.shape == (3, 64, 3, 64)
     _close(h, hd, 1e-5)
-
-
-def test_forward_mode_is_refused_by_jax():
-    q = qkern.quantize(jax.random.normal(_key(0), (64, 32)), "int8")
-    f = qkern.quaxify(lambda x, w: jnp.sum(x @ w))
-    x = jnp.ones((2, 64))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(lambda x: f(x, q), (x,), (x,))
 
 
 def test_w8a8_grad_of_grad_is_straight_through():

@@ -230,6 +230,13 @@ def megatron(p, x, psum=True):
     return jax.lax.scan(layer, x, p)[0]
 
 
+def _calibrated_mlp(f1, k1, f2, k2):
+    p, x0 = _stacked_mlp(f1, k1, f2, k2)
+    if f2 == "w8a8":        # row-parallel W8A8 takes a static activation scale
+        p = qkern.calibrate(lambda p, x: megatron(p, x, psum=False), p, [x0])
+    return p, x0
+
+
 MEGATRON_SPECS = {"w1": P(None, None, "model"), "w2": P(None, "model", None)}
 MLP_CASES = [("nf4", dict(block_size=64), "int8", dict(block_size=64)),
              ("int4", dict(block_size=64), "nf4", dict(axis=-1, block_size=64)),
@@ -239,9 +246,7 @@ MLP_CASES = [("nf4", dict(block_size=64), "int8", dict(block_size=64)),
 @check("shard_map check_vma: lax.scan over stacked column/row-parallel layers")
 def _():
     for f1, k1, f2, k2 in MLP_CASES:
-        p, x0 = _stacked_mlp(f1, k1, f2, k2)
-        if f2 == "w8a8":
-            p = qkern.calibrate(lambda p, x: megatron(p, x, psum=False), p, [x0])
+        p, x0 = _calibrated_mlp(f1, k1, f2, k2)
         want = qkern.quaxify(lambda p, x: megatron(p, x, psum=False))(p, x0)
         f = _sm(megatron, (qkern.partition_specs(p, MEGATRON_SPECS), P("data")), P("data"))
         np.testing.assert_allclose(f(p, x0), want, rtol=1e-5, atol=1e-5, err_msg=f"{f1}/{f2}")
@@ -300,6 +305,47 @@ def _():
                            argnums=(0, 1)))(a0, b0)
     for g, w_ in zip(got, want):
         np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)
+
+
+@check("shard_map check_vma: forward mode (jvp, forward-over-reverse HVP) equals unsharded")
+def _():
+    for f1, k1, f2, k2 in MLP_CASES:
+        p, x0 = _calibrated_mlp(f1, k1, f2, k2)
+        t0 = _w(*x0.shape)
+        plain = qkern.quaxify(lambda p, x: megatron(p, x, psum=False))
+        want = jax.jvp(lambda x: plain(p, x), (x0,), (t0,))
+        sm = jax.shard_map(qkern.quaxify(megatron), mesh=mesh,
+                           in_specs=(qkern.partition_specs(p, MEGATRON_SPECS), P("data")),
+                           out_specs=P("data"))
+        got = jax.jit(lambda x, t: jax.jvp(lambda x: sm(p, x), (x,), (t,)))(x0, t0)
+        for g, w_ in zip(got, want):
+            np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5, err_msg=f"{f1}/{f2}")
+        loss = lambda f: lambda x: jnp.sum(jnp.sin(f(p, x)))          # noqa: E731
+        want = jax.jvp(jax.grad(loss(plain)), (x0,), (t0,))[1]
+        got = jax.jit(lambda x, t: jax.jvp(jax.grad(loss(sm)), (x,), (t,))[1])(x0, t0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{f1}/{f2} hvp")
+
+
+@check("shard_map check_vma: QLoRA jvp in the factors and x equals unsharded")
+def _():
+    base = qkern.quantize(params["w1"], "nf4", block_size=64)
+    a0, b0 = _w(256, 8) / 16, _w(8, 512) / 8
+    h, th = _w(16, 256), _w(16, 256)
+    ta, tb = _w(256, 8), _w(8, 512)
+    f = qkern.quaxify(lambda lw, x: jnp.sin(x @ lw))
+    want = jax.jvp(lambda a, b, x: f(qkern.LoraArray(base, a, b, 2.0), x), (a0, b0, h),
+                   (ta, tb, th))
+    is_p = lambda v: isinstance(v, P)                                   # noqa: E731
+    specs = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(qkern.LoraArray(base, a0, b0, 2.0)),
+        jax.tree_util.tree_leaves(qkern.partition_specs(base, P(None, "model")), is_leaf=is_p)
+        + [P(), P(None, "model")])
+    sm = jax.shard_map(f, mesh=mesh, in_specs=(specs, P("data")), out_specs=P("data", "model"))
+    got = jax.jit(lambda *z: jax.jvp(
+        lambda a, b, x: sm(qkern.LoraArray(base, a, b, 2.0), x), z[:3], z[3:]))(
+            a0, b0, h, ta, tb, th)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)
 
 
 @check("bad shardings name the QArray and the reason")
@@ -373,6 +419,27 @@ def _():
         with jax.set_mesh(explicit):
             got = jax.jit(qkern.quaxify(mm))(qkern.shard(qw, explicit, P("model", None)), hs)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@check("explicit mesh: jvp and grad of a sharded weight's matmul equal unsharded")
+def _():
+    h = _w(16, 512)
+    hs = jax.device_put(h, NamedSharding(explicit, P("data", None)))
+    ts = jax.device_put(_w(16, 512), NamedSharding(explicit, P("data", None)))
+    for name, kw in COL_FORMATS:
+        w = _q(params["w2"], name, kw, h)
+        f = qkern.quaxify(lambda w, x: jnp.sin(mm(w, x)))
+        want = jax.jvp(lambda x: f(w, x), (h,), (ts,))
+        gwant = jax.grad(lambda x: jnp.sum(f(w, x)))(h)
+        with jax.set_mesh(explicit):
+            ws = qkern.shard(w, explicit, P(None, "model"))
+            got = jax.jit(lambda x, t: jax.jvp(lambda x: f(ws, x), (x,), (t,)))(hs, ts)
+            g = jax.jit(jax.grad(lambda x: jnp.sum(f(ws, x))))(hs)
+        assert got[1].sharding.spec == P("data", "model"), (name, got[1].sharding)
+        assert g.sharding.spec == hs.sharding.spec, (name, g.sharding)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(g, gwant, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @check("decode (M = 1) on a sharded weight: the scan, not the native kernel; equals unsharded")

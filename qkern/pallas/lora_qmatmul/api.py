@@ -13,10 +13,13 @@ Backends, from the backend table: "triton" (`_triton.py`), "mosaic_tpu" (`_mosai
 the autotune cache's winner for the "lora" / "lora_t" problem of this rank (`qkern tune
 --kernels lora`), else the heuristic (on xla: qmatmul's tuned config for the base product).
 
-Gradients (custom_vjp): with g = dy @ v.T,
-    dx = dy @ W.T + scale * g @ u.T     -- the same fused kernel, transposed, with (v.T, u.T)
-    du = scale * x.T @ g,   dv = scale * (x @ u).T @ dy
-and the frozen quantised weight gets a zero cotangent.
+Derivatives, forward and reverse mode (a `jax.custom_jvp`): the tangent is
+    dy = [dx @ W + scale * (dx @ u) @ v] + scale * ((x @ du) @ v + (x @ u) @ dv)
+where the bracket is the fused kernel as a linear primitive in dx (`pallas/_linear.py`),
+whose transpose, the gradient, is the same fused kernel flipped with (v.T, u.T):
+    dx = dy @ W.T + scale * (dy @ v.T) @ u.T,
+    du = scale * x.T @ (dy @ v.T),   dv = scale * (x @ u).T @ dy   (by JAX, from the rest).
+The frozen quantised weight gets no derivative.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from .. import _backend
 from .._config import MatmulConfig, Problem, config_for
 from .base import check_factors
 from .._operand import QOperand
-from ..._compat import explicit_sharding, sum_like
+from ..._compat import vary_like
+from .._linear import LinearMap, linear
 from ..qmatmul._xla import dot
-from ..qmatmul.api import _zero_cotangent, like_input
 from . import _mosaic, _triton, _xla
 
 FAMILY = "lora_qmatmul"
@@ -49,59 +53,73 @@ def _fused(x2, op, u, v, scale, sel, config, transposed):
                           interpret=sel.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _lora2(x2, op, u, v, scale, sel, config, transposed):
-    return _fused(x2, op, u, v, scale, sel, config, transposed)[0]
+def _apply(x2, *consts, treedef, scale, sel, config, transposed, flip):
+    """The fused kernel as a linear map in x2 (u, v fixed): x2 @ W + scale * (x2 @ u) @ v,
+    or with flip its transpose, x2 @ W.T + scale * (x2 @ v.T) @ u.T (the same kernel
+    flipped), which the backward pass runs."""
+    *leaves, u, v = consts
+    op = jax.tree_util.tree_unflatten(treedef, leaves)
+    if flip:
+        u, v = jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1)
+    return _fused(x2, op, u, v, scale, sel, config, transposed != flip)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _pair(x2, op, u, v, scale, sel, config, transposed):
-    """(y, x @ u): both results of the fused kernel, both differentiable. The forward and
-    backward passes call this, never the bare kernel, so a gradient is differentiable
-    again (grad of grad)."""
+def _apply_dc(x2, *args, scale, flip):
+    """How `_apply` changes with u and v (their tangents du, dv): the low-rank term's."""
+    half = len(args) // 2
+    u, v = args[half - 2:half]
+    du, dv = args[-2:]
+    x = x2.astype(_F32)
+    if flip:     # d(scale * (x @ v.T) @ u.T)
+        return scale * (dot(dot(x, dv.T), u.T) + dot(dot(x, v.T), du.T))
+    return scale * (dot(dot(x, du), v) + dot(dot(x, u), dv))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_map(treedef, scale, sel, config, transposed) -> LinearMap:
+    # The backward direction picks its own config: the forward's was chosen for its shape.
+    kw = dict(treedef=treedef, scale=scale, sel=sel, transposed=transposed)
+    return LinearMap(functools.partial(_apply, config=config, flip=False, **kw),
+                     functools.partial(_apply, config=None, flip=True, **kw),
+                     "lora_qmatmul",
+                     functools.partial(_apply_dc, scale=scale, flip=False),
+                     functools.partial(_apply_dc, scale=scale, flip=True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _lora_pair(x2, op, u, v, scale, sel, config, transposed):
+    """(y, x @ u): both results of the fused kernel, both differentiable."""
     return _fused(x2, op, u, v, scale, sel, config, transposed)
 
 
-def _lora2_fwd(x2, op, u, v, scale, sel, config, transposed):
-    y, xu = _pair(x2, op, u, v, scale, sel, config, transposed)
-    return y, (x2, op, u, v, xu)
+def _lora_pair_jvp(scale, sel, config, transposed, primals, tangents):
+    x2, op, u, v = primals
+    dx, _, du, dv = tangents                  # the frozen weight's tangent is dropped
+    # `_lora_pair` itself for the value, so derivatives of any order come back here
+    y, xu = _lora_pair(x2, op, u, v, scale, sel, config, transposed)
+    dy = jnp.zeros(y.shape, _F32)
+    dxu = jnp.zeros(xu.shape, _F32)
+    if not isinstance(dx, SymbolicZero):
+        # dx @ W + scale * (dx @ u) @ v: the fused kernel as a linear primitive, whose
+        # transpose (the gradient) is the same kernel flipped
+        leaves, treedef = jax.tree_util.tree_flatten(op)
+        fn = _linear_map(treedef, scale, sel, config, transposed)
+        dy = dy + linear(dx, (*leaves, u, v), fn).astype(_F32)
+        dxu = dxu + dot(dx.astype(_F32), u.astype(_F32))
+    if not isinstance(du, SymbolicZero):
+        xdu = dot(x2.astype(_F32), du.astype(_F32))
+        dy = dy + scale * dot(xdu, v.astype(_F32))
+        dxu = dxu + xdu
+    if not isinstance(dv, SymbolicZero):
+        dy = dy + scale * dot(xu, dv.astype(_F32))
+    return (y, xu), (vary_like(dy, y).astype(y.dtype), vary_like(dxu, xu))
 
 
-def _pair_fwd(x2, op, u, v, scale, sel, config, transposed):
-    y, xu = _pair(x2, op, u, v, scale, sel, config, transposed)
-    return (y, xu), (x2, op, u, v, xu)
+_lora_pair.defjvp(_lora_pair_jvp, symbolic_zeros=True)
 
 
-def _backward(scale, sel, transposed, res, dy, dxu=None):
-    x2, op, u, v, xu = res
-    # The backward direction picks its own config: the forward's was chosen for its shape.
-    dx, g = _pair(dy, op, jnp.swapaxes(v, 0, 1), jnp.swapaxes(u, 0, 1), scale, sel, None,
-                  not transposed)
-    du = scale * dot(x2.T.astype(_F32), g)
-    dv = scale * dot(xu.T, dy)
-    if dxu is not None:                   # the cotangent of x @ u (only `_pair` returns it)
-        dx = dx.astype(_F32) + dot(dxu, jnp.swapaxes(u, 0, 1).astype(_F32))
-        du = du + dot(x2.T.astype(_F32), dxu)
-    # On an Explicit mesh each cotangent takes its input's sharding; inside shard_map a
-    # factor replicated over an axis the activations vary over gets the sum of every
-    # shard's contribution (as JAX's transpose of the implicit pvary would give).
-    return (like_input(dx.astype(x2.dtype), explicit_sharding(x2)),
-            jax.tree_util.tree_map(_zero_cotangent, op),
-            like_input(sum_like(du, u).astype(u.dtype), explicit_sharding(u)),
-            like_input(sum_like(dv, v).astype(v.dtype), explicit_sharding(v)))
-
-
-def _lora2_bwd(scale, sel, config, transposed, res, dy):
-    return _backward(scale, sel, transposed, res, dy)
-
-
-def _pair_bwd(scale, sel, config, transposed, res, cts):
-    dy, dxu = cts
-    return _backward(scale, sel, transposed, res, dy, dxu.astype(_F32))
-
-
-_lora2.defvjp(_lora2_fwd, _lora2_bwd)
-_pair.defvjp(_pair_fwd, _pair_bwd)
+def _lora2(x2, op, u, v, scale, sel, config, transposed):
+    return _lora_pair(x2, op, u, v, scale, sel, config, transposed)[0]
 
 
 def lora_qmatmul(x: jax.Array, op: QOperand, u: jax.Array, v: jax.Array, scale: float, *,

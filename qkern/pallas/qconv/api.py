@@ -13,9 +13,10 @@ Backends: the backend table has an xla module only; on a GPU or TPU it runs ther
 convolution of the kernel dequantised piece by piece), with a warning once that the selected
 backend has no qconv kernel.
 
-Gradients: with respect to x only (the kernel is frozen: its arrays get zero cotangents).
-Weight-only: the gradient of the same piecewise computation. W8A8: straight-through on the
-activation rounding, i.e. the weight-only gradient.
+Derivatives, forward and reverse mode, with respect to x only (the kernel is frozen: its
+arrays get none). Weight-only: a linear primitive (`pallas/_linear.py`) whose transpose is
+JAX's transpose of the same piecewise computation. W8A8: straight-through on the activation
+rounding (a `jax.custom_jvp` whose tangent is the weight-only convolution).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _backend
-from ..qmatmul.api import _zero_cotangent
+from .._linear import LinearMap, linear
 from . import _xla
 from .base import ConvOperand, check, check_w8a8
 
@@ -35,7 +36,7 @@ _backend.register(FAMILY, xla=_xla)
 
 
 def _freeze(params):
-    """params as a hashable static argument (custom_vjp's nondiff arguments)."""
+    """params as a hashable static argument."""
     return tuple(sorted(params.items(), key=lambda kv: kv[0]))
 
 
@@ -47,28 +48,52 @@ def _forward(x, op, act_scale, frozen, compute, w8a8):
     return module.forward(x, op, params, compute)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _apply(x, *leaves, treedef, frozen, compute):
+    return _forward(x, jax.tree_util.tree_unflatten(treedef, leaves), None, frozen, compute,
+                    False)
+
+
+def _apply_t(ct, *leaves, treedef, frozen, compute, x_type):
+    # the weight-only convolution is linear in x: its transpose is JAX's transpose of the
+    # same piecewise computation (a transposed convolution on the same kernel pieces)
+    fwd = functools.partial(_apply, treedef=treedef, frozen=frozen, compute=compute)
+    dx, = jax.linear_transpose(lambda v: fwd(v, *leaves), x_type)(ct.astype(compute))
+    return dx
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_map(treedef, frozen, compute, x_shape, x_dtype) -> LinearMap:
+    kw = dict(treedef=treedef, frozen=frozen, compute=compute)
+    return LinearMap(functools.partial(_apply, **kw),
+                     functools.partial(_apply_t, x_type=jax.ShapeDtypeStruct(x_shape, x_dtype),
+                                       **kw), "qconv")
+
+
+def _qconv_linear(x, op, frozen, compute):
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    fn = _linear_map(treedef, frozen, jnp.dtype(compute), tuple(x.shape), jnp.dtype(x.dtype))
+    return linear(x, leaves, fn)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _qconv_w8a8(x, op, act_scale, frozen, compute):
+    return _forward(x, op, act_scale, frozen, compute, True)
+
+
+@_qconv_w8a8.defjvp
+def _qconv_w8a8_jvp(frozen, compute, primals, tangents):
+    x, op, act_scale = primals
+    # straight-through on the activation rounding: the tangent is the weight-only
+    # convolution of dx; `_qconv_w8a8` itself for the value, so derivatives of any order
+    # come here, never through the rounding of x
+    y = _qconv_w8a8(x, op, act_scale, frozen, compute)
+    return y, _qconv_linear(tangents[0], op, frozen, compute).astype(y.dtype)
+
+
 def _qconv(x, op, act_scale, frozen, compute, w8a8):
-    return _forward(x, op, act_scale, frozen, compute, w8a8)
-
-
-def _fwd(x, op, act_scale, frozen, compute, w8a8):
-    # `_qconv` itself: differentiating the gradient again goes through this rule
-    # (straight-through for W8A8), never through the rounding of x
-    return _qconv(x, op, act_scale, frozen, compute, w8a8), (x, op, act_scale)
-
-
-def _bwd(frozen, compute, w8a8, res, dy):
-    x, op, act_scale = res
-    # the weight-only convolution is linear in x: its vjp is the transposed convolution,
-    # run on the same pieces of the kernel
-    _, vjp = jax.vjp(lambda v: _forward(v, op, None, frozen, compute, False), x)
-    (dx,) = vjp(dy.astype(compute))
-    d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
-    return dx.astype(x.dtype), jax.tree_util.tree_map(_zero_cotangent, op), d_scale
-
-
-_qconv.defvjp(_fwd, _bwd)
+    if w8a8:
+        return _qconv_w8a8(x, op, act_scale, frozen, compute)
+    return _qconv_linear(x, op, frozen, compute)
 
 
 def qconv(x: jax.Array, op: ConvOperand, params: dict, *, compute=None, w8a8: bool = False,

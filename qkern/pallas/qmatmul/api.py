@@ -4,9 +4,10 @@
 
 Backends, registered in the backend table (`pallas/_backend.py`): "xla" (`_xla.py`, with
 the native CPU kernel in `_native/`), "triton" (`_triton.py`), "mosaic_tpu" (`_mosaic.py`).
-A backend that cannot run an operand falls back to xla there. The gradient with respect to x runs the same
-family on the transposed weight (`dy @ W.T`, from the same storage); the quantised weight
-is frozen and gets no gradient.
+A backend that cannot run an operand falls back to xla there. The product is linear in x:
+it is bound as the `qkern_linear` primitive (`pallas/_linear.py`), so forward and reverse
+mode both work; its transpose, the gradient, runs the same family on the transposed weight
+(`dy @ W.T`, from the same storage). The quantised weight is frozen and gets no derivative.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..._compat import explicit_sharding, vary_like
 from .. import _backend
 from .._config import MatmulConfig, Problem, config_for
+from .._linear import LinearMap, linear
 from .._operand import QOperand
 from . import _mosaic, _triton, _xla
 from ._xla import dot
@@ -49,39 +50,24 @@ def _dequantize_dot(x2, op, transposed: bool):
     return y.astype(x2.dtype)
 
 
-def _zero_cotangent(a):
-    if jnp.issubdtype(a.dtype, jnp.inexact):
-        sharding = explicit_sharding(a)      # Explicit mesh: the zero has a's sharding
-        zero = jnp.zeros(a.shape, a.dtype, **({} if sharding is None else {"out_sharding": sharding}))
-        return vary_like(zero, a)           # and inside shard_map, a's varying axes
-    return jnp.zeros(a.shape, jax.dtypes.float0)
+def _apply(x2, *leaves, treedef, sel, config, transposed):
+    return _run(x2, jax.tree_util.tree_unflatten(treedef, leaves), sel, config, transposed)
 
 
-def like_input(dx, x_sharding):
-    """A cotangent given its input's type: on an Explicit mesh (`x_sharding`, static, from
-    `explicit_sharding(x)`) the kernel's result is resharded to x's sharding."""
-    return dx if x_sharding is None else jax.sharding.reshard(dx, x_sharding)
+@functools.lru_cache(maxsize=None)
+def linear_map(treedef, sel, config, transposed: bool) -> LinearMap:
+    """x2 @ W (or x2 @ W.T) as a linear map; its transpose runs the same family, flipped.
+    The config was chosen for one direction, so the other picks its own."""
+    fwd = functools.partial(_apply, treedef=treedef, sel=sel, config=config,
+                            transposed=transposed)
+    bwd = functools.partial(_apply, treedef=treedef, sel=sel, config=None,
+                            transposed=not transposed)
+    return LinearMap(fwd, bwd, "qmatmul")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _qmatmul2(x2, op, sel, config, transposed, x_sharding):
-    return _run(x2, op, sel, config, transposed)
-
-
-def _qmatmul2_fwd(x2, op, sel, config, transposed, x_sharding):
-    # The forward and backward call `_qmatmul2` itself, never the bare kernel, so the
-    # gradient is differentiable again (grad of grad, jacrev of jacrev).
-    return _qmatmul2(x2, op, sel, config, transposed, x_sharding), op
-
-
-def _qmatmul2_bwd(sel, config, transposed, x_sharding, op, dy):
-    # d(x @ W)/dx is (dy @ W.T), and the other way round: the same family, flipped. The
-    # config was chosen for the forward direction, so the backward picks its own.
-    dx = _qmatmul2(dy, op, sel, None, not transposed, explicit_sharding(dy))
-    return like_input(dx, x_sharding), jax.tree_util.tree_map(_zero_cotangent, op)
-
-
-_qmatmul2.defvjp(_qmatmul2_fwd, _qmatmul2_bwd)
+def _qmatmul2(x2, op, sel, config, transposed):
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    return linear(x2, leaves, linear_map(treedef, sel, config, transposed))
 
 
 def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: str | None = None,
@@ -101,5 +87,5 @@ def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: st
     if config is None:  # here, not only in _run: jax caches the custom_vjp's traced forward
         config = config_for(Problem.of(sel.name, x2, op, _KERNEL[transposed]),
                             interpret=sel.interpret)
-    y = _qmatmul2(x2, op, sel, config, transposed, explicit_sharding(x2))
+    y = _qmatmul2(x2, op, sel, config, transposed)
     return y.reshape(*lead, y.shape[-1])

@@ -10,10 +10,11 @@ group_sizes)` with W quantised. Rows past sum(group_sizes) are zero.
 Backends, from the backend table (`pallas/_backend.py`), family "ragged_qmatmul": "xla"
 (`_xla.py`, every device), "triton" (`_triton.py`) and "mosaic_tpu" (`_mosaic.py`): each
 a grouped forward kernel, whose gradient and W8A8 run the xla schedule over that
-backend's 2-D kernels. Gradient with
-respect to x (custom_vjp): the same grouped product against each expert's transpose
-(`dy @ W_e.T`, from the same storage); the frozen quantised experts and the integer
-group sizes get no gradient.
+backend's 2-D kernels. Derivatives, forward and reverse mode: the product is linear in x
+(a `_linear` primitive), its transpose the same grouped product against each expert's
+transpose (`dy @ W_e.T`, from the same storage); W8A8 is straight-through on the
+activation rounding (a `jax.custom_jvp` whose tangent is the weight-only product). The
+frozen quantised experts and the integer group sizes get no derivative.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .. import _backend
 from .._config import MatmulConfig
-from ..qmatmul.api import _zero_cotangent
+from .._linear import LinearMap, linear
 from ..w8a8.base import check_act_scale, check_w8a8_operand
 from . import _mosaic, _triton, _xla
 from .base import StackedOperand, check_activation, check_group_sizes, check_operand
@@ -48,28 +48,48 @@ def _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8=Fal
     return module.forward(x, op, group_sizes, config, interpret=used.interpret, **kw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _apply(x, *leaves, treedef, sel, inner, config, transposed):
+    *op_leaves, group_sizes = leaves
+    op = jax.tree_util.tree_unflatten(treedef, op_leaves)
+    return _run(x, op, group_sizes, None, sel, inner, config, transposed)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_map(treedef, sel, inner, config, transposed: bool) -> LinearMap:
+    """The weight-only grouped product as a linear map in x; its transpose is the grouped
+    product against each expert's transpose. The window chosen for one direction suits the
+    other too (same rows, same groups)."""
+    kw = dict(treedef=treedef, sel=sel, inner=inner, config=config)
+    return LinearMap(functools.partial(_apply, transposed=transposed, **kw),
+                     functools.partial(_apply, transposed=not transposed, **kw),
+                     "ragged_qmatmul")
+
+
+def _ragged_linear(x, op, group_sizes, sel, inner, config, transposed):
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    return linear(x, (*leaves, group_sizes),
+                  _linear_map(treedef, sel, inner, config, transposed))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _ragged_w8a8(x, op, group_sizes, act_scale, sel, inner, config):
+    return _run(x, op, group_sizes, act_scale, sel, inner, config, False, True)
+
+
+@_ragged_w8a8.defjvp
+def _ragged_w8a8_jvp(sel, inner, config, primals, tangents):
+    x, op, group_sizes, act_scale = primals
+    # Straight-through on the activation rounding, as `w8a8_matmul`'s derivative: the
+    # tangent is the weight-only grouped product of dx (reverse mode transposes it).
+    y = _ragged_w8a8(x, op, group_sizes, act_scale, sel, inner, config)
+    dy = _ragged_linear(tangents[0], op, group_sizes, sel, inner, config, False)
+    return y, dy.astype(y.dtype)
+
+
 def _ragged(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8):
-    return _run(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
-
-
-def _fwd(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8):
-    # `_ragged` itself in both directions, so the gradient is differentiable again
-    y = _ragged(x, op, group_sizes, act_scale, sel, inner, config, transposed, w8a8)
-    return y, (op, group_sizes, act_scale)
-
-
-def _bwd(sel, inner, config, transposed, w8a8, res, dy):
-    op, group_sizes, act_scale = res
-    # The window chosen for the forward suits the backward too (same rows, same groups).
-    # W8A8: straight-through on the activation rounding, as `w8a8_matmul`'s gradient.
-    dx = _ragged(dy, op, group_sizes, None, sel, inner, config, not transposed, False)
-    d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
-    return (dx, jax.tree_util.tree_map(_zero_cotangent, op),
-            np.zeros(group_sizes.shape, jax.dtypes.float0), d_scale)
-
-
-_ragged.defvjp(_fwd, _bwd)
+    if w8a8:
+        return _ragged_w8a8(x, op, group_sizes, act_scale, sel, inner, config)
+    return _ragged_linear(x, op, group_sizes, sel, inner, config, transposed)
 
 
 def ragged_qmatmul(x: jax.Array, op: StackedOperand, group_sizes, *,

@@ -14,9 +14,10 @@ device) from the backend table: "triton" (`_triton.py`), "mosaic_tpu" (`_mosaic.
 they feed their int8 products identical codes. Configs: an argument, else the autotune
 cache's winner for the "w8a8" problem (`qkern tune --kernels w8a8`), else the heuristic.
 
-Gradients: straight-through on the activation rounding, so d/dx is dy @ W.T, run by the
-weight-only transposed kernel of the same backend (`qmatmul`'s); the frozen weight and
-act_scale get zero cotangents.
+Derivatives (a `jax.custom_jvp`, forward and reverse mode): straight-through on the
+activation rounding, so the tangent is dx @ W by the weight-only kernel of the same backend
+(`qmatmul`'s linear primitive) and the gradient dy @ W.T by its transposed kernel; the
+frozen weight and act_scale get none.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..._compat import explicit_sharding
 from .. import _backend
 from .._config import MatmulConfig, Problem, config_for
 from .._operand import QOperand
-from ..qmatmul.api import _qmatmul2, _zero_cotangent, like_input
+from ..qmatmul.api import _qmatmul2
 from . import _mosaic, _triton, _xla
 from .base import check_act_scale, check_w8a8_operand
 
@@ -47,27 +47,21 @@ def _forward(x2, op, act_scale, sel: _backend.Selection, config):
     return module.forward(x2, op, config, act_scale=act_scale, interpret=sel.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _w8a8_2d(x2, op, act_scale, sel, config, x_sharding):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _w8a8_2d(x2, op, act_scale, sel, config):
     return _forward(x2, op, act_scale, sel, config)
 
 
-def _fwd(x2, op, act_scale, sel, config, x_sharding):
-    # `_w8a8_2d` itself, not the bare kernel: differentiating the gradient again goes
-    # through this rule (straight-through), never through the rounding of x.
-    return _w8a8_2d(x2, op, act_scale, sel, config, x_sharding), (op, act_scale)
-
-
-def _bwd(sel, config, x_sharding, res, dy):
-    op, act_scale = res
-    # Straight-through: the rounding of x is treated as the identity. The forward config
-    # was chosen for W8A8, so the transposed weight-only kernel picks its own.
-    dx = like_input(_qmatmul2(dy, op, sel, None, True, explicit_sharding(dy)), x_sharding)
-    d_scale = None if act_scale is None else jnp.zeros_like(act_scale)
-    return dx, jax.tree_util.tree_map(_zero_cotangent, op), d_scale
-
-
-_w8a8_2d.defvjp(_fwd, _bwd)
+@_w8a8_2d.defjvp
+def _w8a8_2d_jvp(sel, config, primals, tangents):
+    x2, op, act_scale = primals
+    # Straight-through: the rounding of x is treated as the identity, so the tangent is
+    # dx @ W by the weight-only kernel (a linear primitive: reverse mode transposes it to
+    # dy @ W.T). `_w8a8_2d` itself for the value, so derivatives of any order go through
+    # this rule, never through the rounding. The frozen weight and act_scale's tangents
+    # are dropped, as their gradients are.
+    y = _w8a8_2d(x2, op, act_scale, sel, config)
+    return y, _qmatmul2(tangents[0], op, sel, None, False).astype(y.dtype)
 
 
 def w8a8_matmul(x: jax.Array, op: QOperand, *, act_scale=None, backend: str | None = None,
@@ -100,5 +94,5 @@ def w8a8_matmul(x: jax.Array, op: QOperand, *, act_scale=None, backend: str | No
     x2 = x.reshape(-1, k)
     if config is None:  # the autotune cache's winner, else each backend's heuristic
         config = config_for(Problem.of(sel.name, x2, op, "w8a8"), interpret=sel.interpret)
-    y = _w8a8_2d(x2, op, act_scale, sel, config, explicit_sharding(x2))
+    y = _w8a8_2d(x2, op, act_scale, sel, config)
     return y.reshape(*lead, op.n)
