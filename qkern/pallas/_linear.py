@@ -74,7 +74,8 @@ def linear(x: jax.Array, consts, fn: LinearMap) -> jax.Array:
 
 
 def _impl(x, *consts, fn, jaxpr):
-    return fn.apply(x, *consts)
+    # eager: the jaxpr traced at bind, op by op (the kernel's function runs once per call)
+    return jaxpr_as_fun(jaxpr)(x, *consts)[0]
 
 
 def _abstract_eval(x, *consts, fn, jaxpr):

@@ -206,3 +206,25 @@ def test_fake_quant_kernels_straight_through_in_forward_mode(act_fmt):
     _close(dy, tx @ wq + x @ tw, 1e-5)
     _close(jax.jacfwd(f, argnums=(0, 1))(w, x[:1]), jax.jacrev(f, argnums=(0, 1))(w, x[:1]),
            1e-6)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_qlora_jvp_and_hvp_in_factors_and_x(transposed):
+    """The fused QLoRA kernel: tangents in a, b and x at once, and the forward-over-reverse
+    Hessian-vector product with respect to the factors (what sharpness or influence
+    estimates of an adapter take), against the dense weight."""
+    q, wd = _pair("nf4", 64, 48)
+    a = jax.random.normal(_key(1), (64, 4)) * 0.1
+    b = jax.random.normal(_key(2), (4, 48)) * 0.1
+    x = jax.random.normal(_key(3), (5, 48 if transposed else 64))
+    mm = (lambda x, w: x @ w.T) if transposed else (lambda x, w: x @ w)
+    fq = qkern.quaxify(lambda lw, x: jnp.tanh(mm(x, lw)))
+    qf = lambda a, b, x: fq(qkern.LoraArray(q, a, b, alpha=8.0), x)    # noqa: E731
+    df = lambda a, b, x: jnp.tanh(mm(x, wd + 2.0 * a @ b))             # noqa: E731
+    args = (a, b, x)
+    ts = tuple(jax.random.normal(_key(10 + i), v.shape) for i, v in enumerate(args))
+    _close(jax.jit(lambda *z: jax.jvp(qf, z[:3], z[3:]))(*args, *ts), jax.jvp(df, args, ts),
+           1e-5)
+    loss = lambda f: lambda a, b: jnp.sum(f(a, b, x) ** 2)             # noqa: E731
+    hvp = lambda f: jax.jvp(jax.grad(loss(f), argnums=(0, 1)), (a, b), ts[:2])[1]  # noqa: E731
+    _close(hvp(qf), hvp(df), 1e-5)
