@@ -248,12 +248,23 @@ def aval_explicit_sharding(aval: Any) -> Any:
 
 
 # -- primitives that carry the jaxpr of a Python function ----------------------------------
+from jax._src.interpreters import partial_eval as _pe  # noqa: E402
+
+
 def trace_jaxpr(fun: Callable, *avals: Any) -> Any:
     """The closed jaxpr of `fun` (one array out) on `avals` (shapes, dtypes, shardings and
     varying manual axes included), its `out_avals` the result's type. Traced afresh on
     every call (a new function object: no trace cache), so choices `fun` makes while
     tracing (environment variables, the autotune cache) are read each time."""
     return jax.make_jaxpr(lambda *args: fun(*args))(*avals)
+
+
+def lower_jaxpr(jaxpr: Any) -> Any:
+    """A jaxpr with "high" primitives (newer JAX's hijax: `jnp.searchsorted` is one) in
+    their low-level form, for a primitive's `to_lojax` rule that rebinds itself with it.
+    Older JAX has no such primitives: the jaxpr is returned as it is."""
+    lower = getattr(_pe, "lower_jaxpr2", None)
+    return jaxpr if lower is None or not getattr(jaxpr, "is_high", False) else lower(jaxpr)
 
 
 # -- lowering rules that choose by their lowering context ---------------------------------

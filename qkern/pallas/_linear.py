@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .._compat import (aval_explicit_sharding, jaxpr_as_fun, not_mapped, trace_jaxpr,
-                       vary_like)
+from .._compat import (aval_explicit_sharding, jaxpr_as_fun, lower_jaxpr, not_mapped,
+                       trace_jaxpr, vary_like)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,12 @@ def _lower(ctx, x, *consts, fn, jaxpr):
     return mlir.lower_fun(jaxpr_as_fun(jaxpr), multiple_results=True)(ctx, x, *consts)
 
 
+def _to_lojax(x, *consts, fn, jaxpr):
+    # Newer JAX lowers "high" primitives before compiling; the kernel's jaxpr may hold one
+    # (the grouped schedule's searchsorted): rebind with its low-level form.
+    return linear_p.bind(x, *consts, fn=fn, jaxpr=lower_jaxpr(jaxpr))
+
+
 def _jvp(primals, tangents, *, fn, jaxpr):
     x, *consts = primals
     y = linear_p.bind(x, *consts, fn=fn, jaxpr=jaxpr)
@@ -136,6 +142,7 @@ def _batch(args, dims, *, fn, jaxpr):
 
 linear_p.def_impl(_impl)
 linear_p.def_abstract_eval(_abstract_eval)
+linear_p.to_lojax = _to_lojax
 mlir.register_lowering(linear_p, _lower)
 ad.primitive_jvps[linear_p] = _jvp
 ad.primitive_transposes[linear_p] = _transpose
