@@ -237,7 +237,7 @@ def explicit_sharding(x: Any) -> Any:
     cannot infer (a gather from a replicated table with sharded indices) need it spelled
     out, e.g. `table.at[idx].get(out_sharding=explicit_sharding(idx))`."""
     try:
-        return _explicit(getattr(jax.typeof(x), "sharding", None))
+        return aval_explicit_sharding(jax.typeof(x))
     except TypeError:
         return None
 

@@ -209,29 +209,34 @@ def _fake_quant_value(w, fmt, act_fmt, options, compute_dtype=None) -> FakeQuant
     return fq
 
 
-def _fq_matmul(lhs, rhs, params):
-    w_on_right = isinstance(rhs, FakeQuant)
-    fq, x = (rhs, lhs) if w_on_right else (lhs, rhs)
-
-    def product(x, q):
-        return qmatmul_dispatch(x, q, params) if w_on_right else qmatmul_dispatch(q, x, params)
-
-    def dense(x, wq):
-        return jax.lax.dot_general_p.bind(*((x, wq) if w_on_right else (wq, x)), **params)
-
+def _straight_through(fq: FakeQuant, serve, dense, x):
+    """`serve(x, fq.quantised(w))` (the serving kernels) with the tangent of `dense(x, Wq)`,
+    dWq = dw: straight through the weight's rounding (W8A8: also the activations')."""
     @jax.custom_jvp
     def f(x, w):
-        return product(x, fq.quantised(w))
+        return serve(x, fq.quantised(w))
 
     @f.defjvp
     def f_jvp(primals, tangents):
-        # Straight through the weight's rounding (W8A8: also the activations'): the tangent
-        # of x @ Wq with dWq = dw. `f` itself for the value, so every order comes here.
+        # `f` itself for the value, so derivatives of every order come here
         (x, w), (dx, dw) = primals, tangents
         wq = fq.quantised(w).materialise()
         return f(x, w), dense(dx, wq) + dense(x, dw.astype(wq.dtype))
 
     return f(x, fq.w)
+
+
+def _fq_matmul(lhs, rhs, params):
+    w_on_right = isinstance(rhs, FakeQuant)
+    fq, x = (rhs, lhs) if w_on_right else (lhs, rhs)
+
+    def serve(x, q):
+        return qmatmul_dispatch(x, q, params) if w_on_right else qmatmul_dispatch(q, x, params)
+
+    def dense(x, wq):
+        return jax.lax.dot_general_p.bind(*((x, wq) if w_on_right else (wq, x)), **params)
+
+    return _straight_through(fq, serve, dense, x)
 
 
 @register(jax.lax.dot_general_p)
@@ -248,19 +253,6 @@ def _(w: FakeQuant, x: ArrayLike, **params):
 def _(x: ArrayLike, w: FakeQuant, **params):
     """A convolution with a FakeQuant kernel runs the serving convolution (W8A8 included),
     straight through the kernel's rounding to `w`."""
-    fq = w
-
-    def dense(x, wq):
-        return jax.lax.conv_general_dilated_p.bind(x, wq, **params)
-
-    @jax.custom_jvp
-    def conv(x, w):
-        return qconv_dispatch(x, fq.quantised(w), params)
-
-    @conv.defjvp
-    def conv_jvp(primals, tangents):
-        (x, w), (dx, dw) = primals, tangents
-        wq = fq.quantised(w).materialise()
-        return conv(x, w), dense(dx, wq) + dense(x, dw.astype(wq.dtype))
-
-    return conv(x, fq.w)
+    return _straight_through(
+        w, lambda x, q: qconv_dispatch(x, q, params),
+        lambda x, wq: jax.lax.conv_general_dilated_p.bind(x, wq, **params), x)

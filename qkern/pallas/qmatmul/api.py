@@ -84,7 +84,7 @@ def qmatmul(x: jax.Array, op: QOperand, *, transposed: bool = False, backend: st
             f"qmatmul: x has {k} columns but the quantised weight's "
             f"{'N' if transposed else 'K'} is {want} (weight [K={op.k}, N={op.n}]).")
     x2 = x.reshape(-1, k)
-    if config is None:  # here, not only in _run: jax caches the custom_vjp's traced forward
+    if config is None:  # here, not only in _run: the linear map is cached by its config
         config = config_for(Problem.of(sel.name, x2, op, _KERNEL[transposed]),
                             interpret=sel.interpret)
     y = _qmatmul2(x2, op, sel, config, transposed)
